@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs and the machine may lack. Idempotent; fast when all is present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_install() {
+  if [ "$(id -u)" = 0 ]; then
+    if [ -z "${HERALD_APT_UPDATED:-}" ]; then apt-get update -qq; export HERALD_APT_UPDATED=1; fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+  fi
+}
+
+command -v node >/dev/null || apt_install nodejs npm
+
+if [ ! -d tests/node/node_modules ] || [ tests/node/package-lock.json -nt tests/node/node_modules/.package-lock.json ]; then
+  echo "== npm ci (tests/node)"
+  (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
+fi

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every test Herald has. Installs what the tests need when it is missing (Node packages), so it works
+# on a fresh machine. Usage: scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-test-deps.sh
+
+echo "== cargo build (the binary the Node tests start)"
+cargo build --bins --quiet
+
+echo "== Rust unit and integration tests"
+cargo test --all-targets --no-fail-fast
+
+echo "== Node tests with real npm clients"
+shopt -s nullglob
+node_tests=(tests/node/*.test.mjs)
+if [ ${#node_tests[@]} -gt 0 ]; then
+  HERALD_BIN="$PWD/target/debug/herald" node --test --test-concurrency=1 "${node_tests[@]}"
+fi

@@ -1,0 +1,428 @@
+//! Configuration: defaults, then a TOML file, then `HERALD_*` environment variables, then command-line
+//! flags; the later source wins. Everything a flag or variable can set is a dotted key of the file
+//! (`HERALD_CORS__ALLOWED_ORIGINS` is `cors.allowed_origins`), so the three sources cannot drift apart.
+//!
+//! The config is validated as a whole at start-up: a deployment that browsers would silently break (CORS `*`
+//! with credentials) or that cannot verify tokens is refused with a message saying what to change.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The secret used when none is configured. It is Mercure's well-known development key, so tokens from
+/// Mercure tutorials work against a fresh Herald; start-up warns loudly while it is in use.
+pub const DEV_JWT_KEY: &str = "!ChangeThisMercureHubJWTSecretKey!";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: String,
+    /// Where the default SQLite log lives (`<data_dir>/herald.sqlite3`).
+    pub data_dir: PathBuf,
+    /// How long shutdown waits for connections to close before cutting them.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    pub log: LogConfig,
+    pub auth: AuthConfig,
+    pub cors: CorsConfig,
+    pub mercure: MercureConfig,
+    pub limits: LimitsConfig,
+    /// History kept per channel; the first rule whose `pattern` (a topic selector) matches applies.
+    pub retention: Vec<RetentionConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogBackend {
+    Sqlite,
+    Memory,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub backend: LogBackend,
+    /// SQLite file; defaults to `<data_dir>/herald.sqlite3`.
+    pub path: Option<PathBuf>,
+    /// `true`: a publish is acknowledged after its commit reached the disk (fsync). `false`: after the commit
+    /// reached the OS (survives a Herald crash, not a power loss), which is much faster.
+    pub durable: bool,
+    /// Most publications per commit.
+    pub max_batch: usize,
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Key for both publishers and subscribers unless the specific ones are set. A literal secret, `env:VAR`,
+    /// `file:/path/key.pem`, or PEM text.
+    pub jwt_key: Option<String>,
+    /// HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA.
+    pub jwt_alg: String,
+    pub publisher_jwt_key: Option<String>,
+    pub publisher_jwt_alg: Option<String>,
+    pub subscriber_jwt_key: Option<String>,
+    pub subscriber_jwt_alg: Option<String>,
+    /// Let subscribers without a token receive public updates.
+    pub allow_anonymous: bool,
+    pub cookie_name: String,
+    /// Origins a cookie-authenticated publish may come from (CSRF protection); `*` allows any.
+    pub publish_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Exact origins (`https://app.example.com`), wildcard subdomains (`https://*.example.com`), any port
+    /// (`http://localhost:*`), or `*` (only without credentials).
+    pub allowed_origins: Vec<String>,
+    pub allow_credentials: bool,
+    /// How long browsers may cache a preflight answer.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MercureConfig {
+    /// Comment sent on idle streams so proxies and load balancers do not cut them; `0s` disables.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Publish active-subscription events and serve the subscriptions API.
+    pub subscriptions: bool,
+    /// Records read from the log per step of a replay.
+    pub history_page: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_connections: usize,
+    pub max_topics_per_subscription: usize,
+    /// Largest `data` accepted, in bytes.
+    pub max_message_size: usize,
+    /// Publications queued for one subscriber before it is disconnected as too slow.
+    pub outbox_capacity: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    pub pattern: String,
+    pub max_count: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: PathBuf::from("herald-data"),
+            shutdown_timeout: Duration::from_secs(10),
+            log: LogConfig::default(),
+            auth: AuthConfig::default(),
+            cors: CorsConfig::default(),
+            mercure: MercureConfig::default(),
+            limits: LimitsConfig::default(),
+            retention: vec![RetentionConfig {
+                pattern: "*".into(),
+                max_count: Some(1000),
+                max_age: Some(Duration::from_secs(7 * 24 * 3600)),
+            }],
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            backend: LogBackend::Sqlite,
+            path: None,
+            durable: true,
+            max_batch: 512,
+            prune_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_key: None,
+            jwt_alg: "HS256".into(),
+            publisher_jwt_key: None,
+            publisher_jwt_alg: None,
+            subscriber_jwt_key: None,
+            subscriber_jwt_alg: None,
+            allow_anonymous: false,
+            cookie_name: "mercureAuthorization".into(),
+            publish_origins: Vec::new(),
+        }
+    }
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        CorsConfig {
+            allowed_origins: Vec::new(),
+            allow_credentials: true,
+            max_age: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Default for MercureConfig {
+    fn default() -> Self {
+        MercureConfig {
+            heartbeat: Duration::from_secs(25),
+            subscriptions: false,
+            history_page: 500,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 10_000,
+            max_topics_per_subscription: 64,
+            max_message_size: 64 * 1024,
+            outbox_capacity: 1000,
+        }
+    }
+}
+
+impl Config {
+    /// Builds the effective config. `file` is read if given (or named by `HERALD_CONFIG`), then every
+    /// `HERALD_*` variable of `env`, then `overrides` (`key=value` pairs from flags) are applied.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let env_file = env
+            .iter()
+            .find(|(k, _)| k == "HERALD_CONFIG")
+            .map(|(_, v)| PathBuf::from(v));
+        let file = file.map(Path::to_path_buf).or(env_file);
+        let mut table = match &file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in &env {
+            if let Some(key) = env_key(name) {
+                set_key(&mut table, &key, value)?;
+            }
+        }
+        for (key, value) in overrides {
+            set_key(&mut table, key, value)?;
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.message().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen.parse::<SocketAddr>().map_err(|e| {
+            ConfigError::Invalid(format!("listen = {:?} is not an address: {e}", self.listen))
+        })?;
+        if self.cors.allow_credentials && self.cors.allowed_origins.iter().any(|o| o == "*") {
+            return Err(ConfigError::Invalid(
+                "cors.allowed_origins contains \"*\" while cors.allow_credentials is true: browsers \
+                 refuse credentialed responses for a wildcard origin. List the origins (wildcard \
+                 subdomains like https://*.example.com are fine) or set cors.allow_credentials = false"
+                    .into(),
+            ));
+        }
+        for o in self
+            .cors
+            .allowed_origins
+            .iter()
+            .chain(&self.auth.publish_origins)
+        {
+            crate::cors::OriginPattern::parse(o).map_err(ConfigError::Invalid)?;
+        }
+        if self.limits.outbox_capacity == 0 || self.limits.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.outbox_capacity and limits.max_connections must be at least 1".into(),
+            ));
+        }
+        crate::auth::Auth::from_config(&self.auth).map_err(ConfigError::Invalid)?;
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("listen: {e}")))
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.log
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("herald.sqlite3"))
+    }
+
+    /// True when no key was configured and the public development key is in use.
+    pub fn uses_dev_key(&self) -> bool {
+        let a = &self.auth;
+        a.jwt_key.is_none() && (a.publisher_jwt_key.is_none() || a.subscriber_jwt_key.is_none())
+    }
+
+    /// The config as TOML with secrets masked, for `herald config`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut c = self.clone();
+        for v in [
+            &mut c.auth.jwt_key,
+            &mut c.auth.publisher_jwt_key,
+            &mut c.auth.subscriber_jwt_key,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !v.starts_with("env:") && !v.starts_with("file:") {
+                *v = "<redacted>".into();
+            }
+        }
+        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// `HERALD_CORS__ALLOWED_ORIGINS` -> `cors.allowed_origins`; a few short aliases for the common ones.
+fn env_key(name: &str) -> Option<String> {
+    let rest = name.strip_prefix("HERALD_")?;
+    let alias = match rest {
+        "CONFIG" => return None,
+        "JWT_KEY" => "auth.jwt_key",
+        "PUBLISHER_JWT_KEY" => "auth.publisher_jwt_key",
+        "SUBSCRIBER_JWT_KEY" => "auth.subscriber_jwt_key",
+        "ALLOW_ANONYMOUS" => "auth.allow_anonymous",
+        "CORS_ORIGINS" => "cors.allowed_origins",
+        "PUBLISH_ORIGINS" => "auth.publish_origins",
+        _ => "",
+    };
+    if !alias.is_empty() {
+        return Some(alias.to_string());
+    }
+    Some(rest.to_ascii_lowercase().replace("__", "."))
+}
+
+/// Sets a dotted key. The value is read as a TOML literal when it is one (`true`, `25`, `["a","b"]`),
+/// otherwise as a string; a comma list is accepted for the `*origins` lists.
+fn set_key(table: &mut toml::Table, key: &str, raw: &str) -> Result<(), ConfigError> {
+    let value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    };
+    let value = match value {
+        toml::Value::String(s) if key.ends_with("origins") => toml::Value::Array(
+            s.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.into()))
+                .collect(),
+        ),
+        v => v,
+    };
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts
+        .pop()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ConfigError::Invalid(format!("empty config key in {key:?}")))?;
+    let mut cur = table;
+    for p in parts {
+        let entry = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::Invalid(format!("{key}: {p} is not a section")))?;
+    }
+    cur.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precedence_file_env_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("herald.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1\"\n[mercure]\nheartbeat = \"5s\"\n[auth]\nallow_anonymous = false\n",
+        )
+        .unwrap();
+        let env = vec![
+            ("HERALD_LISTEN".to_string(), "127.0.0.1:2".to_string()),
+            ("HERALD_ALLOW_ANONYMOUS".to_string(), "true".to_string()),
+            (
+                "HERALD_CORS_ORIGINS".to_string(),
+                "https://a.com, https://*.b.com".to_string(),
+            ),
+            ("PATH".to_string(), "/bin".to_string()),
+        ];
+        let flags = vec![("listen".to_string(), "127.0.0.1:3".to_string())];
+        let c = Config::load(Some(&file), env, &flags).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:3");
+        assert!(c.auth.allow_anonymous);
+        assert_eq!(c.mercure.heartbeat, Duration::from_secs(5));
+        assert_eq!(c.cors.allowed_origins, ["https://a.com", "https://*.b.com"]);
+    }
+
+    #[test]
+    fn star_with_credentials_is_refused() {
+        let err = Config::load(None, vec![], &[("cors.allowed_origins".into(), "*".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("allow_credentials"), "{err}");
+        let ok = Config::load(
+            None,
+            vec![],
+            &[
+                ("cors.allowed_origins".into(), "*".into()),
+                ("cors.allow_credentials".into(), "false".into()),
+            ],
+        );
+        assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err =
+            Config::load(None, vec![], &[("mercure.hartbeat".into(), "1s".into())]).unwrap_err();
+        assert!(err.to_string().contains("hartbeat"), "{err}");
+    }
+}

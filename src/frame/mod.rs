@@ -1,0 +1,44 @@
+//! Encode once, share everywhere.
+//!
+//! A publication fanned out to 10 000 subscribers must be serialized once per wire format, not 10 000 times.
+//! Each [`Publication`] carries a [`FrameCache`]: the first transport writer that needs the SSE (or, later,
+//! WebSocket) bytes encodes them, every other writer clones the `Bytes` handle (a reference count, no copy).
+//! Adding a wire format is adding a module here with an `encode` function and a slot in the cache.
+
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+
+use crate::log::Record;
+
+pub mod sse;
+
+/// One slot per wire format.
+#[derive(Debug, Default)]
+pub struct FrameCache {
+    sse: OnceLock<Bytes>,
+}
+
+/// A publication as it travels from the hub to transports: the stored record and its encodings.
+#[derive(Debug)]
+pub struct Publication {
+    pub record: Record,
+    frames: FrameCache,
+}
+
+impl Publication {
+    pub fn new(record: Record) -> Self {
+        Publication {
+            record,
+            frames: FrameCache::default(),
+        }
+    }
+
+    /// The complete SSE event, encoded on first use.
+    pub fn sse(&self) -> Bytes {
+        self.frames
+            .sse
+            .get_or_init(|| sse::encode(&self.record))
+            .clone()
+    }
+}

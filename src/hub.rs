@@ -1,0 +1,791 @@
+//! The hub: channels, subscriptions, ordered durable publish and fan-out. No HTTP and no wire format here;
+//! transports adapt it to the wire.
+//!
+//! Ordering and durability come from one place, the *sequencer* task. Every publish becomes a job on its
+//! queue; the sequencer takes whatever jobs are waiting (group commit), appends them to the [`Log`] in one
+//! transaction, and only then fans them out, in log order, and acknowledges them. So:
+//! - an acknowledged publication is in the log (nothing acknowledged is ever lost);
+//! - every subscriber sees publications in `seq` order;
+//! - `dispatched` (the last fanned-out seq) is updated under the registry lock, which gives a subscriber that
+//!   resumes an exact boundary: everything up to `registered_at` comes from the log, everything after from its
+//!   outbox, with no gap and no duplicate.
+//!
+//! Each subscriber has a bounded outbox. Fan-out never waits: when an outbox is full the subscriber is
+//! disconnected (`closed` is cancelled, and the connection is killed if the transport registered a kill
+//! switch) and will resume from the log when it reconnects.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::frame::Publication;
+use crate::log::{Log, LogError, Record, Retention};
+use crate::topic::{self, Selector};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("too many connections (limit {0}); retry later or on another node")]
+    TooManyConnections(usize),
+    #[error("too many topics in one subscription: {given} given, at most {max} allowed")]
+    TooManyTopics { given: usize, max: usize },
+    #[error("message of {size} bytes exceeds the limit of {max} bytes")]
+    MessageTooLarge { size: usize, max: usize },
+    #[error("invalid id: {0}")]
+    InvalidId(String),
+    #[error("a publication needs at least one topic")]
+    NoTopic,
+    #[error("the hub is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// Why a subscriber was disconnected by the hub; the label of `herald_disconnects_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisconnectReason {
+    SlowConsumer,
+    TokenExpired,
+    Shutdown,
+    Server,
+}
+
+impl DisconnectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisconnectReason::SlowConsumer => "slow_consumer",
+            DisconnectReason::TokenExpired => "token_expired",
+            DisconnectReason::Shutdown => "shutdown",
+            DisconnectReason::Server => "server",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// Publications a subscriber may have queued before it is disconnected as too slow.
+    pub outbox_capacity: usize,
+    pub max_connections: usize,
+    pub max_topics_per_subscription: usize,
+    pub max_message_size: usize,
+    pub retention: Retention,
+    pub prune_interval: Duration,
+    /// Most publications committed in one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for HubOptions {
+    fn default() -> Self {
+        HubOptions {
+            outbox_capacity: 1000,
+            max_connections: 10_000,
+            max_topics_per_subscription: 64,
+            max_message_size: 64 * 1024,
+            retention: Retention::default(),
+            prune_interval: Duration::from_secs(60),
+            max_batch: 512,
+        }
+    }
+}
+
+/// What a publisher hands the hub.
+#[derive(Debug, Clone, Default)]
+pub struct NewPublication {
+    /// Event id; generated (`urn:uuid:…`) when absent. Must not start with `#` nor contain a line break.
+    pub id: Option<String>,
+    pub topics: Vec<String>,
+    pub data: String,
+    pub private: bool,
+    pub event_type: Option<String>,
+    pub retry: Option<u64>,
+}
+
+/// What a subscriber asks for.
+#[derive(Debug, Clone, Default)]
+pub struct SubscribeSpec {
+    pub selectors: Vec<Selector>,
+    /// Selectors granting private updates (Mercure `mercure.subscribe`). A private publication is delivered
+    /// only if one of its topics matches one of these.
+    pub private_grants: Vec<Selector>,
+    /// Stable identifier of the subscriber (an IRI), shared by all its subscriptions.
+    pub subscriber: String,
+    /// Opaque data attached by the token (`mercure.payload`), shown in subscription listings.
+    pub payload: Option<serde_json::Value>,
+    /// Cancelled by the hub to kill the underlying connection when the subscriber must go but its transport
+    /// is not being polled (a client that stopped reading).
+    pub kill: Option<CancellationToken>,
+}
+
+/// A live subscriber as the registry and the fan-out see it.
+struct Sub {
+    id: u64,
+    spec: Arc<SubscribeSpec>,
+    tx: mpsc::Sender<Arc<Publication>>,
+    /// Dedupe within one fan-out: a subscriber reachable through several topics gets a publication once.
+    last_seq: AtomicU64,
+    closed: CancellationToken,
+}
+
+impl SubscribeSpec {
+    /// Whether this subscriber should receive `r`: a topic matches a selector and, for a private record,
+    /// a topic matches a grant. Used by the fan-out and by history replays alike.
+    pub fn wants(&self, r: &Record) -> bool {
+        let topics = r.topics.iter().map(String::as_str);
+        topic::any_match(&self.selectors, topics.clone())
+            && (!r.private || topic::any_match(&self.private_grants, topics))
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    /// Subscribers all of whose selectors are exact strings, indexed by those strings.
+    exact: HashMap<Box<str>, HashMap<u64, Arc<Sub>>>,
+    /// Subscribers with at least one `*` or template selector: checked on every publication.
+    wild: HashMap<u64, Arc<Sub>>,
+    all: HashMap<u64, Arc<Sub>>,
+}
+
+impl Registry {
+    fn insert(&mut self, sub: Arc<Sub>) {
+        let exact: Option<Vec<&str>> = sub.spec.selectors.iter().map(Selector::exact).collect();
+        match exact {
+            Some(topics) => {
+                for t in topics {
+                    self.exact
+                        .entry(t.into())
+                        .or_default()
+                        .insert(sub.id, sub.clone());
+                }
+            }
+            None => {
+                self.wild.insert(sub.id, sub.clone());
+            }
+        }
+        self.all.insert(sub.id, sub);
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Arc<Sub>> {
+        let sub = self.all.remove(&id)?;
+        if self.wild.remove(&id).is_none() {
+            for sel in &sub.spec.selectors {
+                if let Some(t) = sel.exact() {
+                    if let Some(set) = self.exact.get_mut(t) {
+                        set.remove(&id);
+                        if set.is_empty() {
+                            self.exact.remove(t);
+                        }
+                    }
+                }
+            }
+        }
+        Some(sub)
+    }
+}
+
+struct Job {
+    record: Record,
+    ack: oneshot::Sender<Result<Arc<Publication>, HubError>>,
+}
+
+struct Inner {
+    log: Arc<dyn Log>,
+    opts: HubOptions,
+    registry: RwLock<Registry>,
+    dispatched: AtomicU64,
+    last_id: Mutex<Option<String>>,
+    connections: AtomicUsize,
+    next_id: AtomicU64,
+    shutdown: CancellationToken,
+    sequencer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// Cheap to clone; all clones share one hub.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+    jobs: mpsc::Sender<Job>,
+}
+
+/// Returned by [`Hub::subscribe`]; unregisters on drop.
+pub struct Subscription {
+    pub id: u64,
+    /// The outbox: publications with `seq > registered_at`, in order.
+    pub rx: mpsc::Receiver<Arc<Publication>>,
+    /// Every publication with `seq <= registered_at` was dispatched before this subscription existed and
+    /// must be read from the log.
+    pub registered_at: u64,
+    /// Cancelled when the hub disconnects this subscriber (slow consumer, shutdown).
+    pub closed: CancellationToken,
+    pub spec: Arc<SubscribeSpec>,
+    inner: Arc<Inner>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.inner.registry.write().remove(self.id).is_some() {
+            metrics::gauge!("herald_subscriptions").decrement(1.0);
+        }
+    }
+}
+
+/// Held by a transport for the life of one client connection; counts towards `max_connections`.
+pub struct ConnectionGuard {
+    inner: Arc<Inner>,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.inner.connections.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("herald_connections").decrement(1.0);
+    }
+}
+
+/// A subscription as listed by the subscriptions API.
+#[derive(Debug, Clone)]
+pub struct SubscriptionInfo {
+    pub id: u64,
+    pub subscriber: String,
+    pub selectors: Vec<String>,
+    pub payload: Option<serde_json::Value>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Hub {
+    /// Creates the hub and starts its sequencer and retention tasks. Must be called inside a Tokio runtime.
+    pub fn new(log: Arc<dyn Log>, opts: HubOptions) -> Hub {
+        let (jobs, rx) = mpsc::channel(opts.max_batch.max(1) * 4);
+        let last = log.last().ok().flatten();
+        let inner = Arc::new(Inner {
+            dispatched: AtomicU64::new(last.as_ref().map(|r| r.seq).unwrap_or(0)),
+            last_id: Mutex::new(last.map(|r| r.id)),
+            log,
+            opts,
+            registry: RwLock::new(Registry::default()),
+            connections: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+            sequencer: Mutex::new(None),
+        });
+        let handle = tokio::spawn(sequencer(inner.clone(), rx));
+        *inner.sequencer.lock() = Some(handle);
+        tokio::spawn(pruner(
+            inner.log.clone(),
+            inner.opts.retention.clone(),
+            inner.opts.prune_interval,
+            inner.shutdown.clone(),
+        ));
+        Hub { inner, jobs }
+    }
+
+    pub fn options(&self) -> &HubOptions {
+        &self.inner.opts
+    }
+
+    pub fn log(&self) -> &Arc<dyn Log> {
+        &self.inner.log
+    }
+
+    /// Cancelled when shutdown starts; transports end their streams on it.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutdown.is_cancelled()
+    }
+
+    /// Validates, appends to the log, fans out, and returns once the publication is durable.
+    pub async fn publish(&self, p: NewPublication) -> Result<Arc<Publication>, HubError> {
+        if self.is_shutting_down() {
+            return Err(HubError::ShuttingDown);
+        }
+        if p.topics.is_empty() || p.topics.iter().any(String::is_empty) {
+            return Err(HubError::NoTopic);
+        }
+        let max = self.inner.opts.max_message_size;
+        if p.data.len() > max {
+            return Err(HubError::MessageTooLarge {
+                size: p.data.len(),
+                max,
+            });
+        }
+        let id = match p.id {
+            Some(id) if id.starts_with('#') => {
+                return Err(HubError::InvalidId("an id must not start with '#'".into()))
+            }
+            Some(id) if id.contains(['\r', '\n']) || id.is_empty() => {
+                return Err(HubError::InvalidId(
+                    "an id must be non-empty and contain no line break".into(),
+                ))
+            }
+            Some(id) => id,
+            None => format!("urn:uuid:{}", uuid::Uuid::new_v4()),
+        };
+        if p.event_type
+            .as_deref()
+            .is_some_and(|t| t.contains(['\r', '\n']))
+        {
+            return Err(HubError::InvalidId(
+                "type must not contain a line break".into(),
+            ));
+        }
+        let record = Record {
+            seq: 0,
+            id,
+            topics: p.topics,
+            data: p.data,
+            private: p.private,
+            event_type: p.event_type,
+            retry: p.retry,
+            time_ms: now_ms(),
+        };
+        let (ack, done) = oneshot::channel();
+        self.jobs
+            .send(Job { record, ack })
+            .await
+            .map_err(|_| HubError::ShuttingDown)?;
+        done.await.map_err(|_| HubError::ShuttingDown)?
+    }
+
+    /// Counts a client connection against `max_connections`.
+    pub fn connect(&self) -> Result<ConnectionGuard, HubError> {
+        let max = self.inner.opts.max_connections;
+        if self.inner.connections.fetch_add(1, Ordering::AcqRel) >= max {
+            self.inner.connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(HubError::TooManyConnections(max));
+        }
+        metrics::gauge!("herald_connections").increment(1.0);
+        Ok(ConnectionGuard {
+            inner: self.inner.clone(),
+        })
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.inner.connections.load(Ordering::Acquire)
+    }
+
+    /// Registers a live subscription. Publications after `registered_at` arrive in its outbox.
+    pub fn subscribe(&self, spec: SubscribeSpec) -> Result<Subscription, HubError> {
+        if self.is_shutting_down() {
+            return Err(HubError::ShuttingDown);
+        }
+        let max = self.inner.opts.max_topics_per_subscription;
+        if spec.selectors.len() > max {
+            return Err(HubError::TooManyTopics {
+                given: spec.selectors.len(),
+                max,
+            });
+        }
+        let (tx, rx) = mpsc::channel(self.inner.opts.outbox_capacity.max(1));
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let closed = CancellationToken::new();
+        let spec = Arc::new(spec);
+        let sub = Arc::new(Sub {
+            id,
+            spec: spec.clone(),
+            tx,
+            last_seq: AtomicU64::new(0),
+            closed: closed.clone(),
+        });
+        let registered_at = {
+            let mut reg = self.inner.registry.write();
+            reg.insert(sub);
+            self.inner.dispatched.load(Ordering::Acquire)
+        };
+        metrics::gauge!("herald_subscriptions").increment(1.0);
+        Ok(Subscription {
+            id,
+            rx,
+            registered_at,
+            closed,
+            spec,
+            inner: self.inner.clone(),
+        })
+    }
+
+    /// Disconnects one subscriber: it leaves the registry, its stream ends and, if it is not being read, its
+    /// connection is killed.
+    pub fn disconnect(&self, id: u64, reason: DisconnectReason) {
+        let sub = self.inner.registry.write().remove(id);
+        if let Some(sub) = sub {
+            metrics::gauge!("herald_subscriptions").decrement(1.0);
+            kill(&sub, reason);
+        }
+    }
+
+    pub fn subscriptions(&self) -> Vec<SubscriptionInfo> {
+        let reg = self.inner.registry.read();
+        let mut out: Vec<_> = reg
+            .all
+            .values()
+            .map(|s| SubscriptionInfo {
+                id: s.id,
+                subscriber: s.spec.subscriber.clone(),
+                selectors: s
+                    .spec
+                    .selectors
+                    .iter()
+                    .map(|x| x.as_str().to_string())
+                    .collect(),
+                payload: s.spec.payload.clone(),
+            })
+            .collect();
+        out.sort_by_key(|s| s.id);
+        out
+    }
+
+    /// Id of the last publication dispatched, if any.
+    pub fn last_event_id(&self) -> Option<String> {
+        self.inner.last_id.lock().clone()
+    }
+
+    /// Log records with `after < seq <= upto`, read off the async runtime.
+    pub async fn history(
+        &self,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, HubError> {
+        let log = self.inner.log.clone();
+        blocking(move || log.read_range(after, upto, limit)).await
+    }
+
+    /// The seq of event id `id`, if it is still in the log.
+    pub async fn find_id(&self, id: String) -> Result<Option<u64>, HubError> {
+        let log = self.inner.log.clone();
+        blocking(move || log.find_id(&id)).await
+    }
+
+    /// Begins shutdown: new publishes and subscriptions are refused, streams are told to end, queued
+    /// publications are committed and dispatched, and the log is flushed. Idempotent.
+    pub async fn shutdown(&self) -> Result<(), HubError> {
+        self.inner.shutdown.cancel();
+        let subs: Vec<Arc<Sub>> = {
+            let mut reg = self.inner.registry.write();
+            let subs = reg.all.values().cloned().collect();
+            *reg = Registry::default();
+            subs
+        };
+        for s in &subs {
+            metrics::gauge!("herald_subscriptions").decrement(1.0);
+            s.closed.cancel();
+            metrics::counter!("herald_disconnects_total", "reason" => DisconnectReason::Shutdown.as_str())
+                .increment(1);
+        }
+        let handle = self.inner.sequencer.lock().take();
+        if let Some(h) = handle {
+            let _ = h.await;
+            let log = self.inner.log.clone();
+            blocking(move || log.flush()).await?;
+        }
+        Ok(())
+    }
+}
+
+fn kill(sub: &Sub, reason: DisconnectReason) {
+    sub.closed.cancel();
+    if let Some(k) = &sub.spec.kill {
+        k.cancel();
+    }
+    metrics::counter!("herald_disconnects_total", "reason" => reason.as_str()).increment(1);
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, LogError> + Send + 'static,
+) -> Result<T, HubError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| HubError::Log(LogError::Storage(format!("log task failed: {e}"))))?
+        .map_err(HubError::from)
+}
+
+async fn sequencer(inner: Arc<Inner>, mut rx: mpsc::Receiver<Job>) {
+    let max = inner.opts.max_batch.max(1);
+    let mut batch = Vec::with_capacity(max);
+    loop {
+        let draining = tokio::select! {
+            job = rx.recv() => match job {
+                Some(j) => { batch.push(j); false }
+                None => break,
+            },
+            _ = inner.shutdown.cancelled() => true,
+        };
+        while batch.len() < max || draining {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            commit_and_dispatch(&inner, std::mem::take(&mut batch)).await;
+        }
+        if draining {
+            rx.close();
+            while let Ok(j) = rx.try_recv() {
+                batch.push(j);
+            }
+            if !batch.is_empty() {
+                commit_and_dispatch(&inner, std::mem::take(&mut batch)).await;
+            }
+            break;
+        }
+    }
+}
+
+async fn commit_and_dispatch(inner: &Arc<Inner>, jobs: Vec<Job>) {
+    let (mut records, acks): (Vec<Record>, Vec<_>) =
+        jobs.into_iter().map(|j| (j.record, j.ack)).unzip();
+    let log = inner.log.clone();
+    let started = Instant::now();
+    let appended =
+        tokio::task::spawn_blocking(move || log.append(&mut records).map(|()| records)).await;
+    metrics::histogram!("herald_log_append_seconds").record(started.elapsed().as_secs_f64());
+    let records = match appended {
+        Ok(Ok(records)) => records,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "log append failed; publications refused");
+            for ack in acks {
+                let _ = ack.send(Err(HubError::Log(LogError::Storage(e.to_string()))));
+            }
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "log append task failed");
+            for ack in acks {
+                let _ = ack.send(Err(HubError::Log(LogError::Storage(e.to_string()))));
+            }
+            return;
+        }
+    };
+    metrics::counter!("herald_publications_total").increment(records.len() as u64);
+    for (record, ack) in records.into_iter().zip(acks) {
+        let publication = Arc::new(Publication::new(record));
+        dispatch(inner, &publication);
+        let _ = ack.send(Ok(publication));
+    }
+}
+
+/// Fan-out of one committed publication. Never blocks: a full outbox disconnects its subscriber.
+fn dispatch(inner: &Inner, p: &Arc<Publication>) {
+    let seq = p.record.seq;
+    let mut delivered = 0u64;
+    let mut slow: Vec<Arc<Sub>> = Vec::new();
+    {
+        let reg = inner.registry.read();
+        let mut offer = |sub: &Arc<Sub>| {
+            if sub.last_seq.swap(seq, Ordering::Relaxed) == seq || !sub.spec.wants(&p.record) {
+                return;
+            }
+            match sub.tx.try_send(p.clone()) {
+                Ok(()) => delivered += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => slow.push(sub.clone()),
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        };
+        for t in &p.record.topics {
+            if let Some(subs) = reg.exact.get(t.as_str()) {
+                subs.values().for_each(&mut offer);
+            }
+        }
+        reg.wild.values().for_each(&mut offer);
+        inner.dispatched.store(seq, Ordering::Release);
+    }
+    *inner.last_id.lock() = Some(p.record.id.clone());
+    metrics::counter!("herald_deliveries_total").increment(delivered);
+    if !slow.is_empty() {
+        let mut reg = inner.registry.write();
+        for s in &slow {
+            if reg.remove(s.id).is_some() {
+                metrics::gauge!("herald_subscriptions").decrement(1.0);
+            }
+        }
+        drop(reg);
+        for s in &slow {
+            tracing::info!(subscriber = %s.spec.subscriber, "outbox full: disconnecting slow subscriber");
+            kill(s, DisconnectReason::SlowConsumer);
+        }
+    }
+}
+
+async fn pruner(
+    log: Arc<dyn Log>,
+    retention: Retention,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    if retention.rules.is_empty() {
+        return;
+    }
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let log = log.clone();
+        let rules = retention.clone();
+        match tokio::task::spawn_blocking(move || log.prune(&rules, now_ms())).await {
+            Ok(Ok(n)) if n > 0 => tracing::debug!(removed = n, "retention applied"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "retention failed"),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::MemoryLog;
+
+    fn hub(outbox: usize) -> Hub {
+        Hub::new(
+            Arc::new(MemoryLog::new()),
+            HubOptions {
+                outbox_capacity: outbox,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn spec(selectors: &[&str]) -> SubscribeSpec {
+        SubscribeSpec {
+            selectors: selectors.iter().map(|s| Selector::parse(s)).collect(),
+            subscriber: "urn:test".into(),
+            ..Default::default()
+        }
+    }
+
+    fn new(topics: &[&str], data: &str) -> NewPublication {
+        NewPublication {
+            topics: topics.iter().map(|s| s.to_string()).collect(),
+            data: data.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn publish_reaches_matching_subscribers_once_in_order() {
+        let hub = hub(16);
+        let mut exact = hub.subscribe(spec(&["a", "b"])).unwrap();
+        let mut wild = hub.subscribe(spec(&["*"])).unwrap();
+        let mut other = hub.subscribe(spec(&["c"])).unwrap();
+        let p1 = hub.publish(new(&["a", "b"], "1")).await.unwrap();
+        let p2 = hub.publish(new(&["b"], "2")).await.unwrap();
+        assert!(p2.record.seq > p1.record.seq);
+        assert_eq!(exact.rx.recv().await.unwrap().record.data, "1");
+        assert_eq!(exact.rx.recv().await.unwrap().record.data, "2");
+        assert!(
+            exact.rx.try_recv().is_err(),
+            "delivered once despite two matching topics"
+        );
+        assert_eq!(wild.rx.recv().await.unwrap().record.data, "1");
+        assert!(other.rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn private_needs_a_grant() {
+        let hub = hub(16);
+        let mut anon = hub.subscribe(spec(&["t"])).unwrap();
+        let mut granted = hub
+            .subscribe(SubscribeSpec {
+                private_grants: vec![Selector::parse("t")],
+                ..spec(&["t"])
+            })
+            .unwrap();
+        hub.publish(NewPublication {
+            private: true,
+            ..new(&["t"], "secret")
+        })
+        .await
+        .unwrap();
+        hub.publish(new(&["t"], "public")).await.unwrap();
+        assert_eq!(granted.rx.recv().await.unwrap().record.data, "secret");
+        assert_eq!(anon.rx.recv().await.unwrap().record.data, "public");
+    }
+
+    #[tokio::test]
+    async fn full_outbox_disconnects_only_the_slow_one() {
+        let hub = hub(2);
+        let slow = hub.subscribe(spec(&["t"])).unwrap();
+        let mut fast = hub.subscribe(spec(&["t"])).unwrap();
+        for i in 0..5 {
+            hub.publish(new(&["t"], &i.to_string())).await.unwrap();
+            assert_eq!(fast.rx.recv().await.unwrap().record.data, i.to_string());
+        }
+        assert!(slow.closed.is_cancelled());
+        assert!(!fast.closed.is_cancelled());
+        assert_eq!(hub.subscriptions().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn registration_boundary_splits_history_and_live() {
+        let hub = hub(16);
+        hub.publish(new(&["t"], "old")).await.unwrap();
+        let mut sub = hub.subscribe(spec(&["t"])).unwrap();
+        hub.publish(new(&["t"], "new")).await.unwrap();
+        let hist = hub.history(0, sub.registered_at, 100).await.unwrap();
+        assert_eq!(hist.len(), 1);
+        assert_eq!(hist[0].data, "old");
+        assert_eq!(sub.rx.recv().await.unwrap().record.data, "new");
+    }
+
+    #[tokio::test]
+    async fn limits_and_validation() {
+        let hub = Hub::new(
+            Arc::new(MemoryLog::new()),
+            HubOptions {
+                max_connections: 1,
+                max_topics_per_subscription: 1,
+                max_message_size: 3,
+                ..Default::default()
+            },
+        );
+        let _c = hub.connect().unwrap();
+        assert!(matches!(
+            hub.connect(),
+            Err(HubError::TooManyConnections(1))
+        ));
+        assert!(matches!(
+            hub.subscribe(spec(&["a", "b"])),
+            Err(HubError::TooManyTopics { .. })
+        ));
+        assert!(matches!(
+            hub.publish(new(&["a"], "toolong")).await,
+            Err(HubError::MessageTooLarge { .. })
+        ));
+        assert!(matches!(
+            hub.publish(NewPublication {
+                id: Some("#x".into()),
+                ..new(&["a"], "")
+            })
+            .await,
+            Err(HubError::InvalidId(_))
+        ));
+        assert!(matches!(
+            hub.publish(new(&[], "")).await,
+            Err(HubError::NoTopic)
+        ));
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_subscriptions_and_refuses_publishes() {
+        let hub = hub(16);
+        let sub = hub.subscribe(spec(&["t"])).unwrap();
+        hub.shutdown().await.unwrap();
+        assert!(sub.closed.is_cancelled());
+        assert!(matches!(
+            hub.publish(new(&["t"], "x")).await,
+            Err(HubError::ShuttingDown)
+        ));
+    }
+}

@@ -1,0 +1,171 @@
+//! In-memory log: for tests and for deployments that accept losing history on restart. Its epoch is random
+//! per process, so clients resuming across a restart learn that history was lost.
+
+use std::collections::VecDeque;
+
+use parking_lot::RwLock;
+
+use super::{Log, LogError, Record, Retention};
+
+pub struct MemoryLog {
+    inner: RwLock<Inner>,
+    epoch: String,
+}
+
+struct Inner {
+    records: VecDeque<Record>,
+    next_seq: u64,
+}
+
+impl MemoryLog {
+    pub fn new() -> Self {
+        MemoryLog {
+            inner: RwLock::new(Inner {
+                records: VecDeque::new(),
+                next_seq: 1,
+            }),
+            epoch: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
+        }
+    }
+}
+
+impl Default for MemoryLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Inner {
+    /// Index of the first record with seq > `after` (records are sorted by seq).
+    fn start(&self, after: u64) -> usize {
+        self.records.partition_point(|r| r.seq <= after)
+    }
+}
+
+impl Log for MemoryLog {
+    fn append(&self, batch: &mut [Record]) -> Result<(), LogError> {
+        let mut inner = self.inner.write();
+        for r in batch.iter_mut() {
+            r.seq = inner.next_seq;
+            inner.next_seq += 1;
+            inner.records.push_back(r.clone());
+        }
+        Ok(())
+    }
+
+    fn read_range(&self, after: u64, upto: u64, limit: usize) -> Result<Vec<Record>, LogError> {
+        let inner = self.inner.read();
+        let start = inner.start(after);
+        Ok(inner
+            .records
+            .range(start..)
+            .take_while(|r| r.seq <= upto)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    fn read_channel(
+        &self,
+        channel: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, LogError> {
+        let inner = self.inner.read();
+        let start = inner.start(after);
+        Ok(inner
+            .records
+            .range(start..)
+            .take_while(|r| r.seq <= upto)
+            .filter(|r| r.channel() == channel)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    fn find_id(&self, id: &str) -> Result<Option<u64>, LogError> {
+        let inner = self.inner.read();
+        Ok(inner
+            .records
+            .iter()
+            .rev()
+            .find(|r| r.id == id)
+            .map(|r| r.seq))
+    }
+
+    fn last(&self) -> Result<Option<Record>, LogError> {
+        Ok(self.inner.read().records.back().cloned())
+    }
+
+    fn channel_first_seq(&self, channel: &str) -> Result<Option<u64>, LogError> {
+        let inner = self.inner.read();
+        Ok(inner
+            .records
+            .iter()
+            .find(|r| r.channel() == channel)
+            .map(|r| r.seq))
+    }
+
+    fn prune(&self, retention: &Retention, now_ms: i64) -> Result<u64, LogError> {
+        let mut inner = self.inner.write();
+        let mut counts: std::collections::HashMap<String, u64> = Default::default();
+        for r in &inner.records {
+            *counts.entry(r.channel().to_string()).or_default() += 1;
+        }
+        let before = inner.records.len();
+        // Walk oldest first; a record goes while its channel holds more than the rule's count.
+        let mut kept = VecDeque::with_capacity(before);
+        for r in inner.records.drain(..) {
+            let Some(rule) = retention.rule_for(r.channel()) else {
+                kept.push_back(r);
+                continue;
+            };
+            let count = counts.get_mut(r.channel()).map(|c| *c).unwrap_or(0);
+            let over_count = rule.max_count.is_some_and(|max| count > max);
+            let too_old = rule
+                .max_age
+                .is_some_and(|age| r.time_ms < now_ms - age.as_millis() as i64);
+            if over_count || too_old {
+                if let Some(c) = counts.get_mut(r.channel()) {
+                    *c -= 1;
+                }
+            } else {
+                kept.push_back(r);
+            }
+        }
+        inner.records = kept;
+        Ok((before - inner.records.len()) as u64)
+    }
+
+    fn remove_channel(&self, channel: &str) -> Result<u64, LogError> {
+        let mut inner = self.inner.write();
+        let before = inner.records.len();
+        inner.records.retain(|r| r.channel() != channel);
+        Ok((before - inner.records.len()) as u64)
+    }
+
+    fn epoch(&self) -> String {
+        self.epoch.clone()
+    }
+
+    fn flush(&self) -> Result<(), LogError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::contract;
+    use super::*;
+
+    #[test]
+    fn contract_append() {
+        contract::append_assigns_increasing_seqs(&MemoryLog::new());
+    }
+
+    #[test]
+    fn contract_retention() {
+        contract::retention_by_count_and_age(&MemoryLog::new());
+    }
+}

@@ -1,0 +1,203 @@
+//! The durable log: every publication is appended here before anyone is told about it, and every reconnecting
+//! client resumes from here.
+//!
+//! One log holds all channels. The log assigns each record a global, strictly increasing sequence number
+//! (`seq`); that number is the publication's identity on every transport (SSE ids map to it, WebSocket
+//! offsets are it), so a message has the same position whichever way it travels. Retention is applied per
+//! channel (a record's channel is its first, canonical topic) by rules matched on topic selectors.
+//!
+//! The trait is synchronous on purpose: SQLite is a blocking library and the hub calls the log from one
+//! writer task through `spawn_blocking`, batching appends so that one commit (one fsync) covers many
+//! publications (group commit).
+
+use std::time::Duration;
+
+pub mod memory;
+pub mod sqlite;
+
+pub use memory::MemoryLog;
+pub use sqlite::SqliteLog;
+
+use crate::topic::Selector;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error("corrupt record {seq}: {reason}")]
+    Corrupt { seq: u64, reason: String },
+    #[error("the log is closed")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for LogError {
+    fn from(e: rusqlite::Error) -> Self {
+        LogError::Storage(e.to_string())
+    }
+}
+
+/// One stored publication.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Assigned by [`Log::append`]; 0 before that.
+    pub seq: u64,
+    /// The event id clients see (Mercure `id`). Publisher-chosen or generated; not necessarily unique.
+    pub id: String,
+    /// First topic is canonical (the channel), others are alternates.
+    pub topics: Vec<String>,
+    pub data: String,
+    pub private: bool,
+    pub event_type: Option<String>,
+    pub retry: Option<u64>,
+    /// Milliseconds since the Unix epoch, set by the hub at publish time.
+    pub time_ms: i64,
+}
+
+impl Record {
+    pub fn channel(&self) -> &str {
+        self.topics.first().map(String::as_str).unwrap_or("")
+    }
+}
+
+/// How much history a channel keeps. Rules are tried in order; the first whose selector matches the channel
+/// applies. A channel no rule matches keeps [`Retention::default_rule`].
+#[derive(Debug, Clone)]
+pub struct RetentionRule {
+    pub selector: Selector,
+    pub max_count: Option<u64>,
+    pub max_age: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Retention {
+    pub rules: Vec<RetentionRule>,
+}
+
+impl Retention {
+    pub fn rule_for(&self, channel: &str) -> Option<&RetentionRule> {
+        self.rules.iter().find(|r| r.selector.matches(channel))
+    }
+}
+
+/// Storage for channel history. Implementations must be safe to call from several threads; the hub
+/// serializes appends itself.
+pub trait Log: Send + Sync + 'static {
+    /// Appends the batch atomically, assigning each record its `seq` in order. When this returns `Ok`, the
+    /// records are durable to the degree the backend promises (SQLite: committed).
+    fn append(&self, batch: &mut [Record]) -> Result<(), LogError>;
+
+    /// Records with `after < seq <= upto`, ascending, at most `limit`.
+    fn read_range(&self, after: u64, upto: u64, limit: usize) -> Result<Vec<Record>, LogError>;
+
+    /// Records of one channel with `after < seq <= upto`, ascending, at most `limit`.
+    fn read_channel(
+        &self,
+        channel: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, LogError>;
+
+    /// The seq of the newest record carrying event id `id`, if it is still retained.
+    fn find_id(&self, id: &str) -> Result<Option<u64>, LogError>;
+
+    /// The newest record, if any.
+    fn last(&self) -> Result<Option<Record>, LogError>;
+
+    /// The oldest retained seq of one channel, if it has history.
+    fn channel_first_seq(&self, channel: &str) -> Result<Option<u64>, LogError>;
+
+    /// Applies retention; returns how many records were removed.
+    fn prune(&self, retention: &Retention, now_ms: i64) -> Result<u64, LogError>;
+
+    /// Removes a channel's history.
+    fn remove_channel(&self, channel: &str) -> Result<u64, LogError>;
+
+    /// Identifies this log's incarnation: it changes when history is lost (a memory log restarts, a database
+    /// file is replaced), so a client holding positions from another incarnation can be told so.
+    fn epoch(&self) -> String;
+
+    /// Makes everything appended so far durable and releases resources. Called on shutdown.
+    fn flush(&self) -> Result<(), LogError>;
+}
+
+#[cfg(test)]
+pub(crate) mod contract {
+    //! Behaviour every backend must have; each backend's tests run these against it.
+    use super::*;
+
+    pub fn rec(topic: &str, id: &str, data: &str, time_ms: i64) -> Record {
+        Record {
+            seq: 0,
+            id: id.into(),
+            topics: vec![topic.into()],
+            data: data.into(),
+            private: false,
+            event_type: None,
+            retry: None,
+            time_ms,
+        }
+    }
+
+    pub fn append_assigns_increasing_seqs(log: &dyn Log) {
+        let mut batch = vec![rec("a", "1", "x", 0), rec("b", "2", "y", 0)];
+        log.append(&mut batch).unwrap();
+        assert!(batch[0].seq > 0 && batch[1].seq == batch[0].seq + 1);
+        let mut more = vec![rec("a", "3", "z", 0)];
+        log.append(&mut more).unwrap();
+        assert!(more[0].seq > batch[1].seq);
+        let all = log.read_range(0, u64::MAX, 100).unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["1", "2", "3"]
+        );
+        assert_eq!(all[0], batch[0]);
+        let a = log.read_channel("a", 0, u64::MAX, 100).unwrap();
+        assert_eq!(
+            a.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["1", "3"]
+        );
+        assert_eq!(log.find_id("2").unwrap(), Some(batch[1].seq));
+        assert_eq!(log.find_id("nope").unwrap(), None);
+        assert_eq!(log.last().unwrap().unwrap().id, "3");
+        let bounded = log.read_range(batch[0].seq, batch[1].seq, 100).unwrap();
+        assert_eq!(bounded.len(), 1);
+        assert_eq!(bounded[0].id, "2");
+    }
+
+    pub fn retention_by_count_and_age(log: &dyn Log) {
+        let mut batch: Vec<Record> = (0..10)
+            .map(|i| rec("chat:1", &format!("c{i}"), "d", 1_000 + i))
+            .chain((0..3).map(|i| rec("news", &format!("n{i}"), "d", 10 + i)))
+            .collect();
+        log.append(&mut batch).unwrap();
+        let retention = Retention {
+            rules: vec![
+                RetentionRule {
+                    selector: Selector::parse("chat:{id}"),
+                    max_count: Some(4),
+                    max_age: None,
+                },
+                RetentionRule {
+                    selector: Selector::parse("*"),
+                    max_count: None,
+                    max_age: Some(Duration::from_millis(100)),
+                },
+            ],
+        };
+        let removed = log.prune(&retention, 1_000).unwrap();
+        assert_eq!(removed, 6 + 3);
+        let chat = log.read_channel("chat:1", 0, u64::MAX, 100).unwrap();
+        assert_eq!(
+            chat.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["c6", "c7", "c8", "c9"]
+        );
+        assert!(log
+            .read_channel("news", 0, u64::MAX, 100)
+            .unwrap()
+            .is_empty());
+        assert_eq!(log.channel_first_seq("chat:1").unwrap(), Some(chat[0].seq));
+        assert_eq!(log.remove_channel("chat:1").unwrap(), 4);
+        assert!(log.last().unwrap().is_none());
+    }
+}

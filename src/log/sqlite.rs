@@ -1,0 +1,343 @@
+//! Embedded SQLite log, the default: no server to install, history survives restarts.
+//!
+//! WAL mode with one writer connection; readers use their own connections so a replay never waits behind a
+//! commit. `seq` is an AUTOINCREMENT rowid, so a number is never reused even after retention deleted the
+//! newest rows. The epoch is created with the database file and stored in it: it only changes when the file
+//! is replaced, which is exactly when positions held by clients stop meaning anything.
+
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use super::{Log, LogError, Record, Retention};
+
+pub struct SqliteLog {
+    writer: Mutex<Option<Connection>>,
+    readers: Mutex<Vec<Connection>>,
+    path: PathBuf,
+    epoch: String,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT NOT NULL,
+    channel    TEXT NOT NULL,
+    topics     TEXT NOT NULL,
+    data       TEXT NOT NULL,
+    private    INTEGER NOT NULL,
+    event_type TEXT,
+    retry      INTEGER,
+    time_ms    INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_channel ON records (channel, seq);
+CREATE INDEX IF NOT EXISTS records_id ON records (id);
+";
+
+const COLUMNS: &str = "seq, id, topics, data, private, event_type, retry, time_ms";
+
+impl SqliteLog {
+    /// Opens (creating if needed) the database at `path`. `durable` chooses `synchronous=FULL` (a commit has
+    /// reached the disk before an append returns) over `NORMAL` (survives a crash of Herald, not of the OS).
+    pub fn open(path: impl AsRef<Path>, durable: bool) -> Result<Self, LogError> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    LogError::Storage(format!("cannot create {}: {e}", dir.display()))
+                })?;
+            }
+        }
+        let conn = Connection::open(&path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        let epoch: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let epoch = match epoch {
+            Some(e) => e,
+            None => {
+                let e = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+                conn.execute("INSERT INTO meta (key, value) VALUES ('epoch', ?1)", [&e])?;
+                e
+            }
+        };
+        Ok(SqliteLog {
+            writer: Mutex::new(Some(conn)),
+            readers: Mutex::new(Vec::new()),
+            path,
+            epoch,
+        })
+    }
+
+    fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, LogError>,
+    ) -> Result<T, LogError> {
+        let conn = match self.readers.lock().pop() {
+            Some(c) => c,
+            None => {
+                let c = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                c.busy_timeout(std::time::Duration::from_secs(5))?;
+                c
+            }
+        };
+        let out = f(&conn);
+        let mut pool = self.readers.lock();
+        if pool.len() < 8 {
+            pool.push(conn);
+        }
+        out
+    }
+
+    fn with_writer<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, LogError>,
+    ) -> Result<T, LogError> {
+        let mut guard = self.writer.lock();
+        let conn = guard.as_mut().ok_or(LogError::Closed)?;
+        f(conn)
+    }
+}
+
+fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Record, String)> {
+    let topics: String = row.get(2)?;
+    Ok((
+        Record {
+            seq: row.get::<_, i64>(0)? as u64,
+            id: row.get(1)?,
+            topics: Vec::new(),
+            data: row.get(3)?,
+            private: row.get::<_, i64>(4)? != 0,
+            event_type: row.get(5)?,
+            retry: row.get::<_, Option<i64>>(6)?.map(|r| r as u64),
+            time_ms: row.get(7)?,
+        },
+        topics,
+    ))
+}
+
+fn collect(
+    rows: impl Iterator<Item = rusqlite::Result<(Record, String)>>,
+) -> Result<Vec<Record>, LogError> {
+    rows.map(|row| {
+        let (mut rec, topics) = row?;
+        rec.topics = serde_json::from_str(&topics).map_err(|e| LogError::Corrupt {
+            seq: rec.seq,
+            reason: e.to_string(),
+        })?;
+        Ok(rec)
+    })
+    .collect()
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Log for SqliteLog {
+    fn append(&self, batch: &mut [Record]) -> Result<(), LogError> {
+        self.with_writer(|conn| {
+            let tx = conn.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO records (id, channel, topics, data, private, event_type, retry, time_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?;
+                for r in batch.iter_mut() {
+                    let topics = serde_json::to_string(&r.topics)
+                        .map_err(|e| LogError::Storage(e.to_string()))?;
+                    stmt.execute(params![
+                        r.id,
+                        r.channel(),
+                        topics,
+                        r.data,
+                        r.private as i64,
+                        r.event_type,
+                        r.retry.map(to_i64),
+                        r.time_ms
+                    ])?;
+                    r.seq = tx.last_insert_rowid() as u64;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn read_range(&self, after: u64, upto: u64, limit: usize) -> Result<Vec<Record>, LogError> {
+        self.with_reader(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM records WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(
+                params![to_i64(after), to_i64(upto), to_i64(limit as u64)],
+                row_to_record,
+            )?;
+            collect(rows)
+        })
+    }
+
+    fn read_channel(
+        &self,
+        channel: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, LogError> {
+        self.with_reader(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM records WHERE channel = ?1 AND seq > ?2 AND seq <= ?3
+                 ORDER BY seq LIMIT ?4"
+            ))?;
+            let rows = stmt.query_map(
+                params![channel, to_i64(after), to_i64(upto), to_i64(limit as u64)],
+                row_to_record,
+            )?;
+            collect(rows)
+        })
+    }
+
+    fn find_id(&self, id: &str) -> Result<Option<u64>, LogError> {
+        self.with_reader(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT MAX(seq) FROM records WHERE id = ?1")?
+                .query_row([id], |r| r.get::<_, Option<i64>>(0))?
+                .map(|s| s as u64))
+        })
+    }
+
+    fn last(&self) -> Result<Option<Record>, LogError> {
+        self.with_reader(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM records ORDER BY seq DESC LIMIT 1"
+            ))?;
+            let rows = stmt.query_map([], row_to_record)?;
+            Ok(collect(rows)?.pop())
+        })
+    }
+
+    fn channel_first_seq(&self, channel: &str) -> Result<Option<u64>, LogError> {
+        self.with_reader(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT MIN(seq) FROM records WHERE channel = ?1")?
+                .query_row([channel], |r| r.get::<_, Option<i64>>(0))?
+                .map(|s| s as u64))
+        })
+    }
+
+    fn prune(&self, retention: &Retention, now_ms: i64) -> Result<u64, LogError> {
+        if retention.rules.is_empty() {
+            return Ok(0);
+        }
+        self.with_writer(|conn| {
+            let tx = conn.transaction()?;
+            let channels: Vec<(String, i64)> = {
+                let mut stmt =
+                    tx.prepare("SELECT channel, COUNT(*) FROM records GROUP BY channel")?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let mut removed = 0u64;
+            for (channel, count) in channels {
+                let Some(rule) = retention.rule_for(&channel) else {
+                    continue;
+                };
+                if let Some(max) = rule.max_count {
+                    if count as u64 > max {
+                        removed += tx.execute(
+                            "DELETE FROM records WHERE channel = ?1 AND seq <= (
+                               SELECT seq FROM records WHERE channel = ?1
+                               ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+                            params![channel, to_i64(max)],
+                        )? as u64;
+                    }
+                }
+                if let Some(age) = rule.max_age {
+                    let cutoff = now_ms - age.as_millis() as i64;
+                    removed += tx.execute(
+                        "DELETE FROM records WHERE channel = ?1 AND time_ms < ?2",
+                        params![channel, cutoff],
+                    )? as u64;
+                }
+            }
+            tx.commit()?;
+            Ok(removed)
+        })
+    }
+
+    fn remove_channel(&self, channel: &str) -> Result<u64, LogError> {
+        self.with_writer(|conn| {
+            Ok(conn.execute("DELETE FROM records WHERE channel = ?1", [channel])? as u64)
+        })
+    }
+
+    fn epoch(&self) -> String {
+        self.epoch.clone()
+    }
+
+    fn flush(&self) -> Result<(), LogError> {
+        self.readers.lock().clear();
+        let mut guard = self.writer.lock();
+        if let Some(conn) = guard.as_ref() {
+            conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+        }
+        if let Some(conn) = guard.take() {
+            conn.close().map_err(|(_, e)| LogError::from(e))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::contract;
+    use super::*;
+
+    #[test]
+    fn contract_append() {
+        let dir = tempfile::tempdir().unwrap();
+        contract::append_assigns_increasing_seqs(
+            &SqliteLog::open(dir.path().join("h.sqlite3"), true).unwrap(),
+        );
+    }
+
+    #[test]
+    fn contract_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        contract::retention_by_count_and_age(
+            &SqliteLog::open(dir.path().join("h.sqlite3"), false).unwrap(),
+        );
+    }
+
+    #[test]
+    fn survives_reopen_and_never_reuses_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite3");
+        let log = SqliteLog::open(&path, true).unwrap();
+        let epoch = log.epoch();
+        let mut batch = vec![
+            contract::rec("a", "1", "x", 0),
+            contract::rec("a", "2", "y", 0),
+        ];
+        log.append(&mut batch).unwrap();
+        log.remove_channel("a").unwrap();
+        log.flush().unwrap();
+        assert!(matches!(log.append(&mut []), Err(LogError::Closed)));
+        drop(log);
+        let log = SqliteLog::open(&path, true).unwrap();
+        assert_eq!(log.epoch(), epoch, "the epoch lives in the file");
+        let mut again = vec![contract::rec("a", "3", "z", 0)];
+        log.append(&mut again).unwrap();
+        assert!(again[0].seq > batch[1].seq, "seq is never reused");
+    }
+}

@@ -1,0 +1,257 @@
+//! `GET /.well-known/mercure`: an SSE stream.
+//!
+//! Order of a stream: a comment (so the response headers leave at once and `onopen` fires only once the
+//! subscription is registered), then the history the client missed, read from the log in pages, then live
+//! publications from the outbox. Registration happens before the history is read, and the hub's
+//! registration boundary (`registered_at`) splits the two exactly, so nothing falls between them.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use bytes::Bytes;
+use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
+use tokio_util::sync::CancellationToken;
+
+use super::subscriptions::ActiveSubscriptions;
+use crate::auth::Role;
+use crate::error::ApiError;
+use crate::frame::sse::COMMENT;
+use crate::frame::Publication;
+use crate::hub::{ConnectionGuard, DisconnectReason, Hub, SubscribeSpec, Subscription};
+use crate::server::ConnKill;
+use crate::state::AppState;
+use crate::topic::Selector;
+
+const EARLIEST: &str = "earliest";
+
+pub async fn subscribe(
+    State(st): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    kill: Option<axum::Extension<ConnKill>>,
+) -> Result<Response, ApiError> {
+    let mut topics = Vec::new();
+    let mut query_last_id = None;
+    for (k, v) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match &*k {
+            "topic" => topics.push(v.into_owned()),
+            "lastEventID" => query_last_id = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+
+    let claims = match st.auth.extract(&headers, query.as_deref())? {
+        Some((token, _)) => Some(st.auth.verify(Role::Subscriber, &token)?),
+        None if st.auth.allow_anonymous => None,
+        None => return Err(st.auth.missing_token(Role::Subscriber)),
+    };
+    if topics.is_empty() {
+        return Err(ApiError::bad_request(
+            "missing_topic",
+            "add at least one `topic` query parameter (a topic, a URI template, or *)",
+        ));
+    }
+
+    let guard = st.hub.connect()?;
+    let subscriber = format!("urn:uuid:{}", uuid::Uuid::new_v4());
+    let payload = claims.as_ref().and_then(|c| c.payload());
+    let spec = SubscribeSpec {
+        selectors: topics.iter().map(|t| Selector::parse(t)).collect(),
+        private_grants: claims
+            .as_ref()
+            .map(|c| c.subscribe_selectors())
+            .unwrap_or_default(),
+        subscriber: subscriber.clone(),
+        payload: payload.clone(),
+        kill: kill.map(|k| k.0 .0.clone()),
+    };
+    let sub = st.hub.subscribe(spec)?;
+
+    // Header wins over the query parameter (spec, "Reconnection").
+    let requested = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+        .or(query_last_id.filter(|v| !v.is_empty()));
+    let (replay_after, response_last_id) = match &requested {
+        None => (None, None),
+        Some(id) if id == EARLIEST => (Some(0), Some(EARLIEST.to_string())),
+        Some(id) => match st.hub.find_id(id.clone()).await? {
+            Some(seq) => (Some(seq), Some(id.clone())),
+            // Unknown (or aged out of retention): replay what is retained and say so with `earliest`.
+            None => (Some(0), Some(EARLIEST.to_string())),
+        },
+    };
+
+    let active = st
+        .config
+        .mercure
+        .subscriptions
+        .then(|| ActiveSubscriptions::start(st.hub.clone(), subscriber, topics, payload));
+
+    let heartbeat = st.config.mercure.heartbeat;
+    let expires = claims.as_ref().and_then(|c| c.exp);
+    let stream = SseStream {
+        hub: st.hub.clone(),
+        skip_upto: replay_after.unwrap_or(0),
+        replay: replay_after.map(|after| (after, sub.registered_at)),
+        page: st.config.mercure.history_page.max(1),
+        heartbeat: (!heartbeat.is_zero()).then(|| {
+            let mut i = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+            i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            i
+        }),
+        expires: expires.map(|exp| Box::pin(tokio::time::sleep(until_unix(exp)))),
+        shutdown: st.hub.shutdown_token(),
+        opened: false,
+        sub,
+        _guard: guard,
+        _active: active,
+    };
+    let body = Body::from_stream(futures_util::stream::unfold(stream, |mut s| async move {
+        s.next().await.map(|b| (Ok::<_, Infallible>(b), s))
+    }));
+
+    let mut resp = Response::new(body);
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-cache, no-store, must-revalidate, max-age=0"),
+    );
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    h.insert(header::EXPIRES, HeaderValue::from_static("0"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if let Some(id) = response_last_id {
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            h.insert("last-event-id", v);
+        }
+    }
+    Ok(resp)
+}
+
+fn until_unix(exp: u64) -> Duration {
+    Duration::from_secs(exp.saturating_sub(crate::auth::unix_now()))
+}
+
+struct SseStream {
+    hub: Hub,
+    sub: Subscription,
+    /// Replay `(after, upto]` from the log before going live.
+    replay: Option<(u64, u64)>,
+    /// Live publications at or below this seq were already seen by the client.
+    skip_upto: u64,
+    page: usize,
+    heartbeat: Option<Interval>,
+    expires: Option<Pin<Box<Sleep>>>,
+    shutdown: CancellationToken,
+    opened: bool,
+    _guard: ConnectionGuard,
+    _active: Option<ActiveSubscriptions>,
+}
+
+impl SseStream {
+    /// The next chunk to write, or `None` to end the response.
+    async fn next(&mut self) -> Option<Bytes> {
+        if !self.opened {
+            self.opened = true;
+            return Some(Bytes::from_static(COMMENT));
+        }
+        if let Some((after, upto)) = self.replay {
+            match self.replay_page(after, upto).await {
+                Ok(Some(chunk)) => return Some(chunk),
+                Ok(None) => self.replay = None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "history replay failed; closing stream");
+                    return None;
+                }
+            }
+        }
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return None,
+                _ = self.sub.closed.cancelled() => return None,
+                _ = expiry(&mut self.expires) => {
+                    metrics::counter!("herald_disconnects_total", "reason" => DisconnectReason::TokenExpired.as_str()).increment(1);
+                    return None;
+                }
+                p = self.sub.rx.recv() => match p {
+                    Some(p) if p.record.seq <= self.skip_upto => continue,
+                    Some(p) => return Some(self.coalesce(p)),
+                    None => return None,
+                },
+                _ = tick(&mut self.heartbeat) => {
+                    return Some(Bytes::from_static(COMMENT));
+                }
+            }
+        }
+    }
+
+    /// Joins publications already waiting in the outbox into one write; a lone one is passed as is (no
+    /// copy: it is the shared encoding).
+    fn coalesce(&mut self, first: std::sync::Arc<Publication>) -> Bytes {
+        let Ok(second) = self.sub.rx.try_recv() else {
+            return first.sse();
+        };
+        let mut buf = bytes::BytesMut::new();
+        buf.extend_from_slice(&first.sse());
+        buf.extend_from_slice(&second.sse());
+        for _ in 0..62 {
+            match self.sub.rx.try_recv() {
+                Ok(p) => buf.extend_from_slice(&p.sse()),
+                Err(_) => break,
+            }
+        }
+        buf.freeze()
+    }
+
+    /// One page of history as one chunk; `None` when the replay is done.
+    async fn replay_page(&mut self, after: u64, upto: u64) -> Result<Option<Bytes>, ApiError> {
+        let mut cursor = after;
+        loop {
+            if cursor >= upto {
+                return Ok(None);
+            }
+            let records = self.hub.history(cursor, upto, self.page).await?;
+            let Some(last) = records.last() else {
+                return Ok(None);
+            };
+            cursor = last.seq;
+            let mut buf = bytes::BytesMut::new();
+            for r in records.iter().filter(|r| self.sub.spec.wants(r)) {
+                buf.extend_from_slice(&crate::frame::sse::encode(r));
+            }
+            self.replay = Some((cursor, upto));
+            if !buf.is_empty() {
+                return Ok(Some(buf.freeze()));
+            }
+        }
+    }
+}
+
+async fn expiry(sleep: &mut Option<Pin<Box<Sleep>>>) {
+    match sleep {
+        Some(s) => s.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn tick(interval: &mut Option<Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}

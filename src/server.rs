@@ -1,0 +1,265 @@
+//! Composition and lifecycle: builds the router from a hub and a config, and runs it with our own accept
+//! loop.
+//!
+//! Why not `axum::serve`: a subscriber that stops reading leaves its stream un-polled, so ending the stream
+//! cannot close the connection; only dropping the connection can. The accept loop gives every connection a
+//! kill switch ([`ConnKill`], a request extension) that the hub pulls when the subscriber's outbox
+//! overflows. The same loop enforces graceful shutdown: stop accepting, end streams (clients reconnect
+//! elsewhere), drain and flush the log, and cut whatever is left after `shutdown_timeout`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue, Request, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::auth::Auth;
+use crate::config::{Config, ConfigError, LogBackend};
+use crate::error::ApiError;
+use crate::hub::{Hub, HubOptions};
+use crate::log::{Log, MemoryLog, Retention, RetentionRule, SqliteLog};
+use crate::state::AppState;
+use crate::topic::Selector;
+
+/// Cancelling it closes the client's TCP connection. Present on requests served by [`Server`]; absent when
+/// the router is mounted in another server, where a stalled subscriber is dropped on its next write.
+#[derive(Clone)]
+pub struct ConnKill(pub CancellationToken);
+
+/// Hub options from the config.
+pub fn hub_options(c: &Config) -> HubOptions {
+    HubOptions {
+        outbox_capacity: c.limits.outbox_capacity,
+        max_connections: c.limits.max_connections,
+        max_topics_per_subscription: c.limits.max_topics_per_subscription,
+        max_message_size: c.limits.max_message_size,
+        retention: Retention {
+            rules: c
+                .retention
+                .iter()
+                .map(|r| RetentionRule {
+                    selector: Selector::parse(&r.pattern),
+                    max_count: r.max_count,
+                    max_age: r.max_age,
+                })
+                .collect(),
+        },
+        prune_interval: c.log.prune_interval,
+        max_batch: c.log.max_batch,
+    }
+}
+
+/// Opens the configured log.
+pub fn open_log(c: &Config) -> Result<Arc<dyn Log>, crate::log::LogError> {
+    Ok(match c.log.backend {
+        LogBackend::Memory => Arc::new(MemoryLog::new()),
+        LogBackend::Sqlite => Arc::new(SqliteLog::open(c.log_path(), c.log.durable)?),
+    })
+}
+
+/// The whole HTTP surface of Herald as an `axum::Router`, ready to mount in any axum app.
+pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
+    config.validate()?;
+    let auth = Auth::from_config(&config.auth).map_err(ConfigError::Invalid)?;
+    // No allowed origins: no CORS headers at all (same-origin and reverse-proxied deployments need none).
+    let cors = if config.cors.allowed_origins.is_empty() {
+        None
+    } else {
+        Some(crate::cors::layer(&config.cors).map_err(ConfigError::Invalid)?)
+    };
+    let state = AppState {
+        hub,
+        auth: Arc::new(auth),
+        config: Arc::new(config),
+    };
+    Ok(Router::new()
+        .merge(crate::mercure::routes())
+        .route("/", get(index))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(tower::util::option_layer(cors))
+        .with_state(state))
+}
+
+async fn index() -> Html<&'static str> {
+    Html(include_str!("../ui/index.html"))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    if st.hub.is_shutting_down() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the hub is shutting down",
+        ));
+    }
+    let log = st.hub.log().clone();
+    tokio::task::spawn_blocking(move || log.last())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "log_unavailable",
+                e.to_string(),
+            )
+        })?;
+    Ok(Json(
+        json!({"status": "ready", "connections": st.hub.connection_count()}),
+    ))
+}
+
+async fn metrics() -> Response {
+    match crate::metrics::handle() {
+        Some(h) => {
+            let mut resp = h.render().into_response();
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            resp
+        }
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "metrics_unavailable",
+            "another metrics recorder is installed in this process",
+        )
+        .into_response(),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+/// A bound, not yet running Herald.
+pub struct Server {
+    listener: TcpListener,
+    router: Router,
+    hub: Hub,
+    shutdown_timeout: Duration,
+}
+
+impl Server {
+    /// Opens the log, builds the hub and router, and binds the listener (port 0 picks a free port).
+    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        crate::metrics::handle();
+        let log = open_log(&config)?;
+        let hub = Hub::new(log, hub_options(&config));
+        let addr = config.listen_addr()?;
+        let shutdown_timeout = config.shutdown_timeout;
+        let router = router(hub.clone(), config)?;
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Server {
+            listener,
+            router,
+            hub,
+            shutdown_timeout,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down gracefully.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let Server {
+            listener,
+            router,
+            hub,
+            shutdown_timeout,
+        } = self;
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let builder = auto::Builder::new(TokioExecutor::new());
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, _peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let kill = CancellationToken::new();
+            let ext = ConnKill(kill.clone());
+            let svc = router
+                .clone()
+                .map_request(move |mut req: Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ext.clone());
+                    req
+                });
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc))
+                .into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                tokio::select! {
+                    r = conn => if let Err(e) = r { tracing::debug!(error = %e, "connection ended with an error") },
+                    _ = kill.cancelled() => tracing::debug!("connection killed by the hub"),
+                }
+            });
+        }
+        drop(listener);
+        tracing::info!("shutting down: ending streams and flushing the log");
+        hub.shutdown().await?;
+        if tokio::time::timeout(shutdown_timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after {shutdown_timeout:?}; cutting them");
+        }
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
