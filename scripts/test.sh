@@ -7,10 +7,10 @@ cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
 
 echo "== cargo build (the binary the Node tests start)"
-cargo build --bins --quiet
+cargo build --workspace --bins --quiet
 
 echo "== Rust unit and integration tests"
-cargo test --all-targets --no-fail-fast
+cargo test --workspace --all-targets --no-fail-fast
 
 echo "== Node tests with real npm clients"
 shopt -s nullglob
