@@ -102,6 +102,50 @@ pub struct NewPublication {
     pub private: bool,
     pub event_type: Option<String>,
     pub retry: Option<u64>,
+    /// Publisher's `ClientInfo` as JSON, for client publications.
+    pub info: Option<String>,
+}
+
+/// Who a client is, as presence and join/leave report it (Centrifugo `ClientInfo`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ClientInfo {
+    pub client: String,
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conn_info: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chan_info: Option<serde_json::Value>,
+}
+
+/// What a subscription's outbox carries. `sub` says which subscription of the connection it is for.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    Pub {
+        sub: u64,
+        publication: Arc<Publication>,
+    },
+    Join {
+        sub: u64,
+        channel: Arc<str>,
+        info: Arc<ClientInfo>,
+    },
+    Leave {
+        sub: u64,
+        channel: Arc<str>,
+        info: Arc<ClientInfo>,
+    },
+}
+
+/// One per client connection, shared by all its subscriptions: where deliveries go, and how the hub ends
+/// the connection when it cannot keep up.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Delivery>,
+    /// Cancelled when the hub disconnects this client (slow consumer, shutdown).
+    pub closed: CancellationToken,
+    /// Cancelled to kill the TCP connection when the transport is not being polled (a client that stopped
+    /// reading an SSE stream). WebSocket tasks own their socket and need none.
+    kill: Option<CancellationToken>,
 }
 
 /// What a subscriber asks for.
@@ -115,19 +159,17 @@ pub struct SubscribeSpec {
     pub subscriber: String,
     /// Opaque data attached by the token (`mercure.payload`), shown in subscription listings.
     pub payload: Option<serde_json::Value>,
-    /// Cancelled by the hub to kill the underlying connection when the subscriber must go but its transport
-    /// is not being polled (a client that stopped reading).
-    pub kill: Option<CancellationToken>,
+    /// Receive join/leave deliveries for the (exact) channels subscribed.
+    pub join_leave: bool,
 }
 
 /// A live subscriber as the registry and the fan-out see it.
 struct Sub {
     id: u64,
     spec: Arc<SubscribeSpec>,
-    tx: mpsc::Sender<Arc<Publication>>,
+    outbox: Outbox,
     /// Dedupe within one fan-out: a subscriber reachable through several topics gets a publication once.
     last_seq: AtomicU64,
-    closed: CancellationToken,
 }
 
 impl SubscribeSpec {
@@ -201,6 +243,8 @@ struct Inner {
     next_id: AtomicU64,
     shutdown: CancellationToken,
     sequencer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// channel -> client id -> info. Local to this node.
+    presence: RwLock<HashMap<String, HashMap<String, ClientInfo>>>,
 }
 
 /// Cheap to clone; all clones share one hub.
@@ -210,16 +254,13 @@ pub struct Hub {
     jobs: mpsc::Sender<Job>,
 }
 
-/// Returned by [`Hub::subscribe`]; unregisters on drop.
+/// Returned by [`Hub::subscribe`]; unregisters on drop. Its publications with `seq > registered_at` arrive
+/// in order in the connection's outbox, tagged with `id`.
 pub struct Subscription {
     pub id: u64,
-    /// The outbox: publications with `seq > registered_at`, in order.
-    pub rx: mpsc::Receiver<Arc<Publication>>,
     /// Every publication with `seq <= registered_at` was dispatched before this subscription existed and
     /// must be read from the log.
     pub registered_at: u64,
-    /// Cancelled when the hub disconnects this subscriber (slow consumer, shutdown).
-    pub closed: CancellationToken,
     pub spec: Arc<SubscribeSpec>,
     inner: Arc<Inner>,
 }
@@ -275,6 +316,7 @@ impl Hub {
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             sequencer: Mutex::new(None),
+            presence: RwLock::new(HashMap::new()),
         });
         let handle = tokio::spawn(sequencer(inner.clone(), rx));
         *inner.sequencer.lock() = Some(handle);
@@ -348,6 +390,7 @@ impl Hub {
             event_type: p.event_type,
             retry: p.retry,
             time_ms: now_ms(),
+            info: p.info,
         };
         let (ack, done) = oneshot::channel();
         self.jobs
@@ -374,8 +417,25 @@ impl Hub {
         self.inner.connections.load(Ordering::Acquire)
     }
 
-    /// Registers a live subscription. Publications after `registered_at` arrive in its outbox.
-    pub fn subscribe(&self, spec: SubscribeSpec) -> Result<Subscription, HubError> {
+    /// A new outbox for one client connection, with its receiving end.
+    pub fn outbox(&self, kill: Option<CancellationToken>) -> (Outbox, mpsc::Receiver<Delivery>) {
+        let (tx, rx) = mpsc::channel(self.inner.opts.outbox_capacity.max(1));
+        (
+            Outbox {
+                tx,
+                closed: CancellationToken::new(),
+                kill,
+            },
+            rx,
+        )
+    }
+
+    /// Registers a live subscription delivering into `outbox`.
+    pub fn subscribe(
+        &self,
+        spec: SubscribeSpec,
+        outbox: &Outbox,
+    ) -> Result<Subscription, HubError> {
         if self.is_shutting_down() {
             return Err(HubError::ShuttingDown);
         }
@@ -386,16 +446,13 @@ impl Hub {
                 max,
             });
         }
-        let (tx, rx) = mpsc::channel(self.inner.opts.outbox_capacity.max(1));
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let closed = CancellationToken::new();
         let spec = Arc::new(spec);
         let sub = Arc::new(Sub {
             id,
             spec: spec.clone(),
-            tx,
+            outbox: outbox.clone(),
             last_seq: AtomicU64::new(0),
-            closed: closed.clone(),
         });
         let registered_at = {
             let mut reg = self.inner.registry.write();
@@ -405,9 +462,7 @@ impl Hub {
         metrics::gauge!("herald_subscriptions").increment(1.0);
         Ok(Subscription {
             id,
-            rx,
             registered_at,
-            closed,
             spec,
             inner: self.inner.clone(),
         })
@@ -444,6 +499,90 @@ impl Hub {
         out
     }
 
+    /// Adds a client to a channel's presence and, for subscribers that asked, delivers a join.
+    pub fn join(&self, channel: &str, info: ClientInfo) {
+        self.inner
+            .presence
+            .write()
+            .entry(channel.to_string())
+            .or_default()
+            .insert(info.client.clone(), info.clone());
+        self.notify(channel, Arc::new(info), true);
+    }
+
+    /// Removes a client from a channel's presence and delivers a leave.
+    pub fn leave(&self, channel: &str, client: &str) {
+        let info = {
+            let mut p = self.inner.presence.write();
+            let info = p.get_mut(channel).and_then(|m| m.remove(client));
+            if p.get(channel).is_some_and(HashMap::is_empty) {
+                p.remove(channel);
+            }
+            info
+        };
+        if let Some(info) = info {
+            self.notify(channel, Arc::new(info), false);
+        }
+    }
+
+    fn notify(&self, channel: &str, info: Arc<ClientInfo>, join: bool) {
+        let channel: Arc<str> = channel.into();
+        let mut slow = Vec::new();
+        {
+            let reg = self.inner.registry.read();
+            for sub in reg
+                .exact
+                .get(&*channel)
+                .into_iter()
+                .flat_map(|m| m.values())
+            {
+                if !sub.spec.join_leave {
+                    continue;
+                }
+                let d = if join {
+                    Delivery::Join {
+                        sub: sub.id,
+                        channel: channel.clone(),
+                        info: info.clone(),
+                    }
+                } else {
+                    Delivery::Leave {
+                        sub: sub.id,
+                        channel: channel.clone(),
+                        info: info.clone(),
+                    }
+                };
+                if let Err(mpsc::error::TrySendError::Full(_)) = sub.outbox.tx.try_send(d) {
+                    slow.push(sub.clone());
+                }
+            }
+        }
+        disconnect_slow(&self.inner, slow);
+    }
+
+    /// Clients present in a channel on this node.
+    pub fn presence(&self, channel: &str) -> Vec<ClientInfo> {
+        let p = self.inner.presence.read();
+        let mut v: Vec<ClientInfo> = p
+            .get(channel)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        v.sort_by(|a, b| a.client.cmp(&b.client));
+        v
+    }
+
+    /// Channels with at least one exact subscriber, with their subscriber counts.
+    pub fn channels(&self) -> Vec<(String, usize)> {
+        let reg = self.inner.registry.read();
+        let mut v: Vec<(String, usize)> = reg
+            .exact
+            .iter()
+            .map(|(k, m)| (k.to_string(), m.len()))
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Id of the last publication dispatched, if any.
     pub fn last_event_id(&self) -> Option<String> {
         self.inner.last_id.lock().clone()
@@ -478,7 +617,7 @@ impl Hub {
         };
         for s in &subs {
             metrics::gauge!("herald_subscriptions").decrement(1.0);
-            s.closed.cancel();
+            s.outbox.closed.cancel();
             metrics::counter!("herald_disconnects_total", "reason" => DisconnectReason::Shutdown.as_str())
                 .increment(1);
         }
@@ -493,8 +632,8 @@ impl Hub {
 }
 
 fn kill(sub: &Sub, reason: DisconnectReason) {
-    sub.closed.cancel();
-    if let Some(k) = &sub.spec.kill {
+    sub.outbox.closed.cancel();
+    if let Some(k) = &sub.outbox.kill {
         k.cancel();
     }
     metrics::counter!("herald_disconnects_total", "reason" => reason.as_str()).increment(1);
@@ -586,7 +725,10 @@ fn dispatch(inner: &Inner, p: &Arc<Publication>) {
             if sub.last_seq.swap(seq, Ordering::Relaxed) == seq || !sub.spec.wants(&p.record) {
                 return;
             }
-            match sub.tx.try_send(p.clone()) {
+            match sub.outbox.tx.try_send(Delivery::Pub {
+                sub: sub.id,
+                publication: p.clone(),
+            }) {
                 Ok(()) => delivered += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => slow.push(sub.clone()),
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
@@ -602,15 +744,22 @@ fn dispatch(inner: &Inner, p: &Arc<Publication>) {
     }
     *inner.last_id.lock() = Some(p.record.id.clone());
     metrics::counter!("herald_deliveries_total").increment(delivered);
-    if !slow.is_empty() {
-        let mut reg = inner.registry.write();
-        for s in &slow {
-            if reg.remove(s.id).is_some() {
-                metrics::gauge!("herald_subscriptions").decrement(1.0);
-            }
+    disconnect_slow(inner, slow);
+}
+
+fn disconnect_slow(inner: &Inner, slow: Vec<Arc<Sub>>) {
+    if slow.is_empty() {
+        return;
+    }
+    let mut reg = inner.registry.write();
+    for s in &slow {
+        if reg.remove(s.id).is_some() {
+            metrics::gauge!("herald_subscriptions").decrement(1.0);
         }
-        drop(reg);
-        for s in &slow {
+    }
+    drop(reg);
+    for s in &slow {
+        if !s.outbox.closed.is_cancelled() {
             tracing::info!(subscriber = %s.spec.subscriber, "outbox full: disconnecting slow subscriber");
             kill(s, DisconnectReason::SlowConsumer);
         }
@@ -665,6 +814,30 @@ mod tests {
         }
     }
 
+    struct Client {
+        _sub: Subscription,
+        outbox: Outbox,
+        rx: mpsc::Receiver<Delivery>,
+    }
+
+    impl Client {
+        async fn data(&mut self) -> String {
+            match self.rx.recv().await.unwrap() {
+                Delivery::Pub { publication, .. } => publication.record.data.clone(),
+                other => panic!("expected a publication, got {other:?}"),
+            }
+        }
+    }
+
+    fn client(hub: &Hub, s: SubscribeSpec) -> Client {
+        let (outbox, rx) = hub.outbox(None);
+        Client {
+            _sub: hub.subscribe(s, &outbox).unwrap(),
+            outbox,
+            rx,
+        }
+    }
+
     fn new(topics: &[&str], data: &str) -> NewPublication {
         NewPublication {
             topics: topics.iter().map(|s| s.to_string()).collect(),
@@ -676,32 +849,33 @@ mod tests {
     #[tokio::test]
     async fn publish_reaches_matching_subscribers_once_in_order() {
         let hub = hub(16);
-        let mut exact = hub.subscribe(spec(&["a", "b"])).unwrap();
-        let mut wild = hub.subscribe(spec(&["*"])).unwrap();
-        let mut other = hub.subscribe(spec(&["c"])).unwrap();
+        let mut exact = client(&hub, spec(&["a", "b"]));
+        let mut wild = client(&hub, spec(&["*"]));
+        let mut other = client(&hub, spec(&["c"]));
         let p1 = hub.publish(new(&["a", "b"], "1")).await.unwrap();
         let p2 = hub.publish(new(&["b"], "2")).await.unwrap();
         assert!(p2.record.seq > p1.record.seq);
-        assert_eq!(exact.rx.recv().await.unwrap().record.data, "1");
-        assert_eq!(exact.rx.recv().await.unwrap().record.data, "2");
+        assert_eq!(exact.data().await, "1");
+        assert_eq!(exact.data().await, "2");
         assert!(
             exact.rx.try_recv().is_err(),
             "delivered once despite two matching topics"
         );
-        assert_eq!(wild.rx.recv().await.unwrap().record.data, "1");
+        assert_eq!(wild.data().await, "1");
         assert!(other.rx.try_recv().is_err());
     }
 
     #[tokio::test]
     async fn private_needs_a_grant() {
         let hub = hub(16);
-        let mut anon = hub.subscribe(spec(&["t"])).unwrap();
-        let mut granted = hub
-            .subscribe(SubscribeSpec {
+        let mut anon = client(&hub, spec(&["t"]));
+        let mut granted = client(
+            &hub,
+            SubscribeSpec {
                 private_grants: vec![Selector::parse("t")],
                 ..spec(&["t"])
-            })
-            .unwrap();
+            },
+        );
         hub.publish(NewPublication {
             private: true,
             ..new(&["t"], "secret")
@@ -709,34 +883,79 @@ mod tests {
         .await
         .unwrap();
         hub.publish(new(&["t"], "public")).await.unwrap();
-        assert_eq!(granted.rx.recv().await.unwrap().record.data, "secret");
-        assert_eq!(anon.rx.recv().await.unwrap().record.data, "public");
+        assert_eq!(granted.data().await, "secret");
+        assert_eq!(anon.data().await, "public");
     }
 
     #[tokio::test]
     async fn full_outbox_disconnects_only_the_slow_one() {
         let hub = hub(2);
-        let slow = hub.subscribe(spec(&["t"])).unwrap();
-        let mut fast = hub.subscribe(spec(&["t"])).unwrap();
+        let slow = client(&hub, spec(&["t"]));
+        let mut fast = client(&hub, spec(&["t"]));
         for i in 0..5 {
             hub.publish(new(&["t"], &i.to_string())).await.unwrap();
-            assert_eq!(fast.rx.recv().await.unwrap().record.data, i.to_string());
+            assert_eq!(fast.data().await, i.to_string());
         }
-        assert!(slow.closed.is_cancelled());
-        assert!(!fast.closed.is_cancelled());
+        assert!(slow.outbox.closed.is_cancelled());
+        assert!(!fast.outbox.closed.is_cancelled());
         assert_eq!(hub.subscriptions().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_outbox_serves_several_subscriptions() {
+        let hub = hub(16);
+        let (outbox, mut rx) = hub.outbox(None);
+        let a = hub.subscribe(spec(&["a"]), &outbox).unwrap();
+        let b = hub.subscribe(spec(&["b"]), &outbox).unwrap();
+        hub.publish(new(&["b"], "to b")).await.unwrap();
+        hub.publish(new(&["a"], "to a")).await.unwrap();
+        let ids: Vec<u64> = (0..2)
+            .map(|_| match rx.try_recv().unwrap() {
+                Delivery::Pub { sub, .. } => sub,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, [b.id, a.id]);
+    }
+
+    #[tokio::test]
+    async fn presence_and_join_leave() {
+        let hub = hub(16);
+        let (outbox, mut rx) = hub.outbox(None);
+        let _s = hub
+            .subscribe(
+                SubscribeSpec {
+                    join_leave: true,
+                    ..spec(&["room"])
+                },
+                &outbox,
+            )
+            .unwrap();
+        let info = ClientInfo {
+            client: "c1".into(),
+            user: "42".into(),
+            conn_info: None,
+            chan_info: None,
+        };
+        hub.join("room", info.clone());
+        assert_eq!(hub.presence("room"), vec![info.clone()]);
+        assert!(matches!(rx.try_recv().unwrap(), Delivery::Join { info: i, .. } if *i == info));
+        hub.leave("room", "c1");
+        assert!(hub.presence("room").is_empty());
+        assert!(matches!(rx.try_recv().unwrap(), Delivery::Leave { .. }));
+        assert_eq!(hub.channels(), vec![("room".to_string(), 1)]);
     }
 
     #[tokio::test]
     async fn registration_boundary_splits_history_and_live() {
         let hub = hub(16);
         hub.publish(new(&["t"], "old")).await.unwrap();
-        let mut sub = hub.subscribe(spec(&["t"])).unwrap();
+        let mut c = client(&hub, spec(&["t"]));
         hub.publish(new(&["t"], "new")).await.unwrap();
-        let hist = hub.history(0, sub.registered_at, 100).await.unwrap();
+        let hist = hub.history(0, c._sub.registered_at, 100).await.unwrap();
         assert_eq!(hist.len(), 1);
         assert_eq!(hist[0].data, "old");
-        assert_eq!(sub.rx.recv().await.unwrap().record.data, "new");
+        assert_eq!(c.data().await, "new");
     }
 
     #[tokio::test]
@@ -755,8 +974,9 @@ mod tests {
             hub.connect(),
             Err(HubError::TooManyConnections(1))
         ));
+        let (outbox, _rx) = hub.outbox(None);
         assert!(matches!(
-            hub.subscribe(spec(&["a", "b"])),
+            hub.subscribe(spec(&["a", "b"]), &outbox),
             Err(HubError::TooManyTopics { .. })
         ));
         assert!(matches!(
@@ -780,9 +1000,9 @@ mod tests {
     #[tokio::test]
     async fn shutdown_ends_subscriptions_and_refuses_publishes() {
         let hub = hub(16);
-        let sub = hub.subscribe(spec(&["t"])).unwrap();
+        let c = client(&hub, spec(&["t"]));
         hub.shutdown().await.unwrap();
-        assert!(sub.closed.is_cancelled());
+        assert!(c.outbox.closed.is_cancelled());
         assert!(matches!(
             hub.publish(new(&["t"], "x")).await,
             Err(HubError::ShuttingDown)

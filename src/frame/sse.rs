@@ -66,6 +66,7 @@ mod tests {
             event_type: None,
             retry: None,
             time_ms: 0,
+            info: None,
         }
     }
 

@@ -15,6 +15,7 @@ pub struct MemoryLog {
 struct Inner {
     records: VecDeque<Record>,
     next_seq: u64,
+    pruned: std::collections::HashMap<String, u64>,
 }
 
 impl MemoryLog {
@@ -23,6 +24,7 @@ impl MemoryLog {
             inner: RwLock::new(Inner {
                 records: VecDeque::new(),
                 next_seq: 1,
+                pruned: Default::default(),
             }),
             epoch: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
         }
@@ -107,8 +109,25 @@ impl Log for MemoryLog {
             .map(|r| r.seq))
     }
 
+    fn channel_top(&self, channel: &str, upto: u64) -> Result<Option<u64>, LogError> {
+        let inner = self.inner.read();
+        Ok(inner
+            .records
+            .iter()
+            .rev()
+            .filter(|r| r.seq <= upto)
+            .find(|r| r.channel() == channel)
+            .map(|r| r.seq))
+    }
+
+    fn channel_pruned_upto(&self, channel: &str) -> Result<u64, LogError> {
+        Ok(self.inner.read().pruned.get(channel).copied().unwrap_or(0))
+    }
+
     fn prune(&self, retention: &Retention, now_ms: i64) -> Result<u64, LogError> {
-        let mut inner = self.inner.write();
+        let mut guard = self.inner.write();
+        let inner = &mut *guard;
+        let pruned = &mut inner.pruned;
         let mut counts: std::collections::HashMap<String, u64> = Default::default();
         for r in &inner.records {
             *counts.entry(r.channel().to_string()).or_default() += 1;
@@ -130,6 +149,8 @@ impl Log for MemoryLog {
                 if let Some(c) = counts.get_mut(r.channel()) {
                     *c -= 1;
                 }
+                let p = pruned.entry(r.channel().to_string()).or_default();
+                *p = (*p).max(r.seq);
             } else {
                 kept.push_back(r);
             }
@@ -141,6 +162,16 @@ impl Log for MemoryLog {
     fn remove_channel(&self, channel: &str) -> Result<u64, LogError> {
         let mut inner = self.inner.write();
         let before = inner.records.len();
+        if let Some(top) = inner
+            .records
+            .iter()
+            .filter(|r| r.channel() == channel)
+            .map(|r| r.seq)
+            .max()
+        {
+            let p = inner.pruned.entry(channel.to_string()).or_default();
+            *p = (*p).max(top);
+        }
         inner.records.retain(|r| r.channel() != channel);
         Ok((before - inner.records.len()) as u64)
     }

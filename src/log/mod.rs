@@ -51,6 +51,8 @@ pub struct Record {
     pub retry: Option<u64>,
     /// Milliseconds since the Unix epoch, set by the hub at publish time.
     pub time_ms: i64,
+    /// Who published it, as JSON (a Centrifugo `ClientInfo`), when a client did.
+    pub info: Option<String>,
 }
 
 impl Record {
@@ -107,6 +109,13 @@ pub trait Log: Send + Sync + 'static {
     /// The oldest retained seq of one channel, if it has history.
     fn channel_first_seq(&self, channel: &str) -> Result<Option<u64>, LogError>;
 
+    /// The newest seq of one channel at or below `upto`: the channel's stream position.
+    fn channel_top(&self, channel: &str, upto: u64) -> Result<Option<u64>, LogError>;
+
+    /// The highest seq of this channel that retention (or `remove_channel`) has deleted, 0 if none. A client
+    /// positioned at or after it can be brought up to date from the log; one before it cannot.
+    fn channel_pruned_upto(&self, channel: &str) -> Result<u64, LogError>;
+
     /// Applies retention; returns how many records were removed.
     fn prune(&self, retention: &Retention, now_ms: i64) -> Result<u64, LogError>;
 
@@ -136,6 +145,7 @@ pub(crate) mod contract {
             event_type: None,
             retry: None,
             time_ms,
+            info: None,
         }
     }
 
@@ -197,7 +207,18 @@ pub(crate) mod contract {
             .unwrap()
             .is_empty());
         assert_eq!(log.channel_first_seq("chat:1").unwrap(), Some(chat[0].seq));
+        assert_eq!(log.channel_pruned_upto("chat:1").unwrap(), chat[0].seq - 1);
+        assert_eq!(
+            log.channel_top("chat:1", u64::MAX).unwrap(),
+            Some(chat[3].seq)
+        );
+        assert_eq!(
+            log.channel_top("chat:1", chat[1].seq).unwrap(),
+            Some(chat[1].seq)
+        );
+        assert_eq!(log.channel_pruned_upto("other").unwrap(), 0);
         assert_eq!(log.remove_channel("chat:1").unwrap(), 4);
+        assert_eq!(log.channel_pruned_upto("chat:1").unwrap(), chat[3].seq);
         assert!(log.last().unwrap().is_none());
     }
 }

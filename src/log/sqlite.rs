@@ -30,13 +30,15 @@ CREATE TABLE IF NOT EXISTS records (
     private    INTEGER NOT NULL,
     event_type TEXT,
     retry      INTEGER,
-    time_ms    INTEGER NOT NULL
+    time_ms    INTEGER NOT NULL,
+    info       TEXT
 );
+CREATE TABLE IF NOT EXISTS channels (channel TEXT PRIMARY KEY, pruned_upto INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS records_channel ON records (channel, seq);
 CREATE INDEX IF NOT EXISTS records_id ON records (id);
 ";
 
-const COLUMNS: &str = "seq, id, topics, data, private, event_type, retry, time_ms";
+const COLUMNS: &str = "seq, id, topics, data, private, event_type, retry, time_ms, info";
 
 impl SqliteLog {
     /// Opens (creating if needed) the database at `path`. `durable` chooses `synchronous=FULL` (a commit has
@@ -121,6 +123,7 @@ fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Record, String)> 
             event_type: row.get(5)?,
             retry: row.get::<_, Option<i64>>(6)?.map(|r| r as u64),
             time_ms: row.get(7)?,
+            info: row.get(8)?,
         },
         topics,
     ))
@@ -140,6 +143,27 @@ fn collect(
     .collect()
 }
 
+/// Raises the channel's `pruned_upto` to the seq `query` selects (the newest record about to be deleted).
+fn note_pruned(
+    tx: &rusqlite::Transaction<'_>,
+    channel: &str,
+    query: &str,
+    args: impl rusqlite::Params,
+) -> Result<(), LogError> {
+    let top: Option<i64> = tx
+        .query_row(query, args, |r| r.get::<_, Option<i64>>(0))
+        .optional()?
+        .flatten();
+    if let Some(top) = top {
+        tx.execute(
+            "INSERT INTO channels (channel, pruned_upto) VALUES (?1, ?2)
+             ON CONFLICT (channel) DO UPDATE SET pruned_upto = MAX(pruned_upto, excluded.pruned_upto)",
+            params![channel, top],
+        )?;
+    }
+    Ok(())
+}
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -150,8 +174,8 @@ impl Log for SqliteLog {
             let tx = conn.transaction()?;
             {
                 let mut stmt = tx.prepare_cached(
-                    "INSERT INTO records (id, channel, topics, data, private, event_type, retry, time_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    "INSERT INTO records (id, channel, topics, data, private, event_type, retry, time_ms, info)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )?;
                 for r in batch.iter_mut() {
                     let topics = serde_json::to_string(&r.topics)
@@ -164,7 +188,8 @@ impl Log for SqliteLog {
                         r.private as i64,
                         r.event_type,
                         r.retry.map(to_i64),
-                        r.time_ms
+                        r.time_ms,
+                        r.info
                     ])?;
                     r.seq = tx.last_insert_rowid() as u64;
                 }
@@ -235,6 +260,27 @@ impl Log for SqliteLog {
         })
     }
 
+    fn channel_top(&self, channel: &str, upto: u64) -> Result<Option<u64>, LogError> {
+        self.with_reader(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT MAX(seq) FROM records WHERE channel = ?1 AND seq <= ?2")?
+                .query_row(params![channel, to_i64(upto)], |r| {
+                    r.get::<_, Option<i64>>(0)
+                })?
+                .map(|s| s as u64))
+        })
+    }
+
+    fn channel_pruned_upto(&self, channel: &str) -> Result<u64, LogError> {
+        self.with_reader(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT pruned_upto FROM channels WHERE channel = ?1")?
+                .query_row([channel], |r| r.get::<_, i64>(0))
+                .optional()?
+                .unwrap_or(0) as u64)
+        })
+    }
+
     fn prune(&self, retention: &Retention, now_ms: i64) -> Result<u64, LogError> {
         if retention.rules.is_empty() {
             return Ok(0);
@@ -254,6 +300,12 @@ impl Log for SqliteLog {
                 };
                 if let Some(max) = rule.max_count {
                     if count as u64 > max {
+                        note_pruned(
+                            &tx,
+                            &channel,
+                            "SELECT seq FROM records WHERE channel = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2",
+                            params![channel, to_i64(max)],
+                        )?;
                         removed += tx.execute(
                             "DELETE FROM records WHERE channel = ?1 AND seq <= (
                                SELECT seq FROM records WHERE channel = ?1
@@ -264,6 +316,12 @@ impl Log for SqliteLog {
                 }
                 if let Some(age) = rule.max_age {
                     let cutoff = now_ms - age.as_millis() as i64;
+                    note_pruned(
+                        &tx,
+                        &channel,
+                        "SELECT MAX(seq) FROM records WHERE channel = ?1 AND time_ms < ?2",
+                        params![channel, cutoff],
+                    )?;
                     removed += tx.execute(
                         "DELETE FROM records WHERE channel = ?1 AND time_ms < ?2",
                         params![channel, cutoff],
@@ -277,7 +335,16 @@ impl Log for SqliteLog {
 
     fn remove_channel(&self, channel: &str) -> Result<u64, LogError> {
         self.with_writer(|conn| {
-            Ok(conn.execute("DELETE FROM records WHERE channel = ?1", [channel])? as u64)
+            let tx = conn.transaction()?;
+            note_pruned(
+                &tx,
+                channel,
+                "SELECT MAX(seq) FROM records WHERE channel = ?1",
+                params![channel],
+            )?;
+            let n = tx.execute("DELETE FROM records WHERE channel = ?1", [channel])? as u64;
+            tx.commit()?;
+            Ok(n)
         })
     }
 

@@ -151,5 +151,6 @@ fn parse_json(body: &[u8]) -> Result<NewPublication, ApiError> {
         id: u.id,
         event_type: u.event_type,
         retry: u.retry,
+        info: None,
     })
 }

@@ -22,7 +22,7 @@ use crate::auth::Role;
 use crate::error::ApiError;
 use crate::frame::sse::COMMENT;
 use crate::frame::Publication;
-use crate::hub::{ConnectionGuard, DisconnectReason, Hub, SubscribeSpec, Subscription};
+use crate::hub::{ConnectionGuard, Delivery, DisconnectReason, Hub, SubscribeSpec, Subscription};
 use crate::server::ConnKill;
 use crate::state::AppState;
 use crate::topic::Selector;
@@ -68,9 +68,10 @@ pub async fn subscribe(
             .unwrap_or_default(),
         subscriber: subscriber.clone(),
         payload: payload.clone(),
-        kill: kill.map(|k| k.0 .0.clone()),
+        join_leave: false,
     };
-    let sub = st.hub.subscribe(spec)?;
+    let (outbox, rx) = st.hub.outbox(kill.map(|k| k.0 .0.clone()));
+    let sub = st.hub.subscribe(spec, &outbox)?;
 
     // Header wins over the query parameter (spec, "Reconnection").
     let requested = headers
@@ -111,6 +112,8 @@ pub async fn subscribe(
         shutdown: st.hub.shutdown_token(),
         opened: false,
         sub,
+        rx,
+        closed: outbox.closed.clone(),
         _guard: guard,
         _active: active,
     };
@@ -147,6 +150,8 @@ fn until_unix(exp: u64) -> Duration {
 struct SseStream {
     hub: Hub,
     sub: Subscription,
+    rx: tokio::sync::mpsc::Receiver<Delivery>,
+    closed: CancellationToken,
     /// Replay `(after, upto]` from the log before going live.
     replay: Option<(u64, u64)>,
     /// Live publications at or below this seq were already seen by the client.
@@ -181,14 +186,16 @@ impl SseStream {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return None,
-                _ = self.sub.closed.cancelled() => return None,
+                _ = self.closed.cancelled() => return None,
                 _ = expiry(&mut self.expires) => {
                     metrics::counter!("herald_disconnects_total", "reason" => DisconnectReason::TokenExpired.as_str()).increment(1);
                     return None;
                 }
-                p = self.sub.rx.recv() => match p {
-                    Some(p) if p.record.seq <= self.skip_upto => continue,
-                    Some(p) => return Some(self.coalesce(p)),
+                d = self.rx.recv() => match d {
+                    Some(Delivery::Pub { publication: p, .. }) if p.record.seq > self.skip_upto => {
+                        return Some(self.coalesce(p))
+                    }
+                    Some(_) => continue,
                     None => return None,
                 },
                 _ = tick(&mut self.heartbeat) => {
@@ -201,17 +208,25 @@ impl SseStream {
     /// Joins publications already waiting in the outbox into one write; a lone one is passed as is (no
     /// copy: it is the shared encoding).
     fn coalesce(&mut self, first: std::sync::Arc<Publication>) -> Bytes {
-        let Ok(second) = self.sub.rx.try_recv() else {
-            return first.sse();
-        };
-        let mut buf = bytes::BytesMut::new();
-        buf.extend_from_slice(&first.sse());
-        buf.extend_from_slice(&second.sse());
-        for _ in 0..62 {
-            match self.sub.rx.try_recv() {
-                Ok(p) => buf.extend_from_slice(&p.sse()),
+        let mut more = Vec::new();
+        while more.len() < 63 {
+            match self.rx.try_recv() {
+                Ok(Delivery::Pub { publication, .. })
+                    if publication.record.seq > self.skip_upto =>
+                {
+                    more.push(publication)
+                }
+                Ok(_) => continue,
                 Err(_) => break,
             }
+        }
+        if more.is_empty() {
+            return first.sse();
+        }
+        let mut buf = bytes::BytesMut::new();
+        buf.extend_from_slice(&first.sse());
+        for p in more {
+            buf.extend_from_slice(&p.sse());
         }
         buf.freeze()
     }
