@@ -246,6 +246,15 @@ impl Auth {
 
     /// Verifies signature, algorithm and `exp`; the error says which failed and for which key.
     pub fn verify(&self, role: Role, token: &str) -> Result<Claims, ApiError> {
+        self.verify_as(role, token)
+    }
+
+    /// Like [`Auth::verify`], into any claims type (the WebSocket protocol has claims of its own).
+    pub fn verify_as<T: serde::de::DeserializeOwned>(
+        &self,
+        role: Role,
+        token: &str,
+    ) -> Result<T, ApiError> {
         let key = match role {
             Role::Publisher => &self.publisher,
             Role::Subscriber => &self.subscriber,
@@ -256,7 +265,7 @@ impl Auth {
         v.validate_exp = true;
         v.leeway = 0;
         v.validate_aud = false;
-        match jsonwebtoken::decode::<Claims>(token, &key.key, &v) {
+        match jsonwebtoken::decode::<T>(token, &key.key, &v) {
             Ok(data) => Ok(data.claims),
             Err(e) => Err(match e.kind() {
                 ErrorKind::ExpiredSignature => {

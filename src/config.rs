@@ -42,6 +42,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub cors: CorsConfig,
     pub mercure: MercureConfig,
+    pub centrifugo: CentrifugoConfig,
     pub limits: LimitsConfig,
     /// History kept per channel; the first rule whose `pattern` (a topic selector) matches applies.
     pub retention: Vec<RetentionConfig>,
@@ -112,6 +113,132 @@ pub struct MercureConfig {
     pub history_page: usize,
 }
 
+/// The WebSocket endpoint speaking the Centrifugo client protocol, and its server API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CentrifugoConfig {
+    /// Interval of server pings (`{}`); the client must answer within `pong_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub ping: Duration,
+    #[serde(with = "humantime_serde")]
+    pub pong_timeout: Duration,
+    /// A connection that has not sent `connect` by then is closed (3502 stale).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long after a token's `exp` a connection may still send `refresh` before it is closed.
+    #[serde(with = "humantime_serde")]
+    pub refresh_grace: Duration,
+    pub max_channels_per_connection: usize,
+    /// Largest inbound frame, in bytes; larger ones close the connection with 1009.
+    pub max_message_size: usize,
+    /// Commands per second a connection may send (token bucket of `command_burst`).
+    pub command_rate: u32,
+    pub command_burst: u32,
+    /// Most publications returned by one recovery; a larger gap answers `recovered: false`.
+    pub recovery_max_publications: usize,
+    /// Namespace of personal channels: each authenticated user is subscribed to `<ns>:#<user>` at connect.
+    /// Empty disables.
+    pub personal_namespace: String,
+    /// Key for the server API (`X-API-Key` or `Authorization: apikey KEY`); the API is off without one.
+    pub api_key: Option<String>,
+    /// Channel namespaces (`ns:channel`); `name = ""` sets the options of channels without a namespace.
+    pub namespaces: Vec<NamespaceConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SubscribePolicy {
+    /// Any connection, anonymous ones included.
+    Public,
+    /// Connections with a user.
+    Authenticated,
+    /// Only with a subscription token for the channel.
+    Token,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishPolicy {
+    /// Clients never publish; only the server API and Mercure publishers do.
+    None,
+    /// Clients subscribed to the channel may publish into it.
+    Subscribers,
+    /// Any connected client may publish.
+    Any,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespaceConfig {
+    pub name: String,
+    pub subscribe: SubscribePolicy,
+    pub publish: PublishPolicy,
+    pub presence: bool,
+    pub join_leave: bool,
+    /// Clients may call `history` on channels they are subscribed to.
+    pub history: bool,
+    /// Subscriptions are recoverable (offset + epoch).
+    pub recovery: bool,
+    /// History kept per channel of this namespace (adds a retention rule before the global ones).
+    pub history_size: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    pub history_ttl: Option<Duration>,
+}
+
+impl Default for NamespaceConfig {
+    fn default() -> Self {
+        NamespaceConfig {
+            name: String::new(),
+            subscribe: SubscribePolicy::Public,
+            publish: PublishPolicy::None,
+            presence: true,
+            join_leave: false,
+            history: true,
+            recovery: true,
+            history_size: None,
+            history_ttl: None,
+        }
+    }
+}
+
+impl Default for CentrifugoConfig {
+    fn default() -> Self {
+        CentrifugoConfig {
+            ping: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(8),
+            connect_timeout: Duration::from_secs(10),
+            refresh_grace: Duration::from_secs(25),
+            max_channels_per_connection: 128,
+            max_message_size: 64 * 1024,
+            command_rate: 100,
+            command_burst: 200,
+            recovery_max_publications: 300,
+            personal_namespace: "personal".into(),
+            api_key: None,
+            namespaces: Vec::new(),
+        }
+    }
+}
+
+impl CentrifugoConfig {
+    /// Options of the namespace of `name` (a namespace name, "" for none). The personal namespace exists
+    /// even when not configured.
+    pub fn namespace(&self, name: &str) -> Option<NamespaceConfig> {
+        self.namespaces
+            .iter()
+            .find(|n| n.name == name)
+            .cloned()
+            .or_else(|| {
+                (name.is_empty()
+                    || (!self.personal_namespace.is_empty() && name == self.personal_namespace))
+                    .then(|| NamespaceConfig {
+                        name: name.to_string(),
+                        ..Default::default()
+                    })
+            })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -142,6 +269,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             cors: CorsConfig::default(),
             mercure: MercureConfig::default(),
+            centrifugo: CentrifugoConfig::default(),
             limits: LimitsConfig::default(),
             retention: vec![RetentionConfig {
                 pattern: "*".into(),
@@ -303,6 +431,7 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         let mut c = self.clone();
         for v in [
+            &mut c.centrifugo.api_key,
             &mut c.auth.jwt_key,
             &mut c.auth.publisher_jwt_key,
             &mut c.auth.subscriber_jwt_key,

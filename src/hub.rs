@@ -599,6 +599,15 @@ impl Hub {
         blocking(move || log.read_range(after, upto, limit)).await
     }
 
+    /// Runs a blocking log call off the async runtime.
+    pub async fn with_log<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Log) -> Result<T, LogError> + Send + 'static,
+    ) -> Result<T, HubError> {
+        let log = self.inner.log.clone();
+        blocking(move || f(&*log)).await
+    }
+
     /// The seq of event id `id`, if it is still in the log.
     pub async fn find_id(&self, id: String) -> Result<Option<u64>, HubError> {
         let log = self.inner.log.clone();

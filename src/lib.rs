@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod centrifugo;
 pub mod cli;
 pub mod config;
 pub mod cors;

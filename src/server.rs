@@ -46,14 +46,24 @@ pub fn hub_options(c: &Config) -> HubOptions {
         max_topics_per_subscription: c.limits.max_topics_per_subscription,
         max_message_size: c.limits.max_message_size,
         retention: Retention {
+            // Namespace history settings come first: they are the more specific rules.
             rules: c
-                .retention
+                .centrifugo
+                .namespaces
                 .iter()
-                .map(|r| RetentionRule {
+                .filter(|n| {
+                    !n.name.is_empty() && (n.history_size.is_some() || n.history_ttl.is_some())
+                })
+                .map(|n| RetentionRule {
+                    selector: Selector::parse(&format!("{}:{{+rest}}", n.name)),
+                    max_count: n.history_size,
+                    max_age: n.history_ttl,
+                })
+                .chain(c.retention.iter().map(|r| RetentionRule {
                     selector: Selector::parse(&r.pattern),
                     max_count: r.max_count,
                     max_age: r.max_age,
-                })
+                }))
                 .collect(),
         },
         prune_interval: c.log.prune_interval,
@@ -79,13 +89,18 @@ pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
     } else {
         Some(crate::cors::layer(&config.cors).map_err(ConfigError::Invalid)?)
     };
+    let origins = crate::cors::OriginList::parse(&config.cors.allowed_origins)
+        .map_err(ConfigError::Invalid)?;
     let state = AppState {
         hub,
         auth: Arc::new(auth),
         config: Arc::new(config),
+        origins: Arc::new(origins),
+        clients: Arc::new(crate::centrifugo::Clients::default()),
     };
     Ok(Router::new()
         .merge(crate::mercure::routes())
+        .merge(crate::centrifugo::routes())
         .route("/", get(index))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -11,12 +11,14 @@ use bytes::Bytes;
 
 use crate::log::Record;
 
+pub mod centrifugo;
 pub mod sse;
 
 /// One slot per wire format.
 #[derive(Debug, Default)]
 pub struct FrameCache {
     sse: OnceLock<Bytes>,
+    centrifugo: OnceLock<Bytes>,
 }
 
 /// A publication as it travels from the hub to transports: the stored record and its encodings.
@@ -40,5 +42,18 @@ impl Publication {
             .sse
             .get_or_init(|| sse::encode(&self.record))
             .clone()
+    }
+
+    /// The Centrifugo publication push for `channel`: cached for the canonical channel (the common case),
+    /// encoded on demand for an alternate topic.
+    pub fn centrifugo_push(&self, channel: &str) -> Bytes {
+        if channel == self.record.channel() {
+            self.frames
+                .centrifugo
+                .get_or_init(|| centrifugo::push(channel, &self.record))
+                .clone()
+        } else {
+            centrifugo::push(channel, &self.record)
+        }
     }
 }
