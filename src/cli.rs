@@ -177,7 +177,7 @@ pub async fn run() -> anyhow::Result<()> {
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG_LEVEL")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Logs go to stderr; stdout carries only the `listening on` line, which scripts and tests read to find
     // the port when listening on :0.

@@ -463,8 +463,25 @@ fn env_key(name: &str) -> Option<String> {
     if !alias.is_empty() {
         return Some(alias.to_string());
     }
-    Some(rest.to_ascii_lowercase().replace("__", "."))
+    let key = rest.to_ascii_lowercase().replace("__", ".");
+    // Only variables naming a real setting are config: other HERALD_* variables (a test harness's
+    // HERALD_BIN, the HERALD_LOG_LEVEL filter) must not break start-up.
+    let top = key.split('.').next().unwrap_or("");
+    TOP_LEVEL_KEYS.contains(&top).then_some(key)
 }
+
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "shutdown_timeout",
+    "log",
+    "auth",
+    "cors",
+    "mercure",
+    "centrifugo",
+    "limits",
+    "retention",
+];
 
 /// Sets a dotted key. The value is read as a TOML literal when it is one (`true`, `25`, `["a","b"]`),
 /// otherwise as a string; a comma list is accepted for the `*origins` lists.
@@ -522,6 +539,7 @@ mod tests {
                 "https://a.com, https://*.b.com".to_string(),
             ),
             ("PATH".to_string(), "/bin".to_string()),
+            ("HERALD_BIN".to_string(), "/somewhere/herald".to_string()),
         ];
         let flags = vec![("listen".to_string(), "127.0.0.1:3".to_string())];
         let c = Config::load(Some(&file), env, &flags).unwrap();
