@@ -95,7 +95,8 @@ impl Default for HubOptions {
 /// What a publisher hands the hub.
 #[derive(Debug, Clone, Default)]
 pub struct NewPublication {
-    /// Event id; generated (`urn:uuid:…`) when absent. Must not start with `#` nor contain a line break.
+    /// Event id; when absent the log generates `#<epoch>-<seq>`. Must not start with `#` nor contain a line
+    /// break.
     pub id: Option<String>,
     pub topics: Vec<String>,
     pub data: String,
@@ -371,7 +372,8 @@ impl Hub {
                 ))
             }
             Some(id) => id,
-            None => format!("urn:uuid:{}", uuid::Uuid::new_v4()),
+            // The log names it after its position (see `log::generated_id`).
+            None => String::new(),
         };
         if p.event_type
             .as_deref()

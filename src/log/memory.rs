@@ -50,6 +50,9 @@ impl Log for MemoryLog {
         for r in batch.iter_mut() {
             r.seq = inner.next_seq;
             inner.next_seq += 1;
+            if r.id.is_empty() {
+                r.id = super::generated_id(&self.epoch, r.seq);
+            }
             inner.records.push_back(r.clone());
         }
         Ok(())
@@ -88,6 +91,11 @@ impl Log for MemoryLog {
 
     fn find_id(&self, id: &str) -> Result<Option<u64>, LogError> {
         let inner = self.inner.read();
+        if let Some((epoch, seq)) = super::parse_generated_id(id) {
+            let start = inner.start(seq.saturating_sub(1));
+            let found = inner.records.get(start).is_some_and(|r| r.seq == seq);
+            return Ok((epoch == self.epoch && found).then_some(seq));
+        }
         Ok(inner
             .records
             .iter()
@@ -198,5 +206,10 @@ mod tests {
     #[test]
     fn contract_retention() {
         contract::retention_by_count_and_age(&MemoryLog::new());
+    }
+
+    #[test]
+    fn contract_generated_ids() {
+        contract::generated_ids_name_the_position(&MemoryLog::new());
     }
 }

@@ -36,12 +36,26 @@ impl From<rusqlite::Error> for LogError {
     }
 }
 
+/// The id of a publication whose publisher gave none: `#<epoch>-<seq>`. It is the same position a
+/// WebSocket client sees as (epoch, offset), so one publication has one identity on every transport, and a
+/// client resuming with it needs no lookup. Publishers cannot forge it: their ids must not start with `#`.
+pub fn generated_id(epoch: &str, seq: u64) -> String {
+    format!("#{epoch}-{seq}")
+}
+
+/// The (epoch, seq) of a [`generated_id`].
+pub fn parse_generated_id(id: &str) -> Option<(&str, u64)> {
+    let (epoch, seq) = id.strip_prefix('#')?.rsplit_once('-')?;
+    Some((epoch, seq.parse().ok()?))
+}
+
 /// One stored publication.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
     /// Assigned by [`Log::append`]; 0 before that.
     pub seq: u64,
-    /// The event id clients see (Mercure `id`). Publisher-chosen or generated; not necessarily unique.
+    /// The event id clients see (Mercure `id`). Publisher-chosen (not necessarily unique), or empty before
+    /// [`Log::append`], which then sets it to [`generated_id`].
     pub id: String,
     /// First topic is canonical (the channel), others are alternates.
     pub topics: Vec<String>,
@@ -147,6 +161,22 @@ pub(crate) mod contract {
             time_ms,
             info: None,
         }
+    }
+
+    pub fn generated_ids_name_the_position(log: &dyn Log) {
+        let mut batch = vec![rec("a", "", "x", 0), rec("a", "custom", "y", 0)];
+        log.append(&mut batch).unwrap();
+        assert_eq!(batch[0].id, generated_id(&log.epoch(), batch[0].seq));
+        assert_eq!(batch[1].id, "custom");
+        let read = log.read_range(0, u64::MAX, 10).unwrap();
+        assert_eq!(read[0].id, batch[0].id, "the generated id survives a read");
+        assert_eq!(log.find_id(&batch[0].id).unwrap(), Some(batch[0].seq));
+        assert_eq!(
+            log.find_id(&generated_id("other-epoch", batch[0].seq))
+                .unwrap(),
+            None
+        );
+        assert_eq!(log.find_id(&generated_id(&log.epoch(), 999)).unwrap(), None);
     }
 
     pub fn append_assigns_increasing_seqs(log: &dyn Log) {

@@ -130,10 +130,14 @@ fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Record, String)> 
 }
 
 fn collect(
+    epoch: &str,
     rows: impl Iterator<Item = rusqlite::Result<(Record, String)>>,
 ) -> Result<Vec<Record>, LogError> {
     rows.map(|row| {
         let (mut rec, topics) = row?;
+        if rec.id.is_empty() {
+            rec.id = super::generated_id(epoch, rec.seq);
+        }
         rec.topics = serde_json::from_str(&topics).map_err(|e| LogError::Corrupt {
             seq: rec.seq,
             reason: e.to_string(),
@@ -192,6 +196,9 @@ impl Log for SqliteLog {
                         r.info
                     ])?;
                     r.seq = tx.last_insert_rowid() as u64;
+                    if r.id.is_empty() {
+                        r.id = super::generated_id(&self.epoch, r.seq);
+                    }
                 }
             }
             tx.commit()?;
@@ -208,7 +215,7 @@ impl Log for SqliteLog {
                 params![to_i64(after), to_i64(upto), to_i64(limit as u64)],
                 row_to_record,
             )?;
-            collect(rows)
+            collect(&self.epoch, rows)
         })
     }
 
@@ -228,11 +235,23 @@ impl Log for SqliteLog {
                 params![channel, to_i64(after), to_i64(upto), to_i64(limit as u64)],
                 row_to_record,
             )?;
-            collect(rows)
+            collect(&self.epoch, rows)
         })
     }
 
     fn find_id(&self, id: &str) -> Result<Option<u64>, LogError> {
+        if let Some((epoch, seq)) = super::parse_generated_id(id) {
+            if epoch != self.epoch {
+                return Ok(None);
+            }
+            return self.with_reader(|conn| {
+                Ok(conn
+                    .prepare_cached("SELECT seq FROM records WHERE seq = ?1")?
+                    .query_row([to_i64(seq)], |r| r.get::<_, i64>(0))
+                    .optional()?
+                    .map(|s| s as u64))
+            });
+        }
         self.with_reader(|conn| {
             Ok(conn
                 .prepare_cached("SELECT MAX(seq) FROM records WHERE id = ?1")?
@@ -247,7 +266,7 @@ impl Log for SqliteLog {
                 "SELECT {COLUMNS} FROM records ORDER BY seq DESC LIMIT 1"
             ))?;
             let rows = stmt.query_map([], row_to_record)?;
-            Ok(collect(rows)?.pop())
+            Ok(collect(&self.epoch, rows)?.pop())
         })
     }
 
@@ -382,6 +401,14 @@ mod tests {
     fn contract_retention() {
         let dir = tempfile::tempdir().unwrap();
         contract::retention_by_count_and_age(
+            &SqliteLog::open(dir.path().join("h.sqlite3"), false).unwrap(),
+        );
+    }
+
+    #[test]
+    fn contract_generated_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        contract::generated_ids_name_the_position(
             &SqliteLog::open(dir.path().join("h.sqlite3"), false).unwrap(),
         );
     }

@@ -8,3 +8,4 @@ mod limits;
 mod mercure;
 mod ops;
 mod resume;
+mod ws;

@@ -94,7 +94,10 @@ async fn sse_framing_multiline_event_type_retry_and_generated_id() {
             ("retry", "1500"),
         ])
         .await;
-    assert!(id.starts_with("urn:uuid:"), "generated ids are IRIs: {id}");
+    let (epoch, seq) =
+        herald::log::parse_generated_id(&id).expect("a generated id names the log position");
+    assert_eq!(epoch, s.hub.log().epoch());
+    assert!(seq > 0);
     let ev = sub.next_event().await.unwrap();
     assert_eq!(
         ev.data, "line 1\n\nline 3",

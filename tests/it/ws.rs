@@ -1,0 +1,457 @@
+//! The WebSocket endpoint (Centrifugo client protocol) at its edges: each bad input gets the protocol's
+//! error or close code, and one publication has one identity on both transports.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::common::*;
+
+type Stream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A client socket plus the replies of a batched frame not yet looked at.
+struct Ws {
+    inner: Stream,
+    pending: std::collections::VecDeque<Value>,
+}
+
+impl std::ops::Deref for Ws {
+    type Target = Stream;
+    fn deref(&self) -> &Stream {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Ws {
+    fn deref_mut(&mut self) -> &mut Stream {
+        &mut self.inner
+    }
+}
+
+const API_KEY: &str = "it-api-key";
+
+fn ws_url(s: &TestServer) -> String {
+    format!("{}/connection/websocket", s.url.replace("http://", "ws://"))
+}
+
+async fn open(s: &TestServer) -> Ws {
+    Ws {
+        inner: tokio_tungstenite::connect_async(ws_url(s))
+            .await
+            .expect("ws connect")
+            .0,
+        pending: Default::default(),
+    }
+}
+
+fn conn_token(sub: &str, exp_in: i64) -> String {
+    let claims = json!({"sub": sub, "exp": herald::auth::unix_now() as i64 + exp_in});
+    let key = jsonwebtoken::EncodingKey::from_secret(KEY.as_bytes());
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+/// Next JSON reply or push (pings `{}` skipped); panics on close or timeout.
+async fn next(ws: &mut Ws) -> Value {
+    loop {
+        if let Some(v) = ws.pending.pop_front() {
+            return v;
+        }
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("open")
+            .unwrap();
+        if let Message::Text(t) = msg {
+            for line in t.split('\n') {
+                let v: Value = serde_json::from_str(line).unwrap();
+                if v != json!({}) {
+                    ws.pending.push_back(v);
+                }
+            }
+        }
+    }
+}
+
+/// Reads until the server closes; returns the close code and reason.
+async fn closed(ws: &mut Ws) -> (u16, String) {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("close in time")
+        {
+            Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
+            Some(Ok(Message::Close(None))) | None => panic!("closed without a code"),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("transport error instead of a close frame: {e}"),
+        }
+    }
+}
+
+async fn connected(s: &TestServer, user: &str) -> Ws {
+    let mut ws = open(s).await;
+    send(
+        &mut ws,
+        json!({"id": 1, "connect": {"token": conn_token(user, 600)}}),
+    )
+    .await;
+    let reply = next(&mut ws).await;
+    assert!(reply["connect"]["client"].is_string(), "{reply}");
+    ws
+}
+
+#[tokio::test]
+async fn connect_subscribe_and_receive_with_one_identity_on_both_transports() {
+    let s = TestServer::start(&[
+        ("auth.allow_anonymous", "true"),
+        ("centrifugo.api_key", &format!("{API_KEY:?}")),
+    ])
+    .await;
+    let mut ws = connected(&s, "42").await;
+    send(&mut ws, json!({"id": 2, "subscribe": {"channel": "news"}})).await;
+    let reply = next(&mut ws).await;
+    assert_eq!(reply["id"], 2);
+    assert_eq!(reply["subscribe"]["recoverable"], true);
+    assert_eq!(reply["subscribe"]["epoch"], s.hub.log().epoch());
+    let mut sse = Sse::get(&subscribe_url(&s.url, &["news"], &[])).await;
+
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/publish", s.url))
+        .header("x-api-key", API_KEY)
+        .json(&json!({"channel": "news", "data": {"headline": "hi"}}))
+        .send()
+        .await
+        .unwrap();
+    let result: Value = resp.json().await.unwrap();
+    let offset = result["result"]["offset"].as_u64().expect("offset");
+
+    let push = next(&mut ws).await;
+    assert_eq!(push["push"]["channel"], "news");
+    assert_eq!(push["push"]["pub"]["data"], json!({"headline": "hi"}));
+    assert_eq!(push["push"]["pub"]["offset"], offset);
+
+    let ev = sse.next_event().await.unwrap();
+    assert_eq!(ev.data, r#"{"headline":"hi"}"#);
+    let (epoch, seq) =
+        herald::log::parse_generated_id(ev.id.as_deref().unwrap()).expect("generated id");
+    assert_eq!(
+        (epoch, seq),
+        (result["result"]["epoch"].as_str().unwrap(), offset),
+        "SSE id = WS epoch + offset"
+    );
+
+    // A Mercure publication reaches the WebSocket too; text data arrives as a JSON string.
+    s.publish(&[("topic", "news"), ("data", "plain text"), ("id", "m-1")])
+        .await;
+    let push = next(&mut ws).await;
+    assert_eq!(push["push"]["pub"]["data"], "plain text");
+}
+
+#[tokio::test]
+async fn protocol_errors_have_their_codes() {
+    let s = TestServer::start(&[("centrifugo.max_message_size", "1024")]).await;
+
+    // Anything before connect is a bad request.
+    let mut ws = open(&s).await;
+    send(&mut ws, json!({"id": 1, "subscribe": {"channel": "x"}})).await;
+    assert_eq!(closed(&mut ws).await.0, 3501);
+
+    // Malformed JSON.
+    let mut ws = connected(&s, "1").await;
+    ws.send(Message::Text("{not json".into())).await.unwrap();
+    let (code, reason) = closed(&mut ws).await;
+    assert_eq!(code, 3501, "{reason}");
+
+    // An unknown command is answered, not fatal.
+    let mut ws = connected(&s, "1").await;
+    send(&mut ws, json!({"id": 7, "teleport": {}})).await;
+    let reply = next(&mut ws).await;
+    assert_eq!(
+        (reply["id"].as_u64(), reply["error"]["code"].as_u64()),
+        (Some(7), Some(104))
+    );
+    // RPC is not available, clearly.
+    send(&mut ws, json!({"id": 8, "rpc": {"method": "x"}})).await;
+    assert_eq!(next(&mut ws).await["error"]["code"], 108);
+    // Permission denied: a channel limited to other users.
+    send(
+        &mut ws,
+        json!({"id": 9, "subscribe": {"channel": "dialog#2,3"}}),
+    )
+    .await;
+    assert_eq!(next(&mut ws).await["error"]["code"], 103);
+    send(
+        &mut ws,
+        json!({"id": 10, "subscribe": {"channel": "dialog#1,3"}}),
+    )
+    .await;
+    assert!(
+        next(&mut ws).await["subscribe"].is_object(),
+        "user 1 may join dialog#1,3"
+    );
+    // Unknown namespace, already subscribed.
+    send(
+        &mut ws,
+        json!({"id": 11, "subscribe": {"channel": "nope:x"}}),
+    )
+    .await;
+    assert_eq!(next(&mut ws).await["error"]["code"], 102);
+    send(
+        &mut ws,
+        json!({"id": 12, "subscribe": {"channel": "dialog#1,3"}}),
+    )
+    .await;
+    assert_eq!(next(&mut ws).await["error"]["code"], 105);
+    // Oversized frame.
+    ws.send(Message::Text("x".repeat(2048).into()))
+        .await
+        .unwrap();
+    assert_eq!(closed(&mut ws).await.0, 1009);
+
+    // Bad token.
+    let mut ws = open(&s).await;
+    send(
+        &mut ws,
+        json!({"id": 1, "connect": {"token": "not.a.token"}}),
+    )
+    .await;
+    assert_eq!(closed(&mut ws).await.0, 3500);
+    // No token where anonymous connections are not allowed.
+    let mut ws = open(&s).await;
+    send(&mut ws, json!({"id": 1, "connect": {}})).await;
+    assert_eq!(closed(&mut ws).await.0, 3500);
+    // An expired token is an error the client can recover from (refresh and reconnect).
+    let mut ws = open(&s).await;
+    send(
+        &mut ws,
+        json!({"id": 1, "connect": {"token": conn_token("1", -10)}}),
+    )
+    .await;
+    assert_eq!(next(&mut ws).await["error"]["code"], 109);
+}
+
+#[tokio::test]
+async fn command_rate_limit() {
+    let s = TestServer::start(&[
+        ("centrifugo.command_rate", "1"),
+        ("centrifugo.command_burst", "3"),
+    ])
+    .await;
+    let mut ws = connected(&s, "1").await;
+    let batch: Vec<String> = (2..8)
+        .map(|i| json!({"id": i, "presence_stats": {"channel": "x"}}).to_string())
+        .collect();
+    ws.send(Message::Text(batch.join("\n").into()))
+        .await
+        .unwrap();
+    let mut codes = Vec::new();
+    for _ in 2..8 {
+        codes.push(next(&mut ws).await["error"]["code"].as_u64().unwrap());
+    }
+    assert!(codes.contains(&111), "the burst is exceeded: {codes:?}");
+    assert!(
+        codes.iter().filter(|c| **c == 111).count() >= 3,
+        "{codes:?}"
+    );
+}
+
+#[tokio::test]
+async fn foreign_origin_is_refused_before_the_upgrade() {
+    let s = TestServer::start(&[("cors.allowed_origins", r#"["https://app.example.com"]"#)]).await;
+    let mut req = ws_url(&s).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("origin", "https://evil.example".parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403),
+        other => panic!("expected 403, got {other:?}"),
+    }
+    let mut req = ws_url(&s).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("origin", "https://app.example.com".parse().unwrap());
+    assert!(
+        tokio_tungstenite::connect_async(req).await.is_ok(),
+        "an allowed origin connects"
+    );
+}
+
+#[tokio::test]
+async fn unrefreshed_expired_connection_is_closed_with_3005() {
+    let s = TestServer::start(&[("centrifugo.refresh_grace", "\"0s\"")]).await;
+    let mut ws = open(&s).await;
+    send(
+        &mut ws,
+        json!({"id": 1, "connect": {"token": conn_token("1", 1)}}),
+    )
+    .await;
+    let reply = next(&mut ws).await;
+    assert_eq!(reply["connect"]["expires"], true);
+    assert_eq!(closed(&mut ws).await.0, 3005);
+}
+
+#[tokio::test]
+async fn missing_pong_closes_with_3012() {
+    let s = TestServer::start(&[
+        ("centrifugo.ping", "\"200ms\""),
+        ("centrifugo.pong_timeout", "\"300ms\""),
+    ])
+    .await;
+    let mut ws = connected(&s, "1").await;
+    // This client never answers the server's `{}` pings.
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("in time")
+        {
+            Some(Ok(Message::Close(Some(f)))) => {
+                assert_eq!(u16::from(f.code), 3012);
+                break;
+            }
+            Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), "{}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_client_is_closed_with_3008_and_others_keep_receiving() {
+    let s = TestServer::start(&[
+        ("limits.outbox_capacity", "8"),
+        ("log.backend", "\"memory\""),
+        ("centrifugo.api_key", &format!("{API_KEY:?}")),
+    ])
+    .await;
+    let mut slow = connected(&s, "slow").await;
+    send(
+        &mut slow,
+        json!({"id": 2, "subscribe": {"channel": "firehose"}}),
+    )
+    .await;
+    next(&mut slow).await;
+    let mut fast = connected(&s, "fast").await;
+    send(
+        &mut fast,
+        json!({"id": 2, "subscribe": {"channel": "firehose"}}),
+    )
+    .await;
+    next(&mut fast).await;
+
+    // `slow` stops reading; publish until the hub gives up on it (bounded).
+    let payload = json!({"blob": "y".repeat(60_000)});
+    let mut kicked = false;
+    for i in 0..600 {
+        s.publish(&[
+            ("topic", "firehose"),
+            ("data", &payload.to_string()),
+            ("id", &format!("f{i}")),
+        ])
+        .await;
+        assert_eq!(
+            next(&mut fast).await["push"]["pub"]["offset"]
+                .as_u64()
+                .is_some(),
+            true
+        );
+        let firehose = s
+            .hub
+            .channels()
+            .into_iter()
+            .find(|(c, _)| c == "firehose")
+            .map(|(_, n)| n);
+        if firehose == Some(1) {
+            kicked = true;
+            break;
+        }
+    }
+    assert!(kicked, "the slow client was disconnected");
+    // When it reads again it finds what was already in flight, then the reason: 3008.
+    let (code, reason) = closed(&mut slow).await;
+    assert_eq!((code, reason.as_str()), (3008, "slow"));
+}
+
+#[tokio::test]
+async fn server_api_auth_errors_and_openapi() {
+    let s = TestServer::start(&[("centrifugo.api_key", &format!("{API_KEY:?}"))]).await;
+    let c = reqwest::Client::new();
+    let (status, body) = get_json(
+        c.post(format!("{}/api/publish", s.url))
+            .json(&json!({"channel": "a", "data": 1})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("api_key_missing"))
+    );
+    let (status, body) = get_json(
+        c.post(format!("{}/api/info", s.url))
+            .header("authorization", "apikey wrong"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("api_key_invalid"))
+    );
+    let (status, body) = get_json(
+        c.post(format!("{}/api/info", s.url))
+            .header("authorization", format!("apikey {API_KEY}")),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(body["result"]["nodes"][0]["version"].is_string());
+    let (status, body) = get_json(
+        c.post(format!("{}/api/teleport", s.url))
+            .header("x-api-key", API_KEY),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("method_not_found"))
+    );
+    let (_, body) = get_json(
+        c.post(format!("{}/api/publish", s.url))
+            .header("x-api-key", API_KEY)
+            .json(&json!({"channel": "nope:x", "data": 1})),
+    )
+    .await;
+    assert_eq!(body["error"]["code"], 102);
+    let (_, body) = get_json(
+        c.post(format!("{}/api/batch", s.url))
+            .header("x-api-key", API_KEY)
+            .json(&json!({"commands": [{"publish": {"channel": "a", "data": {"n": 1}}}, {"history": {"channel": "a", "limit": 10}}]})),
+    )
+    .await;
+    assert!(
+        body["replies"][0]["publish"]["offset"].as_u64().is_some(),
+        "{body}"
+    );
+    assert_eq!(
+        body["replies"][1]["history"]["publications"][0]["data"],
+        json!({"n": 1})
+    );
+    let (_, body) = get_json(
+        c.post(format!("{}/api/history_remove", s.url))
+            .header("x-api-key", API_KEY)
+            .json(&json!({"channel": "a"})),
+    )
+    .await;
+    assert!(body["result"].is_object());
+    let (_, body) = get_json(
+        c.post(format!("{}/api/history", s.url))
+            .header("x-api-key", API_KEY)
+            .json(&json!({"channel": "a", "limit": 10})),
+    )
+    .await;
+    assert_eq!(body["result"]["publications"], json!([]));
+    let (status, spec) = get_json(c.get(format!("{}/api/openapi.json", s.url))).await;
+    assert_eq!(status, 200);
+    assert_eq!(spec["openapi"], "3.0.3");
+    assert!(spec["paths"]["/api/publish"]["post"].is_object());
+    let _ = Duration::ZERO;
+}
