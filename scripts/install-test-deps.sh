@@ -14,6 +14,17 @@ apt_install() {
 
 command -v node >/dev/null || apt_install nodejs npm
 
+# Chromium from Debian for the browser test (playwright-core drives it; it cannot download its own).
+if [ ! -x /usr/bin/chromium ]; then
+  echo "== installing chromium"
+  apt_install chromium
+fi
+
+if [ ! -d examples/chat/node_modules ] || [ examples/chat/package-lock.json -nt examples/chat/node_modules/.package-lock.json ]; then
+  echo "== npm ci (examples/chat)"
+  (cd examples/chat && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
 if [ ! -d tests/node/node_modules ] || [ tests/node/package-lock.json -nt tests/node/node_modules/.package-lock.json ]; then
   echo "== npm ci (tests/node)"
   (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
