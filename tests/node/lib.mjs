@@ -74,11 +74,15 @@ export function withTimeout(promise, ms, what) {
   ]);
 }
 
+// EventEmitters (the centrifuge SDK) and EventTargets (EventSource) alike.
+const listen = (e, name, h) => (e.on ? e.on(name, h) : e.addEventListener(name, h));
+const unlisten = (e, name, h) => (e.removeListener ? e.removeListener(name, h) : e.removeEventListener(name, h));
+
 /** Resolves with the first `emitter` event `name` whose payload satisfies `pred`. */
 export function once(emitter, name, pred = () => true, ms = 10000) {
   return withTimeout(new Promise((resolve) => {
-    const h = (ctx) => { if (pred(ctx)) { emitter.removeListener(name, h); resolve(ctx); } };
-    emitter.on(name, h);
+    const h = (ctx) => { if (pred(ctx)) { unlisten(emitter, name, h); resolve(ctx); } };
+    listen(emitter, name, h);
   }), ms, `${name} event`);
 }
 
@@ -86,7 +90,7 @@ export function once(emitter, name, pred = () => true, ms = 10000) {
 export function collect(emitter, name) {
   const items = [];
   const waiters = [];
-  emitter.on(name, (ctx) => {
+  listen(emitter, name, (ctx) => {
     items.push(ctx);
     for (const w of [...waiters]) if (items.length >= w.n) { waiters.splice(waiters.indexOf(w), 1); w.resolve(items); }
   });
