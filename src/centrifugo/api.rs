@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use super::channel::{self, ChannelError};
-use super::conn::{history_result, refusal_parts};
+use super::conn::{history_result, presence_result, refusal_parts};
 use super::Control;
 use crate::error::ApiError;
 use crate::hub::NewPublication;
@@ -244,17 +244,7 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, (u32, 
         "presence" | "presence_stats" => {
             let channel = str_param(&p, "channel")?;
             check_channel(st, channel)?;
-            let clients = st.hub.presence(channel);
-            if method == "presence_stats" {
-                let users: std::collections::HashSet<&str> =
-                    clients.iter().map(|c| c.user.as_str()).collect();
-                return Ok(json!({"num_clients": clients.len(), "num_users": users.len()}));
-            }
-            let map: serde_json::Map<String, Value> = clients
-                .into_iter()
-                .filter_map(|c| Some((c.client.clone(), serde_json::to_value(c).ok()?)))
-                .collect();
-            Ok(json!({ "presence": map }))
+            Ok(presence_result(st, channel, method == "presence_stats"))
         }
         "history" => {
             let channel = str_param(&p, "channel")?;

@@ -506,16 +506,9 @@ impl Conn {
             }
             ConnClaims::default()
         } else {
-            match self
-                .st
-                .auth
-                .verify_as::<ConnClaims>(Role::Subscriber, &req.token)
-            {
+            match self.verify_conn_token(id, &req.token)? {
                 Ok(c) => c,
-                Err(e) if e.code == "token_expired" => {
-                    return Ok(error_reply(id, &Refusal::new(109, "token expired"), false))
-                }
-                Err(e) => return Err(close(3500, &format!("invalid token: {}", e.message))),
+                Err(reply) => return Ok(reply),
             }
         };
         self.user = claims.sub.unwrap_or_default();
@@ -561,6 +554,24 @@ impl Conn {
             result["subs"] = Value::Object(subs);
         }
         Ok(json!({"id": id, "connect": result}).to_string())
+    }
+
+    /// Verifies a connection token. An expired one is an error reply (109: the SDK fetches a new token and
+    /// retries); any other fault ends the connection (3500).
+    fn verify_conn_token(&self, id: u32, token: &str) -> Result<Result<ConnClaims, String>, Exit> {
+        match self
+            .st
+            .auth
+            .verify_as::<ConnClaims>(Role::Subscriber, token)
+        {
+            Ok(c) => Ok(Ok(c)),
+            Err(e) if e.code == "token_expired" => Ok(Err(error_reply(
+                id,
+                &Refusal::new(109, "token expired"),
+                false,
+            ))),
+            Err(e) => Err(close(3500, &format!("invalid token: {}", e.message))),
+        }
     }
 
     fn info(&self, chan_info: Option<Value>) -> ClientInfo {
@@ -774,17 +785,7 @@ impl Conn {
                 "permission denied: subscribe to the channel first",
             ));
         }
-        let clients = self.st.hub.presence(channel_name);
-        if stats {
-            let users: std::collections::HashSet<&str> =
-                clients.iter().map(|c| c.user.as_str()).collect();
-            return Ok(json!({"num_clients": clients.len(), "num_users": users.len()}));
-        }
-        let map: serde_json::Map<String, Value> = clients
-            .into_iter()
-            .filter_map(|c| Some((c.client.clone(), serde_json::to_value(c).ok()?)))
-            .collect();
-        Ok(json!({"presence": map}))
+        Ok(presence_result(&self.st, channel_name, stats))
     }
 
     async fn history(&self, req: HistoryRequest) -> Result<Value, Refusal> {
@@ -813,16 +814,9 @@ impl Conn {
     }
 
     fn refresh(&mut self, id: u32, req: TokenRequest) -> Result<String, Exit> {
-        let claims = match self
-            .st
-            .auth
-            .verify_as::<ConnClaims>(Role::Subscriber, &req.token)
-        {
+        let claims = match self.verify_conn_token(id, &req.token)? {
             Ok(c) => c,
-            Err(e) if e.code == "token_expired" => {
-                return Ok(error_reply(id, &Refusal::new(109, "token expired"), false))
-            }
-            Err(e) => return Err(close(3500, &format!("invalid token: {}", e.message))),
+            Err(reply) => return Ok(reply),
         };
         if claims.sub.unwrap_or_default() != self.user {
             return Err(close(
@@ -935,6 +929,21 @@ fn error_reply(id: u32, r: &Refusal, temporary: bool) -> String {
         err["temporary"] = json!(true);
     }
     json!({"id": id, "error": err}).to_string()
+}
+
+/// A `PresenceResult` (or `PresenceStatsResult`) for the client protocol and the server API alike.
+pub(super) fn presence_result(st: &AppState, channel: &str, stats: bool) -> Value {
+    let clients = st.hub.presence(channel);
+    if stats {
+        let users: std::collections::HashSet<&str> =
+            clients.iter().map(|c| c.user.as_str()).collect();
+        return json!({"num_clients": clients.len(), "num_users": users.len()});
+    }
+    let map: serde_json::Map<String, Value> = clients
+        .into_iter()
+        .filter_map(|c| Some((c.client.clone(), serde_json::to_value(c).ok()?)))
+        .collect();
+    json!({ "presence": map })
 }
 
 /// A `HistoryResult` for the client protocol and the server API alike.
