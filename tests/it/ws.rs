@@ -448,3 +448,98 @@ async fn server_api_auth_errors_and_openapi() {
     assert_eq!(spec["openapi"], "3.0.3");
     assert!(spec["paths"]["/api/publish"]["post"].is_object());
 }
+
+async fn api(s: &TestServer, method: &str, body: Value) -> Value {
+    let (status, v) = get_json(
+        reqwest::Client::new()
+            .post(format!("{}/api/{method}", s.url))
+            .header("x-api-key", API_KEY)
+            .json(&body),
+    )
+    .await;
+    assert_eq!(status, 200, "{method}: {v}");
+    assert!(v.get("error").is_none(), "{method}: {v}");
+    v["result"].clone()
+}
+
+#[tokio::test]
+async fn server_api_controls_live_connections() {
+    let s = TestServer::start(&[
+        ("centrifugo.api_key", &format!("{API_KEY:?}")),
+        ("centrifugo.max_channels_per_connection", "3"),
+    ])
+    .await;
+    let mut ws = connected(&s, "u1").await; // also subscribed to personal:#u1 by the server
+
+    // Server-side subscribe reaches the live connection as a subscribe push.
+    api(&s, "subscribe", json!({"user": "u1", "channel": "alerts"})).await;
+    let push = next(&mut ws).await;
+    assert_eq!(push["push"]["channel"], "alerts");
+    assert_eq!(push["push"]["subscribe"]["recoverable"], true);
+    let r = api(
+        &s,
+        "broadcast",
+        json!({"channels": ["alerts", "personal:#u1"], "data": {"n": 1}}),
+    )
+    .await;
+    assert_eq!(r["responses"].as_array().unwrap().len(), 2);
+    let mut got: Vec<String> = Vec::new();
+    for _ in 0..2 {
+        got.push(
+            next(&mut ws).await["push"]["channel"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    got.sort();
+    assert_eq!(got, ["alerts", "personal:#u1"]);
+
+    let presence = api(&s, "presence", json!({"channel": "alerts"})).await;
+    let clients: Vec<&Value> = presence["presence"].as_object().unwrap().values().collect();
+    assert_eq!(clients.len(), 1);
+    assert_eq!(clients[0]["user"], "u1");
+    let stats = api(&s, "presence_stats", json!({"channel": "alerts"})).await;
+    assert_eq!(
+        (stats["num_clients"].as_u64(), stats["num_users"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let channels = api(&s, "channels", json!({"pattern": "ale*"})).await;
+    assert_eq!(channels["channels"]["alerts"]["num_clients"], 1);
+    assert!(
+        channels["channels"].get("personal:#u1").is_none(),
+        "filtered by the pattern"
+    );
+
+    // The per-connection channel limit (3): personal + alerts + one more, then 106.
+    send(&mut ws, json!({"id": 5, "subscribe": {"channel": "third"}})).await;
+    assert!(next(&mut ws).await["subscribe"].is_object());
+    send(
+        &mut ws,
+        json!({"id": 6, "subscribe": {"channel": "fourth"}}),
+    )
+    .await;
+    assert_eq!(next(&mut ws).await["error"]["code"], 106);
+
+    api(
+        &s,
+        "unsubscribe",
+        json!({"user": "u1", "channel": "alerts"}),
+    )
+    .await;
+    let push = next(&mut ws).await;
+    assert_eq!(
+        (
+            push["push"]["channel"].as_str(),
+            push["push"]["unsubscribe"]["code"].as_u64()
+        ),
+        (Some("alerts"), Some(2000))
+    );
+
+    api(&s, "disconnect", json!({"user": "u1"})).await;
+    assert_eq!(closed(&mut ws).await.0, 3503);
+
+    let mut ws = connected(&s, "u2").await;
+    api(&s, "refresh", json!({"user": "u2", "expired": true})).await;
+    assert_eq!(closed(&mut ws).await.0, 3005);
+}
