@@ -28,7 +28,17 @@ async function scenario(t, restart) {
 
   const url = new URL(`http://127.0.0.1:${proxy.port}/.well-known/mercure`);
   url.searchParams.append('topic', TOPIC);
-  const es = new EventSource(url);
+  // Record, per request, the Last-Event-ID the client sends and the one Herald answers: a restart that lost
+  // the log would answer `earliest` and could still look right from the messages alone.
+  const requests = [];
+  const es = new EventSource(url, {
+    fetch: async (input, init) => {
+      const sent = new Headers(init?.headers).get('last-event-id');
+      const res = await fetch(input, init);
+      requests.push({ sent, answered: res.headers.get('last-event-id') });
+      return res;
+    },
+  });
   const messages = collect(es, 'message');
   const opened = once(es, 'open');
   await opened;
@@ -54,6 +64,9 @@ async function scenario(t, restart) {
   await publish(herald, 'm5', 'five');
   await messages.until(5);
   assert.deepEqual(messages.items.map((m) => m.lastEventId), ['m1', 'm2', 'm3', 'm4', 'm5'], 'each once, in order');
+  const reconnect = requests.filter((r) => r.answered !== null || r.sent !== null).at(-1);
+  assert.equal(requests[0].sent, null, 'the first request has no Last-Event-ID');
+  assert.deepEqual(reconnect, { sent: 'm1', answered: 'm1' }, 'resumed after m1, and Herald knew m1');
   assert.equal(messages.items[2].data, 'three\nwith a second line');
 }
 
