@@ -1,1 +1,172 @@
-fn main() {}
+//! `herald-bench run ...` measures one workload against one server; `herald-bench table FILE` turns the
+//! JSON lines of several runs into a markdown table of medians and Herald/nchan ratios.
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use herald_bench::{rss, run, table, ServerKind, Target, Transport, Workload};
+
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one workload against one server.
+    Run(Box<RunArgs>),
+    /// Print a markdown table of medians (and Herald/nchan ratios) from a JSON-lines results file.
+    Table { file: std::path::PathBuf },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// herald or nchan.
+    #[arg(long, default_value = "herald")]
+    server: ServerKind,
+    /// The server's address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// sse or ws.
+    #[arg(long, default_value = "sse")]
+    transport: Transport,
+    /// Subscribers (connections).
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    subscribers: usize,
+    /// Channels; subscriber i listens to channel i % channels, message i goes to channel i % channels.
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
+    /// Messages to publish.
+    #[arg(long, short = 'm', default_value_t = 1000)]
+    messages: usize,
+    /// Messages per second over all channels; 0 = as fast as the server acknowledges.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Publishes in flight at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Subscribers connecting at once during the ramp.
+    #[arg(long, default_value_t = 200)]
+    batch: usize,
+    /// Pause between ramp batches.
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    batch_pause: Duration,
+    /// Source addresses 127.0.0.2 .. 127.0.0.(1+N) for subscriber sockets; 0 = kernel's choice.
+    #[arg(long, default_value_t = 19)]
+    src_ips: usize,
+    /// Server process(es) whose VmRSS is read; default: those listening on the address's port.
+    #[arg(long = "server-pid")]
+    server_pids: Vec<u32>,
+    /// Publisher token (Herald); default: signed with the development key.
+    #[arg(long, env = "HERALD_BENCH_TOKEN")]
+    token: Option<String>,
+    /// Bound of the publish phase.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    publish_timeout: Duration,
+    /// Wait for outstanding deliveries after the last acknowledgement.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    drain: Duration,
+    /// Wait after the ramp before reading the RSS with idle connections.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    settle: Duration,
+    /// Name of the workload in reports.
+    #[arg(long, default_value = "")]
+    label: String,
+    /// Round number, recorded in the JSON line.
+    #[arg(long, default_value_t = 0)]
+    round: u32,
+    /// Append the report as one JSON line to this file.
+    #[arg(long)]
+    json_out: Option<std::path::PathBuf>,
+    /// Exit non-zero when a message was lost or duplicated.
+    #[arg(long)]
+    strict: bool,
+}
+
+/// The soft open-file limit of this process, from /proc/self/limits.
+fn nofile_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Table { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            print!("{}", table::markdown(&text)?);
+            Ok(())
+        }
+        Cmd::Run(a) => {
+            if let Some(limit) = nofile_limit() {
+                if (a.subscribers + a.concurrency + 64) as u64 > limit {
+                    eprintln!(
+                        "warning: open-file limit {limit} is below {} subscribers (raise it: ulimit -n)",
+                        a.subscribers
+                    );
+                }
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("tokio runtime")?;
+            rt.block_on(run_cmd(*a))
+        }
+    }
+}
+
+async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
+    let target = Target::new(a.server, a.addr, a.token)?;
+    let mut w = Workload::new(target, a.transport);
+    w.server_pids = if a.server_pids.is_empty() {
+        rss::pids_listening(a.addr.port())?
+    } else {
+        a.server_pids
+    };
+    if w.server_pids.is_empty() {
+        eprintln!(
+            "no server process found listening on port {}: RSS not measured",
+            a.addr.port()
+        );
+    }
+    w.label = a.label;
+    w.subscribers = a.subscribers;
+    w.channels = a.channels.max(1);
+    w.messages = a.messages;
+    w.rate = a.rate;
+    w.concurrency = a.concurrency.max(1);
+    w.size = a.size;
+    w.batch = a.batch.max(1);
+    w.batch_pause = a.batch_pause;
+    w.src_ips = a.src_ips;
+    w.publish_timeout = a.publish_timeout;
+    w.drain = a.drain;
+    w.settle = a.settle;
+    let report = run(w).await?;
+    report.print_human();
+    if let Some(path) = a.json_out {
+        let mut j = report.to_json();
+        j["round"] = a.round.into();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        writeln!(f, "{j}")?;
+    }
+    if a.strict && !report.clean() {
+        anyhow::bail!("messages lost, duplicated or misrouted, or subscribers failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! Subscribers: SSE over a hand-written HTTP/1.1 GET, WebSocket over tokio-tungstenite (raw frames for
+//! nchan, the Centrifugo client protocol v2 in JSON for Herald).
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::{self, Body};
+use crate::sse::SseParser;
+use crate::stats::{now_us, LossCounter, Sharded, Tracker};
+use crate::target::{Payload, ServerKind, Target, Transport};
+
+/// What every subscriber shares.
+pub struct Shared {
+    pub tracker: Tracker,
+    pub latency: Sharded,
+    pub channels: usize,
+    /// Subscribers that received their channel's warm-up marker.
+    pub warm: AtomicU64,
+    pub delivered: AtomicU64,
+    pub stop: CancellationToken,
+}
+
+/// One subscriber's view, returned by its task when it stops.
+#[derive(Debug, Default)]
+pub struct SubState {
+    pub id: usize,
+    pub channel: usize,
+    pub counter: LossCounter,
+    pub warmed: bool,
+    /// Messages of another channel (never expected).
+    pub misrouted: u64,
+    /// Why the stream ended before it was told to stop.
+    pub ended: Option<String>,
+}
+
+impl SubState {
+    fn on_data(&mut self, shared: &Shared, data: &[u8]) {
+        match Payload::find(data) {
+            Some(Payload::Msg { index, sent_us }) => {
+                let now = now_us();
+                let ch = shared.channels as u64;
+                if index % ch != self.channel as u64 {
+                    self.misrouted += 1;
+                    return;
+                }
+                self.counter.observe(index / ch);
+                shared.latency.record(self.id, now.saturating_sub(sent_us));
+                shared.tracker.arrived(index as usize, now);
+                shared.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Payload::Warm { channel }) if channel == self.channel as u64 && !self.warmed => {
+                self.warmed = true;
+                shared.warm.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// An open subscription, between the handshake (done during the ramp) and the read loop.
+pub enum Conn {
+    Sse {
+        stream: TcpStream,
+        body: Body,
+        first: Vec<u8>,
+    },
+    Ws {
+        ws: Box<WebSocketStream<TcpStream>>,
+        centrifugo: bool,
+    },
+}
+
+/// Connects and subscribes `channel`: returns once the server answered the subscription (SSE response head,
+/// WebSocket upgrade, Centrifugo `subscribe` reply).
+pub async fn open(
+    target: &Target,
+    transport: Transport,
+    channel: &str,
+    src: Option<IpAddr>,
+) -> anyhow::Result<Conn> {
+    let mut stream = http::connect(target.addr, src).await?;
+    let path = target.sub_path(transport, channel);
+    match transport {
+        Transport::Sse => {
+            let (status, body, first) =
+                http::get_stream(&mut stream, &target.host(), &path, "text/event-stream").await?;
+            if status != 200 {
+                bail!("subscribe: HTTP {status}");
+            }
+            Ok(Conn::Sse {
+                stream,
+                body,
+                first,
+            })
+        }
+        Transport::Ws => {
+            // Small buffers: 10 000 connections with tungstenite's default 128 KiB read buffer would take
+            // more memory in the bench than in the server it measures.
+            let config = WebSocketConfig::default()
+                .read_buffer_size(4096)
+                .write_buffer_size(0);
+            let url = format!("ws://{}{}", target.host(), path);
+            let (mut ws, resp) =
+                tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+                    .await
+                    .context("websocket handshake")?;
+            if resp.status().as_u16() != 101 {
+                bail!("websocket upgrade: HTTP {}", resp.status());
+            }
+            let centrifugo = target.kind == ServerKind::Herald;
+            if centrifugo {
+                command(&mut ws, 1, r#"{"id":1,"connect":{}}"#.to_string()).await?;
+                let sub = format!(r#"{{"id":2,"subscribe":{{"channel":"{channel}"}}}}"#);
+                command(&mut ws, 2, sub).await?;
+            }
+            Ok(Conn::Ws {
+                ws: Box::new(ws),
+                centrifugo,
+            })
+        }
+    }
+}
+
+/// Sends one Centrifugo command and waits for the reply with the same id (pings answered meanwhile).
+async fn command(ws: &mut WebSocketStream<TcpStream>, id: u64, cmd: String) -> anyhow::Result<()> {
+    ws.send(Message::text(cmd)).await?;
+    for _ in 0..100 {
+        let msg = match ws.next().await {
+            Some(m) => m?,
+            None => bail!("closed while waiting for reply {id}"),
+        };
+        let Message::Text(text) = msg else {
+            if let Message::Close(c) = msg {
+                bail!("closed while waiting for reply {id}: {c:?}");
+            }
+            continue;
+        };
+        for line in text.as_str().split('\n').filter(|l| !l.trim().is_empty()) {
+            if line.trim() == "{}" {
+                ws.send(Message::text("{}")).await?;
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(line).context("reply is not JSON")?;
+            if v.get("id").and_then(|i| i.as_u64()) == Some(id) {
+                if let Some(e) = v.get("error") {
+                    bail!("command {id} refused: {e}");
+                }
+                return Ok(());
+            }
+        }
+    }
+    bail!("no reply to command {id}")
+}
+
+/// Reads until told to stop (or the stream ends); returns the subscriber's counters.
+pub async fn run(conn: Conn, mut st: SubState, shared: Arc<Shared>) -> SubState {
+    let r = match conn {
+        Conn::Sse {
+            stream,
+            body,
+            first,
+        } => read_sse(stream, body, first, &mut st, &shared).await,
+        Conn::Ws { ws, centrifugo } => read_ws(*ws, centrifugo, &mut st, &shared).await,
+    };
+    if let Err(e) = r {
+        st.ended = Some(format!("{e:#}"));
+    }
+    st
+}
+
+async fn read_sse(
+    mut stream: TcpStream,
+    mut body: Body,
+    first: Vec<u8>,
+    st: &mut SubState,
+    shared: &Shared,
+) -> anyhow::Result<()> {
+    let mut parser = SseParser::new();
+    let mut feed = |st: &mut SubState, bytes: &[u8]| -> anyhow::Result<bool> {
+        body.decode(bytes, |b| {
+            parser.feed(b, |ev| st.on_data(shared, ev.data.as_bytes()))
+        })
+    };
+    if !feed(st, &first)? {
+        bail!("stream ended");
+    }
+    let mut buf = vec![0u8; 8192];
+    loop {
+        tokio::select! {
+            biased;
+            _ = shared.stop.cancelled() => return Ok(()),
+            r = stream.read(&mut buf) => {
+                let n = r?;
+                if n == 0 {
+                    bail!("connection closed by the server");
+                }
+                if !feed(st, &buf[..n])? {
+                    bail!("stream ended");
+                }
+            }
+        }
+    }
+}
+
+async fn read_ws(
+    mut ws: WebSocketStream<TcpStream>,
+    centrifugo: bool,
+    st: &mut SubState,
+    shared: &Shared,
+) -> anyhow::Result<()> {
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = shared.stop.cancelled() => return Ok(()),
+            m = ws.next() => match m {
+                Some(m) => m?,
+                None => bail!("connection closed by the server"),
+            },
+        };
+        match msg {
+            Message::Text(text) if centrifugo => {
+                let mut pong = false;
+                for line in text.as_str().split('\n') {
+                    if line.trim() == "{}" {
+                        pong = true;
+                    } else {
+                        st.on_data(shared, line.as_bytes());
+                    }
+                }
+                if pong {
+                    ws.send(Message::text("{}")).await?;
+                }
+            }
+            Message::Text(text) => st.on_data(shared, text.as_bytes()),
+            Message::Binary(b) => st.on_data(shared, &b),
+            Message::Close(c) => bail!("closed by the server: {c:?}"),
+            _ => {}
+        }
+    }
+}
