@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Herald against nchan, side by side on this machine: the same workloads, alternating servers, several rounds,
+# then a markdown table of medians and Herald/nchan ratios (docs/BENCHMARKS.md explains the numbers).
+#
+# Usage: scripts/bench.sh [--quick] [--rounds N] [--only SUBSTRING] [--out DIR]
+#   --quick        small sizes, 1 round: for trying things out (a minute or two)
+#   --rounds N     rounds of every workload on each server (default 3)
+#   --only S       only workloads whose name contains S (e.g. --only "10k SSE")
+#   --out DIR      where results.jsonl and results.md go (default target/bench/<date>)
+#
+# Each run starts a fresh server (fresh data directory), so memory readings start from a clean process.
+# Everything listens on 127.0.0.1 only; every run is bounded in time by the bench tool's own limits.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+ROUNDS=3
+QUICK=0
+ONLY=""
+OUT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1; ROUNDS=1 ;;
+    --rounds) ROUNDS=$2; shift ;;
+    --only) ONLY=$2; shift ;;
+    --out) OUT=$2; shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+OUT=${OUT:-target/bench/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+RESULTS=$OUT/results.jsonl
+: > "$RESULTS"
+
+# 10 000 subscribers need 10 000 descriptors in the bench process and in each server.
+ulimit -n "$(ulimit -Hn)"
+echo "== open-file limit: $(ulimit -n)"
+
+HERALD_PORT=${HERALD_PORT:-18080}
+NCHAN_PORT=8089   # fixed by the shared nginx config
+NCHAN_CONF_SRC=$ROOT/../shared/bench/nchan.nginx.conf
+
+echo "== cargo build --release --workspace"
+cargo build --release --workspace --quiet
+HERALD=$ROOT/target/release/herald
+BENCH=$ROOT/target/release/herald-bench
+
+if ! command -v nginx >/dev/null || [ ! -e /usr/lib/nginx/modules/ngx_nchan_module.so ]; then
+  echo "== installing nginx-light and libnginx-mod-nchan"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y nginx-light libnginx-mod-nchan >/dev/null \
+    || { apt-get update >/dev/null && apt-get install -y nginx-light libnginx-mod-nchan >/dev/null; }
+fi
+[ -f "$NCHAN_CONF_SRC" ] || { echo "missing $NCHAN_CONF_SRC" >&2; exit 1; }
+
+WORK=$(mktemp -d /tmp/herald-bench.XXXXXX)
+SERVER_PID=""
+stop_server() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  SERVER_PID=""
+}
+cleanup() { stop_server; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+wait_port() { # $1 = url; up to 10 s
+  for _ in $(seq 1 100); do
+    curl -s -o /dev/null --max-time 1 "$1" && return 0
+    sleep 0.1
+  done
+  echo "server did not come up: $1" >&2
+  return 1
+}
+
+start_herald() {
+  rm -rf "$WORK/herald"
+  mkdir -p "$WORK/herald"
+  "$HERALD" serve --listen "127.0.0.1:$HERALD_PORT" --allow-anonymous --data-dir "$WORK/herald" \
+    --set limits.max_connections=20000 >"$WORK/herald.out" 2>"$WORK/herald.err" &
+  SERVER_PID=$!
+  wait_port "http://127.0.0.1:$HERALD_PORT/healthz"
+}
+
+# A copy of the shared config with room for 10 000 subscribers and its paths under $WORK (the shared file
+# itself is not changed).
+start_nchan() {
+  local dir=$WORK/nchan
+  rm -rf "$dir"
+  mkdir -p "$dir/logs" "$dir/tmp"
+  sed -e "s#/tmp/nchan/#$dir/#g" \
+      -e 's/worker_connections [0-9]*;/worker_connections 19000;/' \
+      -e 's/^worker_processes 1;/worker_processes 1;\nworker_rlimit_nofile 20000;/' \
+      "$NCHAN_CONF_SRC" >"$dir/nchan.conf"
+  nginx -c "$dir/nchan.conf" -p "$dir/" >"$dir/out.log" 2>&1 &
+  SERVER_PID=$!
+  wait_port "http://127.0.0.1:$NCHAN_PORT/nchan_status"
+}
+
+# name | transport | subscribers | channels | messages | rate | concurrency
+if [ "$QUICK" = 1 ]; then
+  WORKLOADS=(
+    "1k SSE, 1 channel|sse|200|1|200|0|16"
+    "1k SSE at 1k msg/s (p99 goal)|sse|200|1|500|1000|16"
+    "10k SSE, 1 channel|sse|1000|1|100|0|16"
+    "10k WS, 1 channel|ws|1000|1|100|0|16"
+    "1k channels x 10 SSE|sse|1000|100|1000|0|16"
+    "10k idle SSE (memory)|sse|1000|1|0|0|1"
+    "10k idle WS (memory)|ws|1000|1|0|0|1"
+    "durable publish, no subscribers|sse|0|1|1000|0|32"
+    "durable publish, 1k subscribers|sse|200|1|1000|0|32"
+  )
+else
+  WORKLOADS=(
+    "1k SSE, 1 channel|sse|1000|1|2000|0|16"
+    "1k SSE at 1k msg/s (p99 goal)|sse|1000|1|3000|1000|16"
+    "10k SSE, 1 channel|sse|10000|1|300|0|16"
+    "10k WS, 1 channel|ws|10000|1|300|0|16"
+    "1k channels x 10 SSE|sse|10000|1000|10000|0|16"
+    "10k idle SSE (memory)|sse|10000|1|0|0|1"
+    "10k idle WS (memory)|ws|10000|1|0|0|1"
+    "durable publish, no subscribers|sse|0|1|5000|0|32"
+    "durable publish, 1k subscribers|sse|1000|1|5000|0|32"
+  )
+fi
+
+run_one() { # server name transport n channels m rate concurrency round
+  local server=$1 name=$2 transport=$3 n=$4 ch=$5 m=$6 rate=$7 conc=$8 round=$9 addr
+  if [ "$server" = herald ]; then start_herald; addr=127.0.0.1:$HERALD_PORT; else start_nchan; addr=127.0.0.1:$NCHAN_PORT; fi
+  echo "-- round $round: $name on $server"
+  "$BENCH" run --server "$server" --addr "$addr" --transport "$transport" -n "$n" --channels "$ch" \
+    -m "$m" --rate "$rate" --concurrency "$conc" --label "$name" --round "$round" \
+    --publish-timeout 90s --drain 15s --settle 2s --json-out "$RESULTS" \
+    2>&1 | tee -a "$OUT/runs.log" || echo "!! run failed: $name on $server" | tee -a "$OUT/runs.log"
+  stop_server
+}
+
+for round in $(seq 1 "$ROUNDS"); do
+  for wl in "${WORKLOADS[@]}"; do
+    IFS='|' read -r name transport n ch m rate conc <<<"$wl"
+    if [ -n "$ONLY" ] && [[ "$name" != *"$ONLY"* ]]; then continue; fi
+    # Alternate which server goes first, so neither always runs on a warmer machine.
+    if [ $((round % 2)) = 1 ]; then order="herald nchan"; else order="nchan herald"; fi
+    for server in $order; do
+      run_one "$server" "$name" "$transport" "$n" "$ch" "$m" "$rate" "$conc" "$round"
+    done
+  done
+done
+
+{
+  echo "Rounds: $ROUNDS$([ "$QUICK" = 1 ] && echo ' (quick mode: sizes scaled down)'). Medians over rounds."
+  echo
+  "$BENCH" table "$RESULTS"
+} | tee "$OUT/results.md"
+echo "== results: $OUT/results.md (raw: $RESULTS, logs: $OUT/runs.log)"
