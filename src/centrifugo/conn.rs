@@ -17,6 +17,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::Response;
+use bytes::{Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -39,6 +40,11 @@ const VERSION: &str = concat!("herald ", env!("CARGO_PKG_VERSION"));
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The socket read buffer. tungstenite's default (128 KiB, zero-filled, so resident) would make an idle
+/// connection cost thirty times what the rest of it does; clients send small commands, and a larger frame
+/// is still read, in more reads.
+const READ_BUFFER: usize = 1024;
+
 /// `GET /connection/websocket`. The Origin check happens before the upgrade: a page on a foreign site must
 /// not be able to open a socket with the user's cookies (cross-site WebSocket hijacking).
 pub async fn upgrade(
@@ -57,6 +63,7 @@ pub async fn upgrade(
         .saturating_mul(4)
         .max(4096);
     Ok(ws
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(hard_cap)
         .max_frame_size(hard_cap)
         .on_upgrade(move |socket| run(st, guard, socket)))
@@ -268,6 +275,27 @@ async fn run(st: AppState, guard: ConnectionGuard, socket: WebSocket) {
 }
 
 type Sink = SplitSink<WebSocket, Message>;
+
+/// Pushes waiting together go out as one frame, one JSON object per line (the protocol allows it and the
+/// SDK splits them). A lone push is its shared encoding, checked as UTF-8 but not copied.
+fn join_frames(mut frames: Vec<Bytes>) -> Option<Utf8Bytes> {
+    let joined = match frames.len() {
+        0 => return None,
+        1 => frames.pop()?,
+        _ => {
+            let mut buf = BytesMut::with_capacity(frames.iter().map(|f| f.len() + 1).sum());
+            for (i, f) in frames.iter().enumerate() {
+                if i > 0 {
+                    buf.extend_from_slice(b"\n");
+                }
+                buf.extend_from_slice(f);
+            }
+            buf.freeze()
+        }
+    };
+    // Encodings are built from Rust strings, so this cannot fail; a failure would drop the frame, not panic.
+    Utf8Bytes::try_from(joined).ok()
+}
 type Stream = SplitStream<WebSocket>;
 
 impl Conn {
@@ -311,7 +339,7 @@ impl Conn {
                 },
                 d = rx.recv() => match d {
                     Some(d) => {
-                        let mut frames: Vec<String> = Vec::new();
+                        let mut frames: Vec<Bytes> = Vec::new();
                         self.encode(d, &mut frames);
                         while frames.len() < 64 {
                             match rx.try_recv() {
@@ -319,7 +347,10 @@ impl Conn {
                                 Err(_) => break,
                             }
                         }
-                        if frames.is_empty() { Ok(()) } else { self.write(sink, frames.join("\n")).await }
+                        match join_frames(frames) {
+                            Some(text) => self.write(sink, text).await,
+                            None => Ok(()),
+                        }
                     }
                     None => Err(close(3008, "slow")),
                 },
@@ -342,10 +373,11 @@ impl Conn {
     }
 
     /// Writes one frame; gives up when the hub has disconnected this client or the socket stays full.
-    async fn write(&mut self, sink: &mut Sink, text: String) -> Result<(), Exit> {
+    async fn write(&mut self, sink: &mut Sink, text: impl Into<Utf8Bytes>) -> Result<(), Exit> {
         let closed = self.outbox.closed.clone();
+        let text = text.into();
         tokio::select! {
-            r = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Text(Utf8Bytes::from(text)))) => match r {
+            r = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Text(text))) => match r {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) => Err(Exit::Gone),
                 Err(_) => Err(close(3008, "slow")),
@@ -354,20 +386,20 @@ impl Conn {
         }
     }
 
-    fn encode(&self, d: Delivery, out: &mut Vec<String>) {
+    /// Publications are passed on as their shared encoding (a reference count, no copy).
+    fn encode(&self, d: Delivery, out: &mut Vec<Bytes>) {
         match d {
             Delivery::Pub { sub, publication } => {
                 if let Some(ch) = self.channel_of.get(&sub) {
-                    let bytes = publication.centrifugo_push(ch);
-                    out.push(String::from_utf8_lossy(&bytes).into_owned());
+                    out.push(publication.centrifugo_push(ch));
                 }
             }
-            Delivery::Join { channel, info, .. } => out.push(
+            Delivery::Join { channel, info, .. } => out.push(Bytes::from(
                 json!({"push": {"channel": &*channel, "join": {"info": &*info}}}).to_string(),
-            ),
-            Delivery::Leave { channel, info, .. } => out.push(
+            )),
+            Delivery::Leave { channel, info, .. } => out.push(Bytes::from(
                 json!({"push": {"channel": &*channel, "leave": {"info": &*info}}}).to_string(),
-            ),
+            )),
         }
     }
 

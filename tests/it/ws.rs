@@ -178,6 +178,18 @@ async fn protocol_errors_have_their_codes() {
     // RPC is not available, clearly.
     send(&mut ws, json!({"id": 8, "rpc": {"method": "x"}})).await;
     assert_eq!(next(&mut ws).await["error"]["code"], 108);
+    // A command far larger than the socket read buffer (1 KiB) is still read whole.
+    let big = "x".repeat(40_000);
+    send(
+        &mut ws,
+        json!({"id": 80, "rpc": {"method": "x", "data": {"big": big}}}),
+    )
+    .await;
+    let reply = next(&mut ws).await;
+    assert_eq!(
+        (reply["id"].clone(), reply["error"]["code"].clone()),
+        (json!(80), json!(108))
+    );
     // Permission denied: a channel limited to other users.
     send(
         &mut ws,
