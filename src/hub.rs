@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::frame::Publication;
 use crate::log::{Log, LogError, Record, Retention};
+use crate::queue;
 use crate::topic::{self, Selector};
 
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +142,7 @@ pub enum Delivery {
 /// the connection when it cannot keep up.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Delivery>,
+    tx: queue::Sender<Delivery>,
     /// Cancelled when the hub disconnects this client (slow consumer, shutdown).
     pub closed: CancellationToken,
     /// Cancelled to kill the TCP connection when the transport is not being polled (a client that stopped
@@ -420,8 +421,8 @@ impl Hub {
     }
 
     /// A new outbox for one client connection, with its receiving end.
-    pub fn outbox(&self, kill: Option<CancellationToken>) -> (Outbox, mpsc::Receiver<Delivery>) {
-        let (tx, rx) = mpsc::channel(self.inner.opts.outbox_capacity.max(1));
+    pub fn outbox(&self, kill: Option<CancellationToken>) -> (Outbox, queue::Receiver<Delivery>) {
+        let (tx, rx) = queue::channel(self.inner.opts.outbox_capacity.max(1));
         (
             Outbox {
                 tx,
@@ -554,7 +555,7 @@ impl Hub {
                         info: info.clone(),
                     }
                 };
-                if let Err(mpsc::error::TrySendError::Full(_)) = sub.outbox.tx.try_send(d) {
+                if let Err(queue::TrySendError::Full(_)) = sub.outbox.tx.try_send(d) {
                     slow.push(sub.clone());
                 }
             }
@@ -741,8 +742,8 @@ fn dispatch(inner: &Inner, p: &Arc<Publication>) {
                 publication: p.clone(),
             }) {
                 Ok(()) => delivered += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => slow.push(sub.clone()),
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(queue::TrySendError::Full(_)) => slow.push(sub.clone()),
+                Err(queue::TrySendError::Closed(_)) => {}
             }
         };
         for t in &p.record.topics {
@@ -828,7 +829,7 @@ mod tests {
     struct Client {
         _sub: Subscription,
         outbox: Outbox,
-        rx: mpsc::Receiver<Delivery>,
+        rx: queue::Receiver<Delivery>,
     }
 
     impl Client {
@@ -869,11 +870,11 @@ mod tests {
         assert_eq!(exact.data().await, "1");
         assert_eq!(exact.data().await, "2");
         assert!(
-            exact.rx.try_recv().is_err(),
+            exact.rx.try_recv().is_none(),
             "delivered once despite two matching topics"
         );
         assert_eq!(wild.data().await, "1");
-        assert!(other.rx.try_recv().is_err());
+        assert!(other.rx.try_recv().is_none());
     }
 
     #[tokio::test]

@@ -28,6 +28,7 @@ pub mod hub;
 pub mod log;
 pub mod mercure;
 pub mod metrics;
+pub mod queue;
 pub mod server;
 pub mod state;
 pub mod topic;

@@ -303,7 +303,7 @@ impl Conn {
         &mut self,
         sink: &mut Sink,
         stream: &mut Stream,
-        rx: &mut mpsc::Receiver<Delivery>,
+        rx: &mut crate::queue::Receiver<Delivery>,
         ctl_rx: &mut mpsc::Receiver<Control>,
     ) -> Exit {
         let cfg = self.st.config.centrifugo.clone();
@@ -343,8 +343,8 @@ impl Conn {
                         self.encode(d, &mut frames);
                         while frames.len() < 64 {
                             match rx.try_recv() {
-                                Ok(d) => self.encode(d, &mut frames),
-                                Err(_) => break,
+                                Some(d) => self.encode(d, &mut frames),
+                                None => break,
                             }
                         }
                         match join_frames(frames) {

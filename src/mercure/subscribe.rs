@@ -150,7 +150,7 @@ fn until_unix(exp: u64) -> Duration {
 struct SseStream {
     hub: Hub,
     sub: Subscription,
-    rx: tokio::sync::mpsc::Receiver<Delivery>,
+    rx: crate::queue::Receiver<Delivery>,
     closed: CancellationToken,
     /// Replay `(after, upto]` from the log before going live.
     replay: Option<(u64, u64)>,
@@ -211,13 +211,13 @@ impl SseStream {
         let mut more = Vec::new();
         while more.len() < 63 {
             match self.rx.try_recv() {
-                Ok(Delivery::Pub { publication, .. })
+                Some(Delivery::Pub { publication, .. })
                     if publication.record.seq > self.skip_upto =>
                 {
                     more.push(publication)
                 }
-                Ok(_) => continue,
-                Err(_) => break,
+                Some(_) => continue,
+                None => break,
             }
         }
         if more.is_empty() {
