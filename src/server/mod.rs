@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -32,6 +32,8 @@ use crate::hub::{Hub, HubOptions};
 use crate::log::{Log, MemoryLog, Retention, RetentionRule, SqliteLog};
 use crate::state::AppState;
 use crate::topic::Selector;
+
+mod lean;
 
 /// Cancelling it closes the client's TCP connection. Present on requests served by [`Server`]; absent when
 /// the router is mounted in another server, where a stalled subscriber is dropped on its next write.
@@ -111,7 +113,7 @@ pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
 }
 
 async fn index() -> Html<&'static str> {
-    Html(include_str!("../ui/index.html"))
+    Html(include_str!("../../ui/index.html"))
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -208,7 +210,7 @@ impl Server {
             shutdown_timeout,
         } = self;
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
         tokio::pin!(shutdown);
         loop {
             let (stream, _peer) = tokio::select! {
@@ -224,24 +226,13 @@ impl Server {
                 _ = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
-            let kill = CancellationToken::new();
-            let ext = ConnKill(kill.clone());
-            let svc = router
-                .clone()
-                .map_request(move |mut req: Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ext.clone());
-                    req
-                });
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc))
-                .into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                tokio::select! {
-                    r = conn => if let Err(e) = r { tracing::debug!(error = %e, "connection ended with an error") },
-                    _ = kill.cancelled() => tracing::debug!("connection killed by the hub"),
-                }
-            });
+            tokio::spawn(connection(
+                stream,
+                router.clone(),
+                builder.clone(),
+                graceful.watcher(),
+                hub.shutdown_token(),
+            ));
         }
         drop(listener);
         tracing::info!("shutting down: ending streams and flushing the log");
@@ -255,6 +246,64 @@ impl Server {
         tracing::info!("shutdown complete");
         Ok(())
     }
+}
+
+/// One client connection, until it ends or the hub pulls its kill switch. A first request that subscribes
+/// is served the lean way ([`lean`]); anything else, and whatever follows a finished subscription, is
+/// hyper's.
+///
+/// Every byte of this future is paid by every idle subscriber: hyper's part is boxed and only built when
+/// needed, and the kill switch is awaited here, around a future built here, not around a moved one (which
+/// would be stored twice).
+async fn connection(
+    mut stream: TcpStream,
+    router: Router,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+    closing: CancellationToken,
+) {
+    let kill = ConnKill(CancellationToken::new());
+    let killed = kill.0.clone();
+    let serve = async {
+        match lean::serve(&mut stream, &router, &kill, &closing).await {
+            lean::Outcome::Close => {}
+            lean::Outcome::Hyper(prefix) => {
+                let conn =
+                    hyper_connection(prefix, stream, router, &builder, watcher, kill.clone());
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = serve => {}
+        () = killed.cancelled() => tracing::debug!("connection killed by the hub"),
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// hyper serving the rest of a connection (HTTP/1 with upgrades, or HTTP/2), with `prefix` read first.
+fn hyper_connection(
+    prefix: bytes::Bytes,
+    stream: TcpStream,
+    router: Router,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    kill: ConnKill,
+) -> std::pin::Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>> {
+    let svc = router.map_request(move |mut req: Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(kill.clone());
+        req
+    });
+    let conn = builder
+        .serve_connection_with_upgrades(
+            TokioIo::new(lean::Prefixed::new(prefix, stream)),
+            TowerToHyperService::new(svc),
+        )
+        .into_owned();
+    Box::pin(watcher.watch(conn))
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

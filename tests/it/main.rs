@@ -8,4 +8,5 @@ mod limits;
 mod mercure;
 mod ops;
 mod resume;
+mod wire;
 mod ws;
