@@ -22,7 +22,6 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::channel::{self, ChannelError};
@@ -222,7 +221,7 @@ struct Conn {
     subs: HashMap<String, ChanSub>,
     channel_of: HashMap<u64, String>,
     outbox: Outbox,
-    ctl: mpsc::Sender<Control>,
+    ctl: crate::queue::Sender<Control>,
     tokens: f64,
     refilled: Instant,
     pong_deadline: Option<Instant>,
@@ -232,7 +231,7 @@ struct Conn {
 
 async fn run(st: AppState, guard: ConnectionGuard, socket: WebSocket) {
     let (outbox, mut rx) = st.hub.outbox(None);
-    let (ctl, mut ctl_rx) = mpsc::channel(64);
+    let (ctl, mut ctl_rx) = crate::queue::channel(64);
     let cfg = st.config.centrifugo.clone();
     let mut conn = Conn {
         client: uuid::Uuid::new_v4().to_string(),
@@ -299,12 +298,14 @@ fn join_frames(mut frames: Vec<Bytes>) -> Option<Utf8Bytes> {
 type Stream = SplitStream<WebSocket>;
 
 impl Conn {
+    /// Commands and control messages are handled in boxed futures: they are rare, and inline they would
+    /// size the state of every connection's task for its whole life.
     async fn serve(
         &mut self,
         sink: &mut Sink,
         stream: &mut Stream,
         rx: &mut crate::queue::Receiver<Delivery>,
-        ctl_rx: &mut mpsc::Receiver<Control>,
+        ctl_rx: &mut crate::queue::Receiver<Control>,
     ) -> Exit {
         let cfg = self.st.config.centrifugo.clone();
         let shutdown = self.st.hub.shutdown_token();
@@ -327,7 +328,7 @@ impl Conn {
                         if text.len() > cfg.max_message_size {
                             Err(close(1009, "message too big"))
                         } else {
-                            match self.handle_frame(text.as_str()).await {
+                            match Box::pin(self.handle_frame(text.as_str())).await {
                                 Ok(replies) if replies.is_empty() => Ok(()),
                                 Ok(replies) => self.write(sink, replies.join("\n")).await,
                                 Err(exit) => Err(exit),
@@ -355,7 +356,7 @@ impl Conn {
                     None => Err(close(3008, "slow")),
                 },
                 c = ctl_rx.recv() => match c {
-                    Some(c) => self.control(c, sink).await,
+                    Some(c) => Box::pin(self.control(c, sink)).await,
                     None => Ok(()),
                 },
                 _ = ping.tick(), if self.connected => {

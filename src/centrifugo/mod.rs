@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use axum::routing::{get, post};
 use axum::Router;
 use parking_lot::RwLock;
-use tokio::sync::mpsc;
 
 use crate::state::AppState;
 
@@ -50,11 +49,11 @@ pub enum Control {
 /// Live WebSocket connections of this node by user and client id, so the server API can reach them.
 #[derive(Default)]
 pub struct Clients {
-    by_user: RwLock<HashMap<String, HashMap<String, mpsc::Sender<Control>>>>,
+    by_user: RwLock<HashMap<String, HashMap<String, crate::queue::Sender<Control>>>>,
 }
 
 impl Clients {
-    pub fn add(&self, user: &str, client: &str, tx: mpsc::Sender<Control>) {
+    pub fn add(&self, user: &str, client: &str, tx: crate::queue::Sender<Control>) {
         self.by_user
             .write()
             .entry(user.to_string())
@@ -74,7 +73,7 @@ impl Clients {
 
     /// Sends `ctl` to the user's connections (or only `client`); returns how many were reached.
     pub fn send(&self, user: &str, client: Option<&str>, ctl: Control) -> usize {
-        let targets: Vec<mpsc::Sender<Control>> = self
+        let targets: Vec<crate::queue::Sender<Control>> = self
             .by_user
             .read()
             .get(user)
