@@ -43,10 +43,14 @@ HERALD_PORT=${HERALD_PORT:-18080}
 NCHAN_PORT=8089   # fixed by the shared nginx config
 NCHAN_CONF_SRC=$ROOT/../shared/bench/nchan.nginx.conf
 
-echo "== cargo build --release --workspace"
-cargo build --release --workspace --quiet
-HERALD=$ROOT/target/release/herald
-BENCH=$ROOT/target/release/herald-bench
+# HERALD_BIN / BENCH_BIN: run prebuilt binaries (e.g. copies, so that a rebuild during a long run cannot
+# swap the binary under it); otherwise build them.
+if [ -z "${HERALD_BIN:-}" ] || [ -z "${BENCH_BIN:-}" ]; then
+  echo "== cargo build --release --workspace"
+  cargo build --release --workspace --quiet
+fi
+HERALD=${HERALD_BIN:-$ROOT/target/release/herald}
+BENCH=${BENCH_BIN:-$ROOT/target/release/herald-bench}
 
 if ! command -v nginx >/dev/null || [ ! -e /usr/lib/nginx/modules/ngx_nchan_module.so ]; then
   echo "== installing nginx-light and libnginx-mod-nchan"
@@ -108,6 +112,7 @@ if [ "$QUICK" = 1 ]; then
   WORKLOADS=(
     "1k SSE, 1 channel|sse|200|1|200|0|16"
     "1k SSE at 1k msg/s (p99 goal)|sse|200|1|500|1000|16"
+    "100 SSE at 1k msg/s|sse|100|1|500|1000|16"
     "10k SSE, 1 channel|sse|1000|1|100|0|16"
     "10k WS, 1 channel|ws|1000|1|100|0|16"
     "1k channels x 10 SSE|sse|1000|100|1000|0|16"
@@ -120,6 +125,7 @@ else
   WORKLOADS=(
     "1k SSE, 1 channel|sse|1000|1|2000|0|16"
     "1k SSE at 1k msg/s (p99 goal)|sse|1000|1|3000|1000|16"
+    "100 SSE at 1k msg/s|sse|100|1|3000|1000|16"
     "10k SSE, 1 channel|sse|10000|1|300|0|16"
     "10k WS, 1 channel|ws|10000|1|300|0|16"
     "1k channels x 10 SSE|sse|10000|1000|10000|0|16"
