@@ -310,3 +310,18 @@ pub async fn get_json(req: reqwest::RequestBuilder) -> (u16, serde_json::Value) 
     let body = resp.json().await.unwrap_or(serde_json::Value::Null);
     (status, body)
 }
+
+/// Waits (bounded) until the hub has exactly `n` subscriptions: registration and removal happen on the
+/// server's tasks, after the client-side step that caused them.
+pub async fn wait_subscriptions(s: &TestServer, n: usize) {
+    for _ in 0..500 {
+        if s.hub.subscriptions().len() == n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!(
+        "expected {n} subscriptions, have {}",
+        s.hub.subscriptions().len()
+    );
+}

@@ -7,19 +7,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
 
-async fn wait_subscriptions(s: &TestServer, n: usize) {
-    for _ in 0..200 {
-        if s.hub.subscriptions().len() == n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!(
-        "expected {n} subscriptions, have {}",
-        s.hub.subscriptions().len()
-    );
-}
-
 #[tokio::test]
 async fn a_subscriber_that_never_reads_is_disconnected_and_others_keep_receiving() {
     let s = TestServer::start(&[

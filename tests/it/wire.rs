@@ -130,19 +130,6 @@ fn get(path: &str, extra: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n{extra}\r\n")
 }
 
-async fn wait_subscriptions(s: &TestServer, n: usize) {
-    for _ in 0..500 {
-        if s.hub.subscriptions().len() == n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!(
-        "expected {n} subscriptions, have {}",
-        s.hub.subscriptions().len()
-    );
-}
-
 #[tokio::test]
 async fn a_stream_is_chunked_with_date_and_events_arrive_as_chunks() {
     let s = TestServer::start(&[("auth.allow_anonymous", "true")]).await;
