@@ -18,8 +18,6 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -65,7 +63,12 @@ pub async fn upgrade(
         .read_buffer_size(READ_BUFFER)
         .max_message_size(hard_cap)
         .max_frame_size(hard_cap)
-        .on_upgrade(move |socket| run(st, guard, socket)))
+        .on_upgrade(move |socket| {
+            // A task of its own for the connection's life: axum's upgrade task would keep its own state
+            // (config, the spent callback) beside it for as long as the connection lives.
+            tokio::spawn(Box::new(Conn::new(st, guard, socket)).run());
+            std::future::ready(())
+        }))
 }
 
 fn check_origin(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -205,76 +208,6 @@ fn close(code: u16, reason: &str) -> Exit {
     Exit::Close(code, reason.to_string())
 }
 
-struct ChanSub {
-    sub: Subscription,
-    presence: bool,
-    exp: Option<u64>,
-}
-
-struct Conn {
-    st: AppState,
-    client: String,
-    user: String,
-    conn_info: Option<Value>,
-    connected: bool,
-    exp: Option<u64>,
-    subs: HashMap<String, ChanSub>,
-    channel_of: HashMap<u64, String>,
-    outbox: Outbox,
-    ctl: crate::queue::Sender<Control>,
-    tokens: f64,
-    refilled: Instant,
-    pong_deadline: Option<Instant>,
-    opened: Instant,
-    epoch: String,
-}
-
-async fn run(st: AppState, guard: ConnectionGuard, socket: WebSocket) {
-    let (outbox, mut rx) = st.hub.outbox(None);
-    let (ctl, mut ctl_rx) = crate::queue::channel(64);
-    let cfg = st.config.centrifugo.clone();
-    let mut conn = Conn {
-        client: uuid::Uuid::new_v4().to_string(),
-        user: String::new(),
-        conn_info: None,
-        connected: false,
-        exp: None,
-        subs: HashMap::new(),
-        channel_of: HashMap::new(),
-        outbox,
-        ctl,
-        tokens: cfg.command_burst as f64,
-        refilled: Instant::now(),
-        pong_deadline: None,
-        opened: Instant::now(),
-        epoch: st.hub.log().epoch(),
-        st,
-    };
-    let (mut sink, mut stream) = socket.split();
-    let exit = conn
-        .serve(&mut sink, &mut stream, &mut rx, &mut ctl_rx)
-        .await;
-    if let Exit::Close(code, reason) = &exit {
-        tracing::debug!(client = %conn.client, code, reason, "closing WebSocket");
-        let label = match code {
-            3008 => "slow_consumer",
-            3005 => "token_expired",
-            3001 => "shutdown",
-            _ => "server",
-        };
-        metrics::counter!("herald_disconnects_total", "reason" => label).increment(1);
-        let frame = CloseFrame {
-            code: *code,
-            reason: Utf8Bytes::from(reason.as_str()),
-        };
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
-    }
-    conn.cleanup();
-    drop(guard);
-}
-
-type Sink = SplitSink<WebSocket, Message>;
-
 /// Pushes waiting together go out as one frame, one JSON object per line (the protocol allows it and the
 /// SDK splits them). A lone push is its shared encoding, checked as UTF-8 but not copied.
 fn join_frames(mut frames: Vec<Bytes>) -> Option<Utf8Bytes> {
@@ -295,77 +228,121 @@ fn join_frames(mut frames: Vec<Bytes>) -> Option<Utf8Bytes> {
     // Encodings are built from Rust strings, so this cannot fail; a failure would drop the frame, not panic.
     Utf8Bytes::try_from(joined).ok()
 }
-type Stream = SplitStream<WebSocket>;
+/// A subscription of this connection. A connection holds few, so they live in a vector: a map would
+/// allocate a table of several slots for the one channel most connections have.
+struct ChanSub {
+    channel: String,
+    sub: Subscription,
+    presence: bool,
+    exp: Option<u64>,
+}
+
+/// Everything one connection holds for its life, owned by its task and used in place: an idle connection
+/// costs the size of this struct plus the futures of the one `select!` it waits in, so the socket is not
+/// split (a split adds a shared lock and a send slot) and nothing here is copied into locals.
+struct Conn {
+    st: AppState,
+    socket: WebSocket,
+    rx: crate::queue::Receiver<Delivery>,
+    ctl_rx: crate::queue::Receiver<Control>,
+    outbox: Outbox,
+    ctl: crate::queue::Sender<Control>,
+    _guard: ConnectionGuard,
+    client: String,
+    user: String,
+    conn_info: Option<Value>,
+    connected: bool,
+    exp: Option<u64>,
+    subs: Vec<ChanSub>,
+    tokens: f64,
+    refilled: Instant,
+    next_ping: Option<Instant>,
+    pong_deadline: Option<Instant>,
+    opened: Instant,
+}
+
+/// How often deadlines are checked: connect timeout, pings and pongs, token expiry and shutdown of a
+/// connection that has no subscription (one with subscriptions learns of it through its outbox at once).
+const TICK: Duration = Duration::from_millis(250);
 
 impl Conn {
-    /// Commands and control messages are handled in boxed futures: they are rare, and inline they would
-    /// size the state of every connection's task for its whole life.
-    async fn serve(
-        &mut self,
-        sink: &mut Sink,
-        stream: &mut Stream,
-        rx: &mut crate::queue::Receiver<Delivery>,
-        ctl_rx: &mut crate::queue::Receiver<Control>,
-    ) -> Exit {
-        let cfg = self.st.config.centrifugo.clone();
-        let shutdown = self.st.hub.shutdown_token();
-        let closed = self.outbox.closed.clone();
-        let mut ping = tokio::time::interval_at(
-            Instant::now() + cfg.ping,
-            cfg.ping.max(Duration::from_millis(10)),
-        );
-        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+    fn new(st: AppState, guard: ConnectionGuard, socket: WebSocket) -> Conn {
+        let (outbox, rx) = st.hub.outbox(None);
+        let (ctl, ctl_rx) = crate::queue::channel(64);
+        Conn {
+            socket,
+            rx,
+            ctl_rx,
+            outbox,
+            ctl,
+            _guard: guard,
+            client: uuid::Uuid::new_v4().to_string(),
+            user: String::new(),
+            conn_info: None,
+            connected: false,
+            exp: None,
+            subs: Vec::new(),
+            tokens: st.config.centrifugo.command_burst as f64,
+            refilled: Instant::now(),
+            next_ping: None,
+            pong_deadline: None,
+            opened: Instant::now(),
+            st,
+        }
+    }
+
+    /// The connection's life: serve until something ends it, say why in a close frame, unregister.
+    /// Boxed: an async fn keeps its argument twice (as given and as moved in), which for the connection
+    /// state would be a second copy of it in every idle task.
+    async fn run(mut self: Box<Self>) {
+        let exit = self.serve().await;
+        if let Exit::Close(code, reason) = exit {
+            Box::pin(self.close(code, reason)).await;
+        }
+        self.cleanup();
+    }
+
+    async fn close(&mut self, code: u16, reason: String) {
+        tracing::debug!(client = %self.client, code, reason, "closing WebSocket");
+        let label = match code {
+            3008 => "slow_consumer",
+            3005 => "token_expired",
+            3001 => "shutdown",
+            _ => "server",
+        };
+        metrics::counter!("herald_disconnects_total", "reason" => label).increment(1);
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from(reason),
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.send(Message::Close(Some(frame))))
+            .await;
+    }
+
+    /// Waits for the next event and handles it. Only the waiting is inline; every handler that writes is a
+    /// boxed future, allocated while it runs, so the task of an idle connection stays small.
+    async fn serve(&mut self) -> Exit {
+        let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let step: Result<(), Exit> = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => Err(close(3001, "shutdown")),
-                _ = closed.cancelled() => Err(close(3008, "slow")),
-                msg = stream.next() => match msg {
+                _ = self.outbox.closed.cancelled() => Err(self.closed_exit()),
+                msg = self.socket.recv() => match msg {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Err(Exit::Gone),
-                    Some(Ok(Message::Text(text))) => {
-                        if text.len() > cfg.max_message_size {
-                            Err(close(1009, "message too big"))
-                        } else {
-                            match Box::pin(self.handle_frame(text.as_str())).await {
-                                Ok(replies) if replies.is_empty() => Ok(()),
-                                Ok(replies) => self.write(sink, replies.join("\n")).await,
-                                Err(exit) => Err(exit),
-                            }
-                        }
-                    }
+                    Some(Ok(Message::Text(text))) => Box::pin(self.on_text(text)).await,
                     Some(Ok(Message::Binary(_))) => Err(close(3501, "bad request: this endpoint speaks JSON in text frames")),
                     Some(Ok(_)) => Ok(()),
                 },
-                d = rx.recv() => match d {
-                    Some(d) => {
-                        let mut frames: Vec<Bytes> = Vec::new();
-                        self.encode(d, &mut frames);
-                        while frames.len() < 64 {
-                            match rx.try_recv() {
-                                Some(d) => self.encode(d, &mut frames),
-                                None => break,
-                            }
-                        }
-                        match join_frames(frames) {
-                            Some(text) => self.write(sink, text).await,
-                            None => Ok(()),
-                        }
-                    }
-                    None => Err(close(3008, "slow")),
+                d = self.rx.recv() => match d {
+                    Some(d) => Box::pin(self.deliver(d)).await,
+                    None => Err(self.closed_exit()),
                 },
-                c = ctl_rx.recv() => match c {
-                    Some(c) => Box::pin(self.control(c, sink)).await,
+                c = self.ctl_rx.recv() => match c {
+                    Some(c) => Box::pin(self.control(c)).await,
                     None => Ok(()),
                 },
-                _ = ping.tick(), if self.connected => {
-                    if self.pong_deadline.is_none() {
-                        self.pong_deadline = Some(Instant::now() + cfg.pong_timeout);
-                    }
-                    self.write(sink, "{}".to_string()).await
-                },
-                _ = tick.tick() => self.check_deadlines(sink).await,
+                _ = tick.tick() => Box::pin(self.check_deadlines()).await,
             };
             if let Err(exit) = step {
                 return exit;
@@ -373,17 +350,52 @@ impl Conn {
         }
     }
 
+    /// The hub closed the outbox: at shutdown, or because this client fell behind.
+    fn closed_exit(&self) -> Exit {
+        if self.st.hub.is_shutting_down() {
+            close(3001, "shutdown")
+        } else {
+            close(3008, "slow")
+        }
+    }
+
+    async fn on_text(&mut self, text: Utf8Bytes) -> Result<(), Exit> {
+        if text.len() > self.st.config.centrifugo.max_message_size {
+            return Err(close(1009, "message too big"));
+        }
+        let replies = self.handle_frame(text.as_str()).await?;
+        if replies.is_empty() {
+            return Ok(());
+        }
+        self.write(replies.join("\n")).await
+    }
+
+    /// Writes `d` and whatever else is already queued (up to 64 pushes) as one frame.
+    async fn deliver(&mut self, d: Delivery) -> Result<(), Exit> {
+        let mut frames: Vec<Bytes> = Vec::new();
+        self.encode(d, &mut frames);
+        while frames.len() < 64 {
+            match self.rx.try_recv() {
+                Some(d) => self.encode(d, &mut frames),
+                None => break,
+            }
+        }
+        match join_frames(frames) {
+            Some(text) => self.write(text).await,
+            None => Ok(()),
+        }
+    }
+
     /// Writes one frame; gives up when the hub has disconnected this client or the socket stays full.
-    async fn write(&mut self, sink: &mut Sink, text: impl Into<Utf8Bytes>) -> Result<(), Exit> {
-        let closed = self.outbox.closed.clone();
+    async fn write(&mut self, text: impl Into<Utf8Bytes>) -> Result<(), Exit> {
         let text = text.into();
         tokio::select! {
-            r = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Text(text))) => match r {
+            r = tokio::time::timeout(WRITE_TIMEOUT, self.socket.send(Message::Text(text))) => match r {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) => Err(Exit::Gone),
                 Err(_) => Err(close(3008, "slow")),
             },
-            _ = closed.cancelled() => Err(close(3008, "slow")),
+            _ = self.outbox.closed.cancelled() => Err(close(3008, "slow")),
         }
     }
 
@@ -391,8 +403,8 @@ impl Conn {
     fn encode(&self, d: Delivery, out: &mut Vec<Bytes>) {
         match d {
             Delivery::Pub { sub, publication } => {
-                if let Some(ch) = self.channel_of.get(&sub) {
-                    out.push(publication.centrifugo_push(ch));
+                if let Some(s) = self.subs.iter().find(|s| s.sub.id == sub) {
+                    out.push(publication.centrifugo_push(&s.channel));
                 }
             }
             Delivery::Join { channel, info, .. } => out.push(Bytes::from(
@@ -404,29 +416,45 @@ impl Conn {
         }
     }
 
-    async fn check_deadlines(&mut self, sink: &mut Sink) -> Result<(), Exit> {
+    fn sub(&self, channel: &str) -> Option<&ChanSub> {
+        self.subs.iter().find(|s| s.channel == channel)
+    }
+
+    async fn check_deadlines(&mut self) -> Result<(), Exit> {
         let cfg = &self.st.config.centrifugo;
+        if self.st.hub.is_shutting_down() {
+            return Err(close(3001, "shutdown"));
+        }
         if !self.connected && self.opened.elapsed() > cfg.connect_timeout {
             return Err(close(3502, "stale: no connect command"));
         }
-        if self.pong_deadline.is_some_and(|d| Instant::now() > d) {
+        let now = Instant::now();
+        if self.pong_deadline.is_some_and(|d| now > d) {
             return Err(close(3012, "no pong"));
         }
-        let now = unix_now();
+        let ping_due = self.next_ping.is_some_and(|at| now >= at);
+        let unix = unix_now();
         let grace = cfg.refresh_grace.as_secs();
-        if self.exp.is_some_and(|exp| now > exp + grace) {
+        if self.exp.is_some_and(|exp| unix > exp + grace) {
             return Err(close(3005, "connection expired"));
+        }
+        if ping_due {
+            self.next_ping = Some(now + cfg.ping.max(Duration::from_millis(10)));
+            if self.pong_deadline.is_none() {
+                self.pong_deadline = Some(now + cfg.pong_timeout);
+            }
+            self.write("{}").await?;
         }
         let expired: Vec<String> = self
             .subs
             .iter()
-            .filter(|(_, s)| s.exp.is_some_and(|exp| now > exp + grace))
-            .map(|(c, _)| c.clone())
+            .filter(|s| s.exp.is_some_and(|exp| unix > exp + grace))
+            .map(|s| s.channel.clone())
             .collect();
         for ch in expired {
             self.remove_sub(&ch);
             let push = json!({"push": {"channel": ch, "unsubscribe": {"code": 2501, "reason": "subscription expired"}}});
-            self.write(sink, push.to_string()).await?;
+            self.write(push.to_string()).await?;
         }
         Ok(())
     }
@@ -548,6 +576,7 @@ impl Conn {
         self.exp = claims.exp;
         self.conn_info = claims.info;
         self.connected = true;
+        self.next_ping = Some(Instant::now() + self.st.config.centrifugo.ping);
         self.st
             .clients
             .add(&self.user, &self.client, self.ctl.clone());
@@ -678,7 +707,7 @@ impl Conn {
         let cfg = self.st.config.centrifugo.clone();
         let name = req.channel.clone();
         let ch = channel::parse(&name, &cfg).map_err(channel_refusal)?;
-        if self.subs.contains_key(&name) {
+        if self.sub(&name).is_some() {
             return Err(Refusal::new(105, "already subscribed"));
         }
         if self.subs.len() >= cfg.max_channels_per_connection {
@@ -707,7 +736,8 @@ impl Conn {
         let upto = sub.registered_at;
         let max = cfg.recovery_max_publications;
         let wants_recovery = req.recover && ns.recovery;
-        let epoch_ok = req.epoch == self.epoch;
+        let epoch = self.st.hub.log().epoch();
+        let epoch_ok = req.epoch == epoch;
         let (offset, offset_req) = (req.offset, req.offset);
         let chan = name.clone();
         let (top, recovered) = self
@@ -727,7 +757,7 @@ impl Conn {
         let mut result = json!({});
         if ns.recovery {
             result["recoverable"] = json!(true);
-            result["epoch"] = json!(self.epoch);
+            result["epoch"] = json!(epoch);
             result["offset"] = json!(top);
         }
         if wants_recovery {
@@ -748,21 +778,18 @@ impl Conn {
         if ns.presence {
             self.st.hub.join(&name, self.info(chan_info));
         }
-        self.channel_of.insert(sub.id, name.clone());
-        self.subs.insert(
-            name,
-            ChanSub {
-                sub,
-                presence: ns.presence,
-                exp,
-            },
-        );
+        self.subs.push(ChanSub {
+            channel: name,
+            sub,
+            presence: ns.presence,
+            exp,
+        });
         Ok(result)
     }
 
     fn remove_sub(&mut self, channel: &str) {
-        if let Some(s) = self.subs.remove(channel) {
-            self.channel_of.remove(&s.sub.id);
+        if let Some(i) = self.subs.iter().position(|s| s.channel == channel) {
+            let s = self.subs.swap_remove(i);
             if s.presence {
                 self.st.hub.leave(channel, &self.client);
             }
@@ -774,7 +801,7 @@ impl Conn {
             channel::parse(&req.channel, &self.st.config.centrifugo).map_err(channel_refusal)?;
         let allowed = match ch.namespace.publish {
             crate::config::PublishPolicy::None => false,
-            crate::config::PublishPolicy::Subscribers => self.subs.contains_key(&req.channel),
+            crate::config::PublishPolicy::Subscribers => self.sub(&req.channel).is_some(),
             crate::config::PublishPolicy::Any => ch.allows_user(&self.user),
         };
         if !allowed {
@@ -812,7 +839,7 @@ impl Conn {
                 "not available: presence is off for this namespace",
             ));
         }
-        if !self.subs.contains_key(channel_name) {
+        if self.sub(channel_name).is_none() {
             return Err(Refusal::new(
                 103,
                 "permission denied: subscribe to the channel first",
@@ -821,7 +848,7 @@ impl Conn {
         Ok(presence_result(&self.st, channel_name, stats))
     }
 
-    async fn history(&self, req: HistoryRequest) -> Result<Value, Refusal> {
+    async fn history(&mut self, req: HistoryRequest) -> Result<Value, Refusal> {
         let ch =
             channel::parse(&req.channel, &self.st.config.centrifugo).map_err(channel_refusal)?;
         if !ch.namespace.history {
@@ -830,7 +857,7 @@ impl Conn {
                 "not available: history is off for this namespace",
             ));
         }
-        if !self.subs.contains_key(&req.channel) {
+        if self.sub(&req.channel).is_none() {
             return Err(Refusal::new(
                 103,
                 "permission denied: subscribe to the channel first",
@@ -870,11 +897,11 @@ impl Conn {
     }
 
     fn sub_refresh(&mut self, req: SubRefreshRequest) -> Result<Value, Refusal> {
-        if !self.subs.contains_key(&req.channel) {
+        if self.sub(&req.channel).is_none() {
             return Err(Refusal::new(103, "permission denied: not subscribed"));
         }
         let claims = self.verify_sub_token(&req.token, &req.channel)?;
-        if let Some(s) = self.subs.get_mut(&req.channel) {
+        if let Some(s) = self.subs.iter_mut().find(|s| s.channel == req.channel) {
             s.exp = claims.exp;
         }
         let mut result = json!({});
@@ -885,7 +912,7 @@ impl Conn {
         Ok(result)
     }
 
-    async fn control(&mut self, c: Control, sink: &mut Sink) -> Result<(), Exit> {
+    async fn control(&mut self, c: Control) -> Result<(), Exit> {
         match c {
             Control::Subscribe { channel, info } => {
                 let req = SubscribeRequest {
@@ -898,7 +925,7 @@ impl Conn {
                             obj.remove("publications");
                         }
                         let push = json!({"push": {"channel": channel, "subscribe": result}});
-                        self.write(sink, push.to_string()).await
+                        self.write(push.to_string()).await
                     }
                     Err(r) => {
                         tracing::debug!(channel = %channel, error = %r.1, "server-side subscribe refused");
@@ -907,10 +934,10 @@ impl Conn {
                 }
             }
             Control::Unsubscribe { channel } => {
-                if self.subs.contains_key(&channel) {
+                if self.sub(&channel).is_some() {
                     self.remove_sub(&channel);
                     let push = json!({"push": {"channel": channel, "unsubscribe": {"code": 2000, "reason": "server unsubscribe"}}});
-                    self.write(sink, push.to_string()).await
+                    self.write(push.to_string()).await
                 } else {
                     Ok(())
                 }
@@ -932,14 +959,14 @@ impl Conn {
                 if let Some(exp) = self.exp {
                     refresh["ttl"] = json!(exp.saturating_sub(unix_now()));
                 }
-                self.write(sink, json!({"push": {"refresh": refresh}}).to_string())
+                self.write(json!({"push": {"refresh": refresh}}).to_string())
                     .await
             }
         }
     }
 
     fn cleanup(&mut self) {
-        let channels: Vec<String> = self.subs.keys().cloned().collect();
+        let channels: Vec<String> = self.subs.iter().map(|s| s.channel.clone()).collect();
         for ch in channels {
             self.remove_sub(&ch);
         }
