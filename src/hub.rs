@@ -11,7 +11,7 @@
 //!   outbox, with no gap and no duplicate.
 //!
 //! Each subscriber has a bounded outbox. Fan-out never waits: when an outbox is full the subscriber is
-//! disconnected (`closed` is cancelled, and the connection is killed if the transport registered a kill
+//! disconnected (its outbox is closed, and the connection is killed if the transport registered a kill
 //! switch) and will resume from the log when it reconnects.
 
 use std::collections::HashMap;
@@ -142,9 +142,8 @@ pub enum Delivery {
 /// the connection when it cannot keep up.
 #[derive(Clone)]
 pub struct Outbox {
+    /// Closed when the hub disconnects this client (slow consumer, shutdown): the receiver sees the end.
     tx: queue::Sender<Delivery>,
-    /// Cancelled when the hub disconnects this client (slow consumer, shutdown).
-    pub closed: CancellationToken,
     /// Cancelled to kill the TCP connection when the transport is not being polled (a client that stopped
     /// reading an SSE stream). WebSocket tasks own their socket and need none.
     kill: Option<CancellationToken>,
@@ -426,7 +425,6 @@ impl Hub {
         (
             Outbox {
                 tx,
-                closed: CancellationToken::new(),
                 kill,
             },
             rx,
@@ -629,7 +627,7 @@ impl Hub {
         };
         for s in &subs {
             metrics::gauge!("herald_subscriptions").decrement(1.0);
-            s.outbox.closed.cancel();
+            s.outbox.tx.close();
             metrics::counter!("herald_disconnects_total", "reason" => DisconnectReason::Shutdown.as_str())
                 .increment(1);
         }
@@ -644,7 +642,7 @@ impl Hub {
 }
 
 fn kill(sub: &Sub, reason: DisconnectReason) {
-    sub.outbox.closed.cancel();
+    sub.outbox.tx.close();
     if let Some(k) = &sub.outbox.kill {
         k.cancel();
     }
@@ -771,7 +769,7 @@ fn disconnect_slow(inner: &Inner, slow: Vec<Arc<Sub>>) {
     }
     drop(reg);
     for s in &slow {
-        if !s.outbox.closed.is_cancelled() {
+        if !s.outbox.tx.is_closed() {
             tracing::info!(subscriber = %s.spec.subscriber, "outbox full: disconnecting slow subscriber");
             kill(s, DisconnectReason::SlowConsumer);
         }
@@ -908,8 +906,8 @@ mod tests {
             hub.publish(new(&["t"], &i.to_string())).await.unwrap();
             assert_eq!(fast.data().await, i.to_string());
         }
-        assert!(slow.outbox.closed.is_cancelled());
-        assert!(!fast.outbox.closed.is_cancelled());
+        assert!(slow.outbox.tx.is_closed());
+        assert!(!fast.outbox.tx.is_closed());
         assert_eq!(hub.subscriptions().len(), 1);
     }
 
@@ -1014,7 +1012,7 @@ mod tests {
         let hub = hub(16);
         let c = client(&hub, spec(&["t"]));
         hub.shutdown().await.unwrap();
-        assert!(c.outbox.closed.is_cancelled());
+        assert!(c.outbox.tx.is_closed());
         assert!(matches!(
             hub.publish(new(&["t"], "x")).await,
             Err(HubError::ShuttingDown)

@@ -30,6 +30,8 @@ struct State<T> {
     capacity: usize,
     senders: usize,
     receiver: bool,
+    /// Closed by a sender: the receiver gets nothing more (the hub has disconnected this client).
+    closed: bool,
 }
 
 /// Why `try_send` refused.
@@ -51,6 +53,7 @@ pub fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
             capacity: capacity.max(1),
             senders: 1,
             receiver: true,
+            closed: false,
         }),
         waker: AtomicWaker::new(),
     });
@@ -61,7 +64,7 @@ impl<T> Sender<T> {
     pub fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
         {
             let mut st = self.0.state.lock();
-            if !st.receiver {
+            if !st.receiver || st.closed {
                 return Err(TrySendError::Closed(item));
             }
             if st.items.len() >= st.capacity {
@@ -71,6 +74,24 @@ impl<T> Sender<T> {
         }
         self.0.waker.wake();
         Ok(())
+    }
+}
+
+impl<T> Sender<T> {
+    /// Ends the queue now: what is waiting is dropped, `recv` returns `None` and `closed` completes. A
+    /// connection waits on this instead of a cancellation token of its own, which would cost every idle
+    /// connection another allocation and a larger future.
+    pub fn close(&self) {
+        {
+            let mut st = self.0.state.lock();
+            st.closed = true;
+            st.items = VecDeque::new();
+        }
+        self.0.waker.wake();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.0.state.lock().closed
     }
 }
 
@@ -95,7 +116,7 @@ impl<T> Drop for Sender<T> {
 }
 
 impl<T> Receiver<T> {
-    /// The next item; `None` once the queue is empty and every sender is gone.
+    /// The next item; `None` once the queue is closed, or empty with every sender gone.
     pub async fn recv(&mut self) -> Option<T> {
         poll_fn(|cx| self.poll_recv(cx)).await
     }
@@ -104,6 +125,9 @@ impl<T> Receiver<T> {
         // Register before looking, so a send between the look and the return still wakes us.
         self.0.waker.register(cx.waker());
         let mut st = self.0.state.lock();
+        if st.closed {
+            return Poll::Ready(None);
+        }
         match pop(&mut st) {
             Some(item) => Poll::Ready(Some(item)),
             None if st.senders == 0 => Poll::Ready(None),
@@ -114,6 +138,20 @@ impl<T> Receiver<T> {
     /// An item if one is waiting.
     pub fn try_recv(&mut self) -> Option<T> {
         pop(&mut self.0.state.lock())
+    }
+
+    /// Completes when a sender closes the queue. Not to be awaited together with `recv` (they share one
+    /// waker): a connection awaits it while a write of its own is stuck.
+    pub async fn closed(&self) {
+        poll_fn(|cx| {
+            self.0.waker.register(cx.waker());
+            if self.0.state.lock().closed {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 }
 
@@ -169,6 +207,27 @@ mod tests {
             .expect("receiver was not woken")
             .unwrap();
         assert_eq!(got, (Some(7), None));
+    }
+
+    #[tokio::test]
+    async fn close_ends_the_queue_at_once_and_wakes_a_waiter() {
+        let (tx, mut rx) = channel::<u32>(4);
+        let tx2 = tx.clone();
+        tx.try_send(1).unwrap();
+        let waiter = tokio::spawn(async move {
+            rx.closed().await;
+            rx.recv().await
+        });
+        tokio::task::yield_now().await;
+        assert!(!tx2.is_closed());
+        tx2.close();
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("closed() was not woken")
+            .unwrap();
+        assert_eq!(got, None, "a closed queue delivers nothing more");
+        assert!(tx.is_closed());
+        assert_eq!(tx.try_send(2), Err(TrySendError::Closed(2)));
     }
 
     #[test]

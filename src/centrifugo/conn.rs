@@ -37,10 +37,11 @@ const VERSION: &str = concat!("herald ", env!("CARGO_PKG_VERSION"));
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The socket read buffer. tungstenite's default (128 KiB, zero-filled, so resident) would make an idle
-/// connection cost thirty times what the rest of it does; clients send small commands, and a larger frame
-/// is still read, in more reads.
-const READ_BUFFER: usize = 1024;
+/// The socket read buffer, zero-filled and so resident for the connection's life. tungstenite's default
+/// (128 KiB) would make an idle connection cost thirty times what the rest of it does. SDK commands
+/// (subscribe, ping replies) fit in one read; a connect with a long token or a large publish takes a few
+/// more reads, which is cheaper than every idle connection paying for the largest command.
+const READ_BUFFER: usize = 256;
 
 /// `GET /connection/websocket`. The Origin check happens before the upgrade: a page on a foreign site must
 /// not be able to open a socket with the user's cookies (cross-site WebSocket hijacking).
@@ -327,7 +328,6 @@ impl Conn {
         loop {
             let step: Result<(), Exit> = tokio::select! {
                 biased;
-                _ = self.outbox.closed.cancelled() => Err(self.closed_exit()),
                 msg = self.socket.recv() => match msg {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Err(Exit::Gone),
                     Some(Ok(Message::Text(text))) => Box::pin(self.on_text(text)).await,
@@ -395,7 +395,7 @@ impl Conn {
                 Ok(Err(_)) => Err(Exit::Gone),
                 Err(_) => Err(close(3008, "slow")),
             },
-            _ = self.outbox.closed.cancelled() => Err(close(3008, "slow")),
+            _ = self.rx.closed() => Err(self.closed_exit()),
         }
     }
 
@@ -778,6 +778,7 @@ impl Conn {
         if ns.presence {
             self.st.hub.join(&name, self.info(chan_info));
         }
+        self.subs.reserve_exact(1); // most connections hold one or two; a vector's default growth is 4
         self.subs.push(ChanSub {
             channel: name,
             sub,

@@ -113,7 +113,6 @@ pub async fn subscribe(
         opened: false,
         sub,
         rx,
-        closed: outbox.closed.clone(),
         _guard: guard,
         _active: active,
     };
@@ -151,7 +150,6 @@ struct SseStream {
     hub: Hub,
     sub: Subscription,
     rx: crate::queue::Receiver<Delivery>,
-    closed: CancellationToken,
     /// Replay `(after, upto]` from the log before going live.
     replay: Option<(u64, u64)>,
     /// Live publications at or below this seq were already seen by the client.
@@ -186,7 +184,6 @@ impl SseStream {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return None,
-                _ = self.closed.cancelled() => return None,
                 _ = expiry(&mut self.expires) => {
                     metrics::counter!("herald_disconnects_total", "reason" => DisconnectReason::TokenExpired.as_str()).increment(1);
                     return None;
