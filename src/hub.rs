@@ -245,7 +245,8 @@ struct Inner {
     shutdown: CancellationToken,
     sequencer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// channel -> client id -> info. Local to this node.
-    presence: RwLock<HashMap<String, HashMap<String, ClientInfo>>>,
+    /// Shared with the join/leave deliveries: one copy per present client, not one per use.
+    presence: RwLock<HashMap<String, HashMap<String, Arc<ClientInfo>>>>,
 }
 
 /// Cheap to clone; all clones share one hub.
@@ -422,13 +423,7 @@ impl Hub {
     /// A new outbox for one client connection, with its receiving end.
     pub fn outbox(&self, kill: Option<CancellationToken>) -> (Outbox, queue::Receiver<Delivery>) {
         let (tx, rx) = queue::channel(self.inner.opts.outbox_capacity.max(1));
-        (
-            Outbox {
-                tx,
-                kill,
-            },
-            rx,
-        )
+        (Outbox { tx, kill }, rx)
     }
 
     /// Registers a live subscription delivering into `outbox`.
@@ -502,13 +497,14 @@ impl Hub {
 
     /// Adds a client to a channel's presence and, for subscribers that asked, delivers a join.
     pub fn join(&self, channel: &str, info: ClientInfo) {
+        let info = Arc::new(info);
         self.inner
             .presence
             .write()
             .entry(channel.to_string())
             .or_default()
             .insert(info.client.clone(), info.clone());
-        self.notify(channel, Arc::new(info), true);
+        self.notify(channel, info, true);
     }
 
     /// Removes a client from a channel's presence and delivers a leave.
@@ -522,7 +518,7 @@ impl Hub {
             info
         };
         if let Some(info) = info {
-            self.notify(channel, Arc::new(info), false);
+            self.notify(channel, info, false);
         }
     }
 
@@ -566,7 +562,7 @@ impl Hub {
         let p = self.inner.presence.read();
         let mut v: Vec<ClientInfo> = p
             .get(channel)
-            .map(|m| m.values().cloned().collect())
+            .map(|m| m.values().map(|i| ClientInfo::clone(i)).collect())
             .unwrap_or_default();
         v.sort_by(|a, b| a.client.cmp(&b.client));
         v

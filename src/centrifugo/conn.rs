@@ -2,7 +2,7 @@
 //!
 //! A single task owns the socket and serves, in one `select!`: commands from the client (newline-delimited
 //! JSON, replies batched into one frame), deliveries from the connection's outbox (pushes, coalesced), server
-//! API controls, pings, and a one-second tick for deadlines (connect, pong, token expiry). One task means
+//! API controls, and a shared 250 ms tick for deadlines and pings (connect, pong, token expiry). One task means
 //! replies and pushes are naturally ordered: a subscribe reply (with its recovered publications) is written
 //! before any live publication of that channel, which the hub has queued since registration.
 //!
@@ -20,7 +20,7 @@ use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 
 use super::channel::{self, ChannelError};
 use super::Control;
@@ -246,6 +246,7 @@ struct Conn {
     socket: WebSocket,
     rx: crate::queue::Receiver<Delivery>,
     ctl_rx: crate::queue::Receiver<Control>,
+    ticks: tokio::sync::watch::Receiver<()>,
     outbox: Outbox,
     ctl: crate::queue::Sender<Control>,
     _guard: ConnectionGuard,
@@ -274,6 +275,7 @@ impl Conn {
             socket,
             rx,
             ctl_rx,
+            ticks: st.clients.ticks(TICK),
             outbox,
             ctl,
             _guard: guard,
@@ -323,8 +325,6 @@ impl Conn {
     /// Waits for the next event and handles it. Only the waiting is inline; every handler that writes is a
     /// boxed future, allocated while it runs, so the task of an idle connection stays small.
     async fn serve(&mut self) -> Exit {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let step: Result<(), Exit> = tokio::select! {
                 biased;
@@ -342,7 +342,10 @@ impl Conn {
                     Some(c) => Box::pin(self.control(c)).await,
                     None => Ok(()),
                 },
-                _ = tick.tick() => Box::pin(self.check_deadlines()).await,
+                t = self.ticks.changed() => match t {
+                    Ok(()) => Box::pin(self.check_deadlines()).await,
+                    Err(_) => Err(close(3001, "shutdown")), // the server is being torn down
+                },
             };
             if let Err(exit) = step {
                 return exit;

@@ -5,10 +5,13 @@
 //! channel offset here) whichever transport carries it, and the epoch is the log's.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use axum::routing::{get, post};
 use axum::Router;
 use parking_lot::RwLock;
+use tokio::sync::watch;
 
 use crate::state::AppState;
 
@@ -50,9 +53,33 @@ pub enum Control {
 #[derive(Default)]
 pub struct Clients {
     by_user: RwLock<HashMap<String, HashMap<String, crate::queue::Sender<Control>>>>,
+    ticks: OnceLock<watch::Receiver<()>>,
 }
 
 impl Clients {
+    /// One clock for the deadlines of every connection (pings, pong and connect timeouts, token expiry):
+    /// a timer per connection would be another allocation per idle connection and as many timer-wheel
+    /// entries. The ticking task starts with the first connection and ends with this registry.
+    pub fn ticks(&self, period: Duration) -> watch::Receiver<()> {
+        self.ticks
+            .get_or_init(|| {
+                let (tx, rx) = watch::channel(());
+                tokio::spawn(async move {
+                    let mut every = tokio::time::interval(period);
+                    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    every.tick().await;
+                    loop {
+                        every.tick().await;
+                        if tx.send(()).is_err() {
+                            break; // the registry, and with it every receiver, is gone
+                        }
+                    }
+                });
+                rx
+            })
+            .clone()
+    }
+
     pub fn add(&self, user: &str, client: &str, tx: crate::queue::Sender<Control>) {
         self.by_user
             .write()

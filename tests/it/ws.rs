@@ -555,3 +555,24 @@ async fn server_api_controls_live_connections() {
     api(&s, "refresh", json!({"user": "u2", "expired": true})).await;
     assert_eq!(closed(&mut ws).await.0, 3005);
 }
+
+#[tokio::test]
+async fn shutdown_closes_every_connection_with_3001() {
+    let mut s = TestServer::start(&[]).await;
+    // One connection learns of the shutdown through its outbox (it has a subscription), the other,
+    // with none, through the shared deadline tick.
+    let mut subscribed = connected(&s, "a").await;
+    send(
+        &mut subscribed,
+        json!({"id": 2, "subscribe": {"channel": "news"}}),
+    )
+    .await;
+    assert!(next(&mut subscribed).await["subscribe"].is_object());
+    let mut bare = connected(&s, "b").await;
+    let readers =
+        tokio::spawn(async move { (closed(&mut subscribed).await, closed(&mut bare).await) });
+    s.stop().await;
+    let (a, b) = readers.await.unwrap();
+    assert_eq!(a.0, 3001, "{a:?}");
+    assert_eq!(b.0, 3001, "{b:?}");
+}
