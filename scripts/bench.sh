@@ -107,12 +107,13 @@ start_nchan() {
   wait_port "http://127.0.0.1:$NCHAN_PORT/nchan_status"
 }
 
-# name | transport | subscribers | channels | messages | rate | concurrency
+# name | transport | subscribers | channels | messages | rate | concurrency | extra herald-bench arguments
 if [ "$QUICK" = 1 ]; then
   WORKLOADS=(
     "1k SSE, 1 channel|sse|200|1|200|0|16"
     "1k SSE at 1k msg/s (p99 goal)|sse|200|1|500|1000|16"
     "100 SSE at 1k msg/s|sse|100|1|500|1000|16"
+    "1k SSE, highest rate with p99 < 100 ms|sse|200|1|20000|100|32|--max-p99 100ms --phase 2s --drain 5s"
     "10k SSE, 1 channel|sse|1000|1|100|0|16"
     "10k WS, 1 channel|ws|1000|1|100|0|16"
     "1k channels x 10 SSE|sse|1000|100|1000|0|16"
@@ -126,6 +127,7 @@ else
     "1k SSE, 1 channel|sse|1000|1|2000|0|16"
     "1k SSE at 1k msg/s (p99 goal)|sse|1000|1|3000|1000|16"
     "100 SSE at 1k msg/s|sse|100|1|3000|1000|16"
+    "1k SSE, highest rate with p99 < 100 ms|sse|1000|1|60000|100|32|--max-p99 100ms --phase 2s --drain 5s"
     "10k SSE, 1 channel|sse|10000|1|300|0|16"
     "10k WS, 1 channel|ws|10000|1|300|0|16"
     "1k channels x 10 SSE|sse|10000|1000|10000|0|16"
@@ -136,25 +138,25 @@ else
   )
 fi
 
-run_one() { # server name transport n channels m rate concurrency round
-  local server=$1 name=$2 transport=$3 n=$4 ch=$5 m=$6 rate=$7 conc=$8 round=$9 addr
+run_one() { # server name transport n channels m rate concurrency round extra
+  local server=$1 name=$2 transport=$3 n=$4 ch=$5 m=$6 rate=$7 conc=$8 round=$9 extra=${10:-} addr
   if [ "$server" = herald ]; then start_herald; addr=127.0.0.1:$HERALD_PORT; else start_nchan; addr=127.0.0.1:$NCHAN_PORT; fi
   echo "-- round $round: $name on $server"
   "$BENCH" run --server "$server" --addr "$addr" --transport "$transport" -n "$n" --channels "$ch" \
     -m "$m" --rate "$rate" --concurrency "$conc" --label "$name" --round "$round" \
-    --publish-timeout 90s --drain 15s --settle 2s --json-out "$RESULTS" \
+    --publish-timeout 90s --drain 15s --settle 2s --json-out "$RESULTS" $extra \
     2>&1 | tee -a "$OUT/runs.log" || echo "!! run failed: $name on $server" | tee -a "$OUT/runs.log"
   stop_server
 }
 
 for round in $(seq 1 "$ROUNDS"); do
   for wl in "${WORKLOADS[@]}"; do
-    IFS='|' read -r name transport n ch m rate conc <<<"$wl"
+    IFS='|' read -r name transport n ch m rate conc extra <<<"$wl"
     if [ -n "$ONLY" ] && [[ "$name" != *"$ONLY"* ]]; then continue; fi
     # Alternate which server goes first, so neither always runs on a warmer machine.
     if [ $((round % 2)) = 1 ]; then order="herald nchan"; else order="nchan herald"; fi
     for server in $order; do
-      run_one "$server" "$name" "$transport" "$n" "$ch" "$m" "$rate" "$conc" "$round"
+      run_one "$server" "$name" "$transport" "$n" "$ch" "$m" "$rate" "$conc" "$round" "$extra"
     done
   done
 done

@@ -87,6 +87,13 @@ struct RunArgs {
     /// Append the report as one JSON line to this file.
     #[arg(long)]
     json_out: Option<std::path::PathBuf>,
+    /// Rate search: the highest publish rate whose publish-to-receive p99 stays under this (e.g. 100ms),
+    /// found in phases starting at --rate (or 100/s); -m is the message budget over all phases.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_p99: Option<Duration>,
+    /// Length of one rate-search phase.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    phase: Duration,
     /// Exit non-zero when a message was lost or duplicated.
     #[arg(long)]
     strict: bool,
@@ -153,6 +160,8 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
     w.publish_timeout = a.publish_timeout;
     w.drain = a.drain;
     w.settle = a.settle;
+    w.max_p99 = a.max_p99;
+    w.phase = a.phase;
     let report = run(w).await?;
     report.print_human();
     if let Some(path) = a.json_out {

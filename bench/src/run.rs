@@ -45,6 +45,11 @@ pub struct Workload {
     pub drain: Duration,
     /// Wait after the ramp before reading RSS with idle connections.
     pub settle: Duration,
+    /// Rate search: find the highest publish rate whose publish-to-receive p99 stays under this, in
+    /// phases of `phase`, starting at `rate` (or 100/s), doubling until a phase fails, then bisecting.
+    /// `messages` is the budget over all phases.
+    pub max_p99: Option<Duration>,
+    pub phase: Duration,
     /// Distinguishes this run's channels from those of earlier runs.
     pub run_id: String,
 }
@@ -68,6 +73,8 @@ impl Workload {
             publish_timeout: Duration::from_secs(60),
             drain: Duration::from_secs(10),
             settle: Duration::from_secs(1),
+            max_p99: None,
+            phase: Duration::from_secs(3),
             run_id: format!(
                 "{}",
                 std::process::id() as u64 * 1_000_000 + now_us() % 1_000_000
@@ -107,6 +114,8 @@ pub struct Report {
     pub rss_idle_kib: Option<u64>,
     pub rss_conns_kib: Option<u64>,
     pub rss_load_kib: Option<u64>,
+    /// The phases of a rate search (empty without `max_p99`).
+    pub search: Vec<Step>,
 }
 
 fn q(h: &Histogram<u64>, quantile: f64) -> Value {
@@ -183,6 +192,30 @@ impl Report {
                 "idle": self.rss_idle_kib, "conns": self.rss_conns_kib, "load": self.rss_load_kib,
             },
             "rss_per_conn_bytes": self.rss_per_conn_bytes(),
+            "rate_search": self.rate_search_json(),
+        })
+    }
+
+    fn rate_search_json(&self) -> Value {
+        let Some(max) = self.w.max_p99 else {
+            return Value::Null;
+        };
+        let steps: Vec<Value> = self
+            .search
+            .iter()
+            .map(|s| {
+                json!({
+                    "rate": s.rate, "acked_rate": s.acked_rate,
+                    "deliveries_per_sec": s.deliveries_per_sec, "p99_ms": s.p99_ms, "ok": s.ok,
+                })
+            })
+            .collect();
+        let best = sustained(&self.search);
+        json!({
+            "max_p99_ms": max.as_secs_f64() * 1000.0,
+            "sustained_rate": best.map(|s| s.rate),
+            "sustained_deliveries_per_sec": best.map(|s| s.deliveries_per_sec),
+            "steps": steps,
         })
     }
 
@@ -253,6 +286,21 @@ impl Report {
             j["rss_kib"]["load"],
             j["rss_per_conn_bytes"]
         );
+        if let Some(max) = self.w.max_p99 {
+            match sustained(&self.search) {
+                Some(s) => println!(
+                    "sustained with p99 < {} ms: {:.0} deliveries/s at {:.0} msg/s (p99 {:?} ms)",
+                    max.as_millis(),
+                    s.deliveries_per_sec,
+                    s.rate,
+                    s.p99_ms
+                ),
+                None => println!(
+                    "sustained with p99 < {} ms: no phase passed",
+                    max.as_millis()
+                ),
+            }
+        }
         println!("{}", if self.clean() { "CLEAN" } else { "NOT CLEAN" });
     }
 }
@@ -411,80 +459,34 @@ pub async fn run(w: Workload) -> anyhow::Result<Report> {
             }
         })
     };
-    let next = Arc::new(AtomicUsize::new(0));
-    let failed: Arc<Mutex<Vec<usize>>> = Arc::new(Mutex::new(Vec::new()));
-    let first_publish_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
-    let acks = Arc::new(Mutex::new(histogram()));
-    let last_ack = Arc::new(AtomicU64::new(0));
-    let t0 = Instant::now();
-    let publish_deadline = t0 + w.publish_timeout;
-    let mut workers = Vec::new();
-    for _ in 0..w.concurrency.max(1) {
-        let (next, failed, first_err, acks, last_ack) = (
-            next.clone(),
-            failed.clone(),
-            first_publish_error.clone(),
-            acks.clone(),
-            last_ack.clone(),
-        );
-        let (client, target, names, shared) = (
-            client.clone(),
-            w.target.clone(),
-            names.clone(),
-            shared.clone(),
-        );
-        let (messages, rate, size) = (w.messages, w.rate, w.size);
-        workers.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= messages {
-                    break;
-                }
-                if rate > 0.0 {
-                    tokio::time::sleep_until(t0 + Duration::from_secs_f64(i as f64 / rate)).await;
-                }
-                if Instant::now() >= publish_deadline {
-                    break;
-                }
-                let sent_us = now_us();
-                let payload = Payload::Msg {
-                    index: i as u64,
-                    sent_us,
-                }
-                .encode(size);
-                shared.tracker.sent(i, sent_us);
-                let r = target
-                    .publish(&client, &names[i % names.len()], &payload)
-                    .send()
-                    .await;
-                let err = match r {
-                    Ok(resp) if resp.status().is_success() => {
-                        // Read the (small) body so the connection goes back to the pool.
-                        let _ = resp.bytes().await;
-                        None
-                    }
-                    Ok(resp) => Some(format!("HTTP {}", resp.status())),
-                    Err(e) => Some(format!("{e}")),
-                };
-                let done = now_us();
-                match err {
-                    None => {
-                        acks.lock()
-                            .saturating_record(done.saturating_sub(sent_us).max(1));
-                        last_ack.fetch_max(done, Ordering::Relaxed);
-                    }
-                    Some(e) => {
-                        failed.lock().push(i);
-                        first_err.lock().get_or_insert(e);
-                    }
-                }
-            }
-        }));
-    }
-    for wk in workers {
-        let _ = wk.await;
-    }
+    let publisher = Publisher {
+        client: client.clone(),
+        target: w.target.clone(),
+        names: names.clone(),
+        shared: shared.clone(),
+        failed: Arc::new(Mutex::new(Vec::new())),
+        first_error: Arc::new(Mutex::new(None)),
+        acks: Arc::new(Mutex::new(histogram())),
+        last_ack: Arc::new(AtomicU64::new(0)),
+        concurrency: w.concurrency.max(1),
+        size: w.size,
+        timeout: w.publish_timeout,
+    };
+    let search = match w.max_p99 {
+        Some(max_p99) => rate_search(&w, &publisher, &subs_on, max_p99).await,
+        None => {
+            publisher.publish(0..w.messages, w.rate).await;
+            Vec::new()
+        }
+    };
     let publish_end = now_us();
+    let Publisher {
+        failed,
+        first_error: first_publish_error,
+        acks,
+        last_ack,
+        ..
+    } = publisher;
     let failed: Vec<usize> = std::mem::take(&mut *failed.lock());
     let sent = (0..w.messages)
         .filter(|&i| shared.tracker.was_sent(i))
@@ -604,6 +606,213 @@ pub async fn run(w: Workload) -> anyhow::Result<Report> {
         rss_idle_kib,
         rss_conns_kib,
         rss_load_kib,
+        search,
         w,
     })
+}
+
+/// Publishes ranges of message indices at a rate, from `concurrency` workers; collects acknowledgements
+/// and failures over all ranges.
+struct Publisher {
+    client: reqwest::Client,
+    target: Target,
+    names: Vec<String>,
+    shared: Arc<Shared>,
+    failed: Arc<Mutex<Vec<usize>>>,
+    first_error: Arc<Mutex<Option<String>>>,
+    acks: Arc<Mutex<Histogram<u64>>>,
+    last_ack: Arc<AtomicU64>,
+    concurrency: usize,
+    size: usize,
+    timeout: Duration,
+}
+
+impl Publisher {
+    /// Publishes messages `range` (message i to channel i % channels), paced at `rate` per second from
+    /// now (0 = as fast as acknowledged), none started after the publish timeout.
+    async fn publish(&self, range: std::ops::Range<usize>, rate: f64) {
+        let next = Arc::new(AtomicUsize::new(range.start));
+        let t0 = Instant::now();
+        let deadline = t0 + self.timeout;
+        let mut workers = Vec::new();
+        for _ in 0..self.concurrency {
+            let (next, failed, first_err, acks, last_ack) = (
+                next.clone(),
+                self.failed.clone(),
+                self.first_error.clone(),
+                self.acks.clone(),
+                self.last_ack.clone(),
+            );
+            let (client, target, names, shared) = (
+                self.client.clone(),
+                self.target.clone(),
+                self.names.clone(),
+                self.shared.clone(),
+            );
+            let (range, size) = (range.clone(), self.size);
+            workers.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= range.end {
+                        break;
+                    }
+                    if rate > 0.0 {
+                        let at = (i - range.start) as f64 / rate;
+                        tokio::time::sleep_until(t0 + Duration::from_secs_f64(at)).await;
+                    }
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    let sent_us = now_us();
+                    let payload = Payload::Msg {
+                        index: i as u64,
+                        sent_us,
+                    }
+                    .encode(size);
+                    shared.tracker.sent(i, sent_us);
+                    let r = target
+                        .publish(&client, &names[i % names.len()], &payload)
+                        .send()
+                        .await;
+                    let err = match r {
+                        Ok(resp) if resp.status().is_success() => {
+                            // Read the (small) body so the connection goes back to the pool.
+                            let _ = resp.bytes().await;
+                            None
+                        }
+                        Ok(resp) => Some(format!("HTTP {}", resp.status())),
+                        Err(e) => Some(format!("{e}")),
+                    };
+                    let done = now_us();
+                    match err {
+                        None => {
+                            acks.lock()
+                                .saturating_record(done.saturating_sub(sent_us).max(1));
+                            last_ack.fetch_max(done, Ordering::Relaxed);
+                        }
+                        Some(e) => {
+                            failed.lock().push(i);
+                            first_err.lock().get_or_insert(e);
+                        }
+                    }
+                }
+            }));
+        }
+        for wk in workers {
+            let _ = wk.await;
+        }
+    }
+}
+
+/// One phase of a rate search.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub rate: f64,
+    /// Publishes per second the server acknowledged (below `rate` when it could not keep up).
+    pub acked_rate: f64,
+    pub deliveries_per_sec: f64,
+    pub p99_ms: Option<f64>,
+    /// Every message of the phase reached every subscriber, the server kept up with the rate and the p99
+    /// stayed under the bound.
+    pub ok: bool,
+}
+
+/// At most this many phases, so a search is bounded whatever the server does.
+const MAX_STEPS: usize = 14;
+
+/// Phases at rising rates (doubling from `w.rate`, or 100/s) until one fails, then bisection between the
+/// best passing and the first failing rate until they are within 10%. Each phase waits for its deliveries
+/// (up to `w.drain`) and is judged on its own latencies.
+async fn rate_search(w: &Workload, p: &Publisher, subs_on: &[u32], max_p99: Duration) -> Vec<Step> {
+    let shared = &p.shared;
+    let channels = subs_on.len().max(1);
+    let mut rate = if w.rate > 0.0 { w.rate } else { 100.0 };
+    let (mut good, mut bad): (Option<f64>, Option<f64>) = (None, None);
+    let mut start = 0;
+    let mut steps = Vec::new();
+    for _ in 0..MAX_STEPS {
+        let count = ((rate * w.phase.as_secs_f64()).ceil() as usize).max(1);
+        if start + count > w.messages {
+            eprintln!(
+                "rate search: message budget ({}) spent; raise -m to search further",
+                w.messages
+            );
+            break;
+        }
+        let range = start..start + count;
+        let before = shared.latency.merged();
+        let delivered_before = shared.delivered.load(Ordering::Relaxed);
+        let failed_before = p.failed.lock().len();
+        let t0 = Instant::now();
+        p.publish(range.clone(), rate).await;
+        let publish_secs = t0.elapsed().as_secs_f64();
+        let failed_now: std::collections::HashSet<usize> =
+            p.failed.lock()[failed_before..].iter().copied().collect();
+        let expected: u64 = range
+            .clone()
+            .filter(|&i| shared.tracker.was_sent(i) && !failed_now.contains(&i))
+            .map(|i| u64::from(subs_on[i % channels]))
+            .sum();
+        let drain_deadline = Instant::now() + w.drain;
+        while Instant::now() < drain_deadline
+            && shared.delivered.load(Ordering::Relaxed) - delivered_before < expected
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let got = shared.delivered.load(Ordering::Relaxed) - delivered_before;
+        let mut h = shared.latency.merged();
+        let _ = h.subtract(&before);
+        let p99_us = (!h.is_empty()).then(|| h.value_at_quantile(0.99));
+        let deliveries_per_sec = match shared.tracker.span_us_in(range.clone()) {
+            Some((first, last)) if last > first => got as f64 / ((last - first) as f64 / 1e6),
+            _ => 0.0,
+        };
+        let acked = count - failed_now.len();
+        let acked_rate = acked as f64 / publish_secs.max(1e-6);
+        let ok = failed_now.is_empty()
+            && expected > 0
+            && got >= expected
+            && acked_rate >= 0.9 * rate
+            && p99_us.is_some_and(|us| us <= max_p99.as_micros() as u64);
+        let step = Step {
+            rate,
+            acked_rate,
+            deliveries_per_sec,
+            p99_ms: p99_us.map(|us| us as f64 / 1000.0),
+            ok,
+        };
+        eprintln!(
+            "rate search: {:.0} msg/s -> acked {:.0}/s, {:.0} deliveries/s, p99 {:?} ms: {}",
+            step.rate,
+            step.acked_rate,
+            step.deliveries_per_sec,
+            step.p99_ms,
+            if ok { "ok" } else { "over" }
+        );
+        steps.push(step);
+        start += count;
+        if ok {
+            good = Some(good.map_or(rate, |g: f64| g.max(rate)));
+        } else {
+            bad = Some(bad.map_or(rate, |b: f64| b.min(rate)));
+        }
+        rate = match (good, bad) {
+            (Some(g), None) => g * 2.0,
+            (None, Some(b)) => b / 2.0,
+            (Some(g), Some(b)) if (b - g) / g > 0.1 => (g + b) / 2.0,
+            _ => break,
+        };
+        if rate < 1.0 {
+            break;
+        }
+    }
+    steps
+}
+
+/// The best passing phase of a search.
+pub fn sustained(steps: &[Step]) -> Option<&Step> {
+    steps
+        .iter()
+        .filter(|s| s.ok)
+        .max_by(|a, b| a.rate.total_cmp(&b.rate))
 }

@@ -156,6 +156,24 @@ impl Tracker {
     }
 }
 
+impl Tracker {
+    /// First send and last arrival over the messages in `range` (one phase of a rate search).
+    pub fn span_us_in(&self, range: std::ops::Range<usize>) -> Option<(u64, u64)> {
+        let end = range.end.min(self.sent_us.len());
+        let start = range.start.min(end);
+        let first = self.sent_us[start..end]
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .filter(|&s| s != NOT_SENT)
+            .min()?;
+        let last = self.last_us[start..end]
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .max()?;
+        Some((first, last))
+    }
+}
+
 /// A histogram in microseconds (1 µs .. 10 min, 3 significant digits).
 pub fn histogram() -> Histogram<u64> {
     // The bounds are constants that `new_with_bounds` accepts; fall back to an auto-resizing one.

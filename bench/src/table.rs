@@ -34,7 +34,23 @@ fn has_conns(v: &Value) -> bool {
     f(v, &["subscribers"]).unwrap_or(0.0) >= 1000.0
 }
 
+fn has_search(v: &Value) -> bool {
+    v.get("rate_search").is_some_and(|r| !r.is_null())
+}
+
 const METRICS: &[Metric] = &[
+    Metric {
+        name: "sustained deliveries/s (rate search, p99 under the bound)",
+        get: |v| f(v, &["rate_search", "sustained_deliveries_per_sec"]),
+        applies: has_search,
+        decimals: 0,
+    },
+    Metric {
+        name: "sustained publish rate msg/s",
+        get: |v| f(v, &["rate_search", "sustained_rate"]),
+        applies: has_search,
+        decimals: 0,
+    },
     Metric {
         name: "deliveries/s",
         get: |v| f(v, &["deliveries_per_sec"]),
@@ -207,6 +223,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rate_search_rows_use_the_sustained_figures() {
+        let line = |server: &str, sustained: f64| {
+            format!(
+                r#"{{"label":"search","server":"{server}","subscribers":1000,"messages":10,"deliveries_per_sec":1,"rate_search":{{"sustained_deliveries_per_sec":{sustained},"sustained_rate":{}}},"lost":0,"duplicated":0,"clean":true}}"#,
+                sustained / 1000.0
+            )
+        };
+        let text = [line("herald", 400_000.0), line("nchan", 100_000.0)].join("\n");
+        let t = markdown(&text).expect("table");
+        assert!(
+            t.contains("| search | sustained deliveries/s (rate search, p99 under the bound) | 400000 | 100000 | 4.00 |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| search | sustained publish rate msg/s | 400 | 100 | 4.00 |"),
+            "{t}"
+        );
+    }
+
+    #[test]
     fn medians_and_ratios() {
         let line = |server: &str, dps: f64, lost: u64| {
             format!(
@@ -228,6 +264,7 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("2/3 clean; lost 2 dup 0"), "{t}");
+        assert!(!t.contains("sustained"), "no search, no search rows: {t}");
         assert_eq!(median(vec![]), None);
         assert_eq!(median(vec![1.0, 3.0]), Some(2.0));
     }
