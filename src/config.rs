@@ -117,7 +117,8 @@ pub struct MercureConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CentrifugoConfig {
-    /// Interval of server pings (`{}`); the client must answer within `pong_timeout`.
+    /// Interval of server pings (`{}`); the client must answer within `pong_timeout`. Both are checked on a
+    /// shared 250 ms tick, so they are kept to that granularity.
     #[serde(with = "humantime_serde")]
     pub ping: Duration,
     #[serde(with = "humantime_serde")]

@@ -263,6 +263,9 @@ struct Conn {
     opened: Instant,
 }
 
+/// Pushes waiting in the outbox are joined into one frame up to this many bytes.
+const JOIN_LIMIT: usize = 16 * 1024;
+
 /// How often deadlines are checked: connect timeout, pings and pongs, token expiry and shutdown of a
 /// connection that has no subscription (one with subscriptions learns of it through its outbox at once).
 const TICK: Duration = Duration::from_millis(250);
@@ -373,13 +376,20 @@ impl Conn {
         self.write(replies.join("\n")).await
     }
 
-    /// Writes `d` and whatever else is already queued (up to 64 pushes) as one frame.
+    /// Writes `d` and whatever else is already queued (up to 64 pushes, up to `JOIN_LIMIT` bytes) as one
+    /// frame. The byte bound matters beyond the write: tungstenite keeps its frame buffer at the size of the
+    /// largest frame written, for the connection's life.
     async fn deliver(&mut self, d: Delivery) -> Result<(), Exit> {
         let mut frames: Vec<Bytes> = Vec::new();
         self.encode(d, &mut frames);
-        while frames.len() < 64 {
+        let mut bytes: usize = frames.iter().map(Bytes::len).sum();
+        while frames.len() < 64 && bytes < JOIN_LIMIT {
             match self.rx.try_recv() {
-                Some(d) => self.encode(d, &mut frames),
+                Some(d) => {
+                    let before = frames.len();
+                    self.encode(d, &mut frames);
+                    bytes += frames[before..].iter().map(Bytes::len).sum::<usize>();
+                }
                 None => break,
             }
         }
