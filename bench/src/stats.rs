@@ -141,22 +141,9 @@ impl Tracker {
 
     /// First send and last arrival over all messages (the span deliveries per second is measured over).
     pub fn span_us(&self) -> Option<(u64, u64)> {
-        let first = self
-            .sent_us
-            .iter()
-            .map(|s| s.load(Ordering::Relaxed))
-            .filter(|&s| s != NOT_SENT)
-            .min()?;
-        let last = self
-            .last_us
-            .iter()
-            .map(|s| s.load(Ordering::Relaxed))
-            .max()?;
-        Some((first, last))
+        self.span_us_in(0..self.len())
     }
-}
 
-impl Tracker {
     /// First send and last arrival over the messages in `range` (one phase of a rate search).
     pub fn span_us_in(&self, range: std::ops::Range<usize>) -> Option<(u64, u64)> {
         let end = range.end.min(self.sent_us.len());
