@@ -50,14 +50,32 @@ pub struct MercureClaim {
     pub payload: Option<serde_json::Value>,
 }
 
+/// The claims of every token Herald verifies, on both faces: one struct, so a claim means the same thing
+/// whichever way the token arrives (see `access` for how the Mercure and Centrifugo claims combine).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Claims {
+    /// The user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exp: Option<u64>,
+    /// Not valid before (checked with the same leeway as `exp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mercure: Option<MercureClaim>,
+    /// Centrifugo: channels the connection is subscribed to at connect; each is also a read grant.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channels: Vec<String>,
+    /// Centrifugo: server-side subscriptions with options, by channel; each is also a read grant.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub subs: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Centrifugo: what presence and join/leave show about this connection (or subscription).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<serde_json::Value>,
+    /// Centrifugo subscription token: the one channel it grants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
 }
 
 impl Claims {
@@ -93,6 +111,8 @@ pub struct Auth {
     pub cookie_name: String,
     pub allow_anonymous: bool,
     pub publish_origins: OriginList,
+    /// The server API key, resolved (`env:`/`file:`); `None` turns the API off.
+    pub api_key: Option<Vec<u8>>,
 }
 
 pub fn parse_alg(name: &str) -> Result<Algorithm, String> {
@@ -101,15 +121,16 @@ pub fn parse_alg(name: &str) -> Result<Algorithm, String> {
     })
 }
 
-/// Resolves a key setting: `env:VAR`, `file:/path`, or the value itself.
+/// Resolves a secret setting: `env:VAR`, `file:/path`, or the value itself. Every secret the config
+/// accepts goes through here, so the documented forms work for all of them.
 pub fn resolve_key_material(spec: &str) -> Result<Vec<u8>, String> {
     if let Some(var) = spec.strip_prefix("env:") {
         return std::env::var(var)
             .map(String::into_bytes)
-            .map_err(|_| format!("JWT key variable {var} is not set"));
+            .map_err(|_| format!("the environment variable {var} is not set"));
     }
     if let Some(path) = spec.strip_prefix("file:") {
-        return std::fs::read(path).map_err(|e| format!("cannot read JWT key file {path}: {e}"));
+        return std::fs::read(path).map_err(|e| format!("cannot read the key file {path}: {e}"));
     }
     Ok(spec.as_bytes().to_vec())
 }
@@ -200,7 +221,26 @@ impl Auth {
             cookie_name: c.cookie_name.clone(),
             allow_anonymous: c.allow_anonymous,
             publish_origins: OriginList::parse(&c.publish_origins)?,
+            api_key: None,
         })
+    }
+
+    /// Sets the server API key from its setting (`env:VAR`, `file:/path` or the key itself). A key read
+    /// from a file loses its trailing line break; an empty key is refused (it would open the API to anyone
+    /// sending an empty header).
+    pub fn with_api_key(mut self, spec: Option<&str>) -> Result<Auth, String> {
+        let Some(spec) = spec else { return Ok(self) };
+        let mut key = resolve_key_material(spec).map_err(|e| format!("centrifugo.api_key: {e}"))?;
+        if spec.starts_with("file:") {
+            while key.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                key.pop();
+            }
+        }
+        if key.is_empty() {
+            return Err("centrifugo.api_key is empty".into());
+        }
+        self.api_key = Some(key);
+        Ok(self)
     }
 
     /// Finds the token by precedence. `query` is the raw query string.
@@ -263,6 +303,7 @@ impl Auth {
         v.algorithms = key.algs.clone();
         v.required_spec_claims = HashSet::new();
         v.validate_exp = true;
+        v.validate_nbf = true;
         v.leeway = 0;
         v.validate_aud = false;
         match jsonwebtoken::decode::<T>(token, &key.key, &v) {

@@ -56,6 +56,9 @@ struct ConfigArgs {
     /// Allow subscribers without a token (public updates only).
     #[arg(long)]
     allow_anonymous: bool,
+    /// Serve with the public development key on a non-loopback address (`auth.allow_dev_key`).
+    #[arg(long)]
+    allow_dev_key: bool,
     /// Allowed CORS origin; repeat for several.
     #[arg(long = "cors-origin")]
     cors_origins: Vec<String>,
@@ -87,6 +90,9 @@ impl ConfigArgs {
         }
         if self.allow_anonymous {
             o.push(("auth.allow_anonymous".into(), "true".into()));
+        }
+        if self.allow_dev_key {
+            o.push(("auth.allow_dev_key".into(), "true".into()));
         }
         if !self.cors_origins.is_empty() {
             o.push(("cors.allowed_origins".into(), self.cors_origins.join(",")));
@@ -170,7 +176,11 @@ pub async fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Config(a) => {
-            print!("{}", a.load()?.to_redacted_toml());
+            let config = a.load()?;
+            for line in config.secret_sources() {
+                println!("{line}");
+            }
+            print!("{}", config.to_redacted_toml());
             Ok(())
         }
     }
@@ -243,6 +253,7 @@ fn token(a: &TokenArgs) -> anyhow::Result<String> {
             subscribe: (!a.subscribe.is_empty()).then(|| a.subscribe.clone()),
             payload,
         }),
+        ..Default::default()
     };
     let enc = auth::encoding_key(&key, alg).map_err(anyhow::Error::msg)?;
     auth::sign(&claims, alg, &enc).map_err(anyhow::Error::msg)

@@ -87,6 +87,9 @@ pub struct AuthConfig {
     pub cookie_name: String,
     /// Origins a cookie-authenticated publish may come from (CSRF protection); `*` allows any.
     pub publish_origins: Vec<String>,
+    /// Serve with the public development key on a non-loopback address anyway. Off: `herald serve` refuses,
+    /// because anyone who has read the docs can mint tokens for that key.
+    pub allow_dev_key: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -305,6 +308,7 @@ impl Default for AuthConfig {
             allow_anonymous: false,
             cookie_name: "mercureAuthorization".into(),
             publish_origins: Vec::new(),
+            allow_dev_key: false,
         }
     }
 }
@@ -405,7 +409,9 @@ impl Config {
                 "limits.outbox_capacity and limits.max_connections must be at least 1".into(),
             ));
         }
-        crate::auth::Auth::from_config(&self.auth).map_err(ConfigError::Invalid)?;
+        crate::auth::Auth::from_config(&self.auth)
+            .and_then(|a| a.with_api_key(self.centrifugo.api_key.as_deref()))
+            .map_err(ConfigError::Invalid)?;
         Ok(())
     }
 
@@ -426,6 +432,40 @@ impl Config {
     pub fn uses_dev_key(&self) -> bool {
         let a = &self.auth;
         a.jwt_key.is_none() && (a.publisher_jwt_key.is_none() || a.subscriber_jwt_key.is_none())
+    }
+
+    /// Where each configured secret comes from, one comment line each, for `herald config`: every secret
+    /// setting accepts `env:VAR` and `file:/path`, and a missing variable or file is what people get wrong.
+    pub fn secret_sources(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (key, v) in [
+            ("auth.jwt_key", &self.auth.jwt_key),
+            ("auth.publisher_jwt_key", &self.auth.publisher_jwt_key),
+            ("auth.subscriber_jwt_key", &self.auth.subscriber_jwt_key),
+            ("centrifugo.api_key", &self.centrifugo.api_key),
+        ] {
+            let Some(v) = v else { continue };
+            let state = if let Some(var) = v.strip_prefix("env:") {
+                match std::env::var_os(var) {
+                    Some(_) => format!("read from the environment variable {var} (set)"),
+                    None => format!("read from the environment variable {var}, which is NOT set"),
+                }
+            } else if let Some(path) = v.strip_prefix("file:") {
+                match std::fs::metadata(path) {
+                    Ok(_) => format!("read from the file {path}"),
+                    Err(e) => format!("read from the file {path}, which cannot be read: {e}"),
+                }
+            } else {
+                "given inline (env:VAR and file:/path are also accepted)".to_string()
+            };
+            out.push(format!("# {key}: {state}"));
+        }
+        if self.uses_dev_key() {
+            out.push(format!(
+                "# the public development JWT key {DEV_JWT_KEY:?} is in use: anyone can mint tokens for it"
+            ));
+        }
+        out
     }
 
     /// The config as TOML with secrets masked, for `herald config`.

@@ -23,10 +23,11 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{Identity, ReadFilter};
 use crate::frame::Publication;
 use crate::log::{Log, LogError, Record, Retention};
 use crate::queue;
-use crate::topic::{self, Selector};
+use crate::topic::Selector;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -150,12 +151,12 @@ pub struct Outbox {
 }
 
 /// What a subscriber asks for.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SubscribeSpec {
     pub selectors: Vec<Selector>,
-    /// Selectors granting private updates (Mercure `mercure.subscribe`). A private publication is delivered
-    /// only if one of its topics matches one of these.
-    pub private_grants: Vec<Selector>,
+    /// What this subscriber may read, decided by `access` (channel rules, private updates). The hub applies
+    /// it to every publication it fans out; transports apply it to every record they read from the log.
+    pub filter: ReadFilter,
     /// Stable identifier of the subscriber (an IRI), shared by all its subscriptions.
     pub subscriber: String,
     /// Opaque data attached by the token (`mercure.payload`), shown in subscription listings.
@@ -174,12 +175,21 @@ struct Sub {
 }
 
 impl SubscribeSpec {
-    /// Whether this subscriber should receive `r`: a topic matches a selector and, for a private record,
-    /// a topic matches a grant. Used by the fan-out and by history replays alike.
+    /// A spec with only selectors, read as `who` with no channel rules (see [`ReadFilter::without_rules`]).
+    pub fn new(selectors: Vec<Selector>, who: Arc<Identity>, subscriber: String) -> SubscribeSpec {
+        SubscribeSpec {
+            selectors,
+            filter: ReadFilter::without_rules(who),
+            subscriber,
+            payload: None,
+            join_leave: false,
+        }
+    }
+
+    /// Whether this subscriber should receive `r`: selected, and readable by it. Used by the fan-out and by
+    /// history replays alike, so live and history cannot disagree.
     pub fn wants(&self, r: &Record) -> bool {
-        let topics = r.topics.iter().map(String::as_str);
-        topic::any_match(&self.selectors, topics.clone())
-            && (!r.private || topic::any_match(&self.private_grants, topics))
+        self.filter.admits(&self.selectors, r)
     }
 }
 
@@ -813,11 +823,11 @@ mod tests {
     }
 
     fn spec(selectors: &[&str]) -> SubscribeSpec {
-        SubscribeSpec {
-            selectors: selectors.iter().map(|s| Selector::parse(s)).collect(),
-            subscriber: "urn:test".into(),
-            ..Default::default()
-        }
+        SubscribeSpec::new(
+            selectors.iter().map(|s| Selector::parse(s)).collect(),
+            Identity::anonymous(),
+            "urn:test".into(),
+        )
     }
 
     struct Client {
@@ -878,7 +888,10 @@ mod tests {
         let mut granted = client(
             &hub,
             SubscribeSpec {
-                private_grants: vec![Selector::parse("t")],
+                filter: ReadFilter::without_rules(Arc::new(Identity {
+                    grants: vec![Selector::parse("t")],
+                    ..Default::default()
+                })),
                 ..spec(&["t"])
             },
         );

@@ -17,8 +17,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod auth;
 pub mod centrifugo;
+pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod cors;

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::access::Access;
 use crate::auth::Auth;
 use crate::centrifugo::Clients;
 use crate::config::Config;
@@ -12,6 +13,8 @@ use crate::hub::Hub;
 pub struct AppState {
     pub hub: Hub,
     pub auth: Arc<Auth>,
+    /// The one access model: every read path asks it.
+    pub access: Arc<Access>,
     pub config: Arc<Config>,
     /// `cors.allowed_origins`, parsed once: CORS and the WebSocket origin check share it.
     pub origins: Arc<OriginList>,

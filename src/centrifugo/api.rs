@@ -10,9 +10,9 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
 
-use super::channel::{self, ChannelError};
-use super::conn::{history_result, presence_result, refusal_parts};
+use super::conn::{channel_refusal, history_result, presence_result, refusal_parts};
 use super::Control;
 use crate::error::ApiError;
 use crate::hub::NewPublication;
@@ -99,7 +99,7 @@ fn wrap(method: Option<&str>, r: Result<Value, (u32, String)>) -> Value {
 }
 
 fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(key) = st.config.centrifugo.api_key.as_deref() else {
+    let Some(key) = st.auth.api_key.as_deref() else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "api_disabled",
@@ -120,7 +120,7 @@ fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
             "api_key_missing",
             "send the API key in X-API-Key or `Authorization: apikey KEY`",
         )),
-        Some(g) if g.trim() == key => Ok(()),
+        Some(g) if bool::from(g.trim().as_bytes().ct_eq(key)) => Ok(()),
         Some(_) => Err(ApiError::unauthorized(
             "api_key_invalid",
             "the API key does not match",
@@ -136,14 +136,10 @@ fn str_param<'a>(p: &'a Value, name: &str) -> Result<&'a str, (u32, String)> {
 }
 
 fn check_channel(st: &AppState, name: &str) -> Result<(), (u32, String)> {
-    channel::parse(name, &st.config.centrifugo)
+    st.access
+        .channel(name)
         .map(|_| ())
-        .map_err(|e| match e {
-            ChannelError::Invalid => (107, "bad request: invalid channel name".to_string()),
-            ChannelError::UnknownNamespace => {
-                (102, "unknown channel: no such namespace".to_string())
-            }
-        })
+        .map_err(|e| refusal_parts(channel_refusal(e, name)))
 }
 
 async fn publish_one(st: &AppState, channel: &str, data: &Value) -> Result<Value, (u32, String)> {
@@ -260,7 +256,7 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, (u32, 
                 )
             });
             let reverse = p.get("reverse").and_then(Value::as_bool).unwrap_or(false);
-            history_result(st, channel, limit, since, reverse)
+            history_result(st, channel, limit, since, reverse, None)
                 .await
                 .map_err(refusal_parts)
         }

@@ -11,6 +11,7 @@
 //! that resumes reading learns why it was cut off.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -22,9 +23,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use super::channel::{self, ChannelError};
 use super::Control;
-use crate::auth::{unix_now, Role};
+use crate::access::{ChannelError, Identity};
+use crate::auth::{unix_now, Claims, Role};
 use crate::error::ApiError;
 use crate::frame::centrifugo::publication;
 use crate::hub::{
@@ -165,35 +166,58 @@ struct SubRefreshRequest {
     token: String,
 }
 
-/// Claims of a connection token.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct ConnClaims {
-    sub: Option<String>,
-    exp: Option<u64>,
-    info: Option<Value>,
-    /// Server-side subscriptions.
-    channels: Vec<String>,
-}
-
-/// Claims of a subscription token.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct SubClaims {
-    sub: Option<String>,
-    channel: String,
-    exp: Option<u64>,
-    info: Option<Value>,
-}
-
-/// A protocol error reply (`{"error":{"code":…,"message":…}}`).
+/// A protocol error reply (`{"error":{"code":…,"message":…}}`). The message clients see is Centrifugo's
+/// own for the code (SDKs and apps match on them); the detail goes to the log.
 #[derive(Debug)]
-pub(super) struct Refusal(u32, String);
+pub(super) struct Refusal {
+    pub(super) code: u32,
+    detail: String,
+}
 
 impl Refusal {
-    fn new(code: u32, message: impl Into<String>) -> Self {
-        Refusal(code, message.into())
+    pub(super) fn new(code: u32, detail: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            detail: detail.into(),
+        }
     }
+
+    /// Centrifugo's message for the code.
+    pub(super) fn message(&self) -> &'static str {
+        match self.code {
+            100 => "internal server error",
+            101 => "unauthorized",
+            102 => "unknown channel",
+            103 => "permission denied",
+            104 => "method not found",
+            105 => "already subscribed",
+            106 => "limit exceeded",
+            107 => "bad request",
+            108 => "not available",
+            109 => "token expired",
+            110 => "expired",
+            111 => "too many requests",
+            112 => "unrecoverable position",
+            _ => "error",
+        }
+    }
+}
+
+/// The longest close reason a WebSocket close frame can carry: 125 bytes of payload minus the 2-byte code.
+/// A longer one makes clients (the `ws` package, browsers) drop the frame and see 1006 instead, so the
+/// SDK retries forever instead of stopping on a terminal code.
+pub(super) const MAX_CLOSE_REASON: usize = 123;
+
+/// `reason` cut to [`MAX_CLOSE_REASON`] bytes on a character boundary.
+pub(super) fn fit_close_reason(reason: &str) -> &str {
+    if reason.len() <= MAX_CLOSE_REASON {
+        return reason;
+    }
+    let mut end = MAX_CLOSE_REASON;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
 }
 
 /// How the connection ends.
@@ -251,7 +275,8 @@ struct Conn {
     ctl: crate::queue::Sender<Control>,
     _guard: ConnectionGuard,
     client: String,
-    user: String,
+    /// Who this connection is, from its connection token; what it may read is decided by `access` from it.
+    who: Arc<Identity>,
     conn_info: Option<Value>,
     connected: bool,
     exp: Option<u64>,
@@ -283,7 +308,7 @@ impl Conn {
             ctl,
             _guard: guard,
             client: uuid::Uuid::new_v4().to_string(),
-            user: String::new(),
+            who: Identity::anonymous(),
             conn_info: None,
             connected: false,
             exp: None,
@@ -310,6 +335,7 @@ impl Conn {
 
     async fn close(&mut self, code: u16, reason: String) {
         tracing::debug!(client = %self.client, code, reason, "closing WebSocket");
+        let reason = fit_close_reason(&reason).to_string();
         let label = match code {
             3008 => "slow_consumer",
             3005 => "token_expired",
@@ -530,7 +556,7 @@ impl Conn {
             }
             return self.connect(id, req).await.map(Some);
         } else if let Some(req) = cmd.subscribe {
-            self.client_subscribe(req).await.map(|v| ("subscribe", v))
+            self.client_subscribe(req).await?.map(|v| ("subscribe", v))
         } else if let Some(req) = cmd.unsubscribe {
             self.remove_sub(&req.channel);
             Ok(("unsubscribe", json!({})))
@@ -546,7 +572,7 @@ impl Conn {
         } else if let Some(req) = cmd.refresh {
             return self.refresh(id, req).map(Some);
         } else if let Some(req) = cmd.sub_refresh {
-            self.sub_refresh(req).map(|v| ("sub_refresh", v))
+            self.sub_refresh(req)?.map(|v| ("sub_refresh", v))
         } else if cmd.rpc.is_some() {
             Err(Refusal::new(
                 108,
@@ -573,32 +599,33 @@ impl Conn {
     async fn connect(&mut self, id: u32, req: ConnectRequest) -> Result<String, Exit> {
         let claims = if req.token.is_empty() {
             if !self.st.auth.allow_anonymous {
-                return Err(close(
-                    3500,
-                    "invalid token: this server requires a connection token",
-                ));
+                return Err(close(3500, "invalid token: a connection token is required"));
             }
-            ConnClaims::default()
+            None
         } else {
             match self.verify_conn_token(id, &req.token)? {
-                Ok(c) => c,
+                Ok(c) => Some(c),
                 Err(reply) => return Ok(reply),
             }
         };
-        self.user = claims.sub.unwrap_or_default();
-        self.exp = claims.exp;
-        self.conn_info = claims.info;
+        let mut server_side: Vec<String> = Vec::new();
+        if let Some(c) = claims {
+            self.who = Arc::new(Identity::from_claims(&c));
+            self.exp = c.exp;
+            self.conn_info = c.info;
+            server_side = c.channels;
+            server_side.extend(c.subs.into_keys());
+        }
         self.connected = true;
         self.next_ping = Some(Instant::now() + self.st.config.centrifugo.ping);
         self.st
             .clients
-            .add(&self.user, &self.client, self.ctl.clone());
+            .add(&self.who.user, &self.client, self.ctl.clone());
 
-        let cfg = self.st.config.centrifugo.clone();
-        let mut server_side: Vec<String> = claims.channels;
-        if let Some(p) = channel::personal(&cfg, &self.user) {
+        if let Some(p) = self.st.access.personal_channel(&self.who.user) {
             server_side.push(p);
         }
+        server_side.dedup();
         let mut subs = serde_json::Map::new();
         for ch in server_side {
             let sreq = req.subs.get(&ch).cloned().unwrap_or_default();
@@ -606,15 +633,19 @@ impl Conn {
                 channel: ch.clone(),
                 ..sreq
             };
-            match self.subscribe(sreq, None, None).await {
+            // The server chose these channels: they are granted, but `access` still applies its rules
+            // (nothing reads another user's `#` channel).
+            let granted = Some(ch.clone());
+            match self.subscribe(sreq, None, None, granted).await {
                 Ok(v) => {
                     subs.insert(ch, v);
                 }
                 Err(r) => {
-                    tracing::warn!(channel = %ch, error = %r.1, "server-side subscription refused")
+                    tracing::warn!(channel = %ch, code = r.code, error = %r.detail, "server-side subscription refused")
                 }
             }
         }
+        let cfg = &self.st.config.centrifugo;
         let mut result = json!({
             "client": self.client,
             "version": VERSION,
@@ -633,110 +664,118 @@ impl Conn {
 
     /// Verifies a connection token. An expired one is an error reply (109: the SDK fetches a new token and
     /// retries); any other fault ends the connection (3500).
-    fn verify_conn_token(&self, id: u32, token: &str) -> Result<Result<ConnClaims, String>, Exit> {
-        match self
-            .st
-            .auth
-            .verify_as::<ConnClaims>(Role::Subscriber, token)
-        {
+    fn verify_conn_token(&self, id: u32, token: &str) -> Result<Result<Claims, String>, Exit> {
+        match self.st.auth.verify(Role::Subscriber, token) {
             Ok(c) => Ok(Ok(c)),
             Err(e) if e.code == "token_expired" => Ok(Err(error_reply(
                 id,
-                &Refusal::new(109, "token expired"),
+                &Refusal::new(109, "connection token expired"),
                 false,
             ))),
-            Err(e) => Err(close(3500, &format!("invalid token: {}", e.message))),
+            Err(e) => {
+                tracing::info!(client = %self.client, code = e.code, error = %e.message, "connection token refused");
+                Err(close(3500, &format!("invalid token: {}", e.code)))
+            }
         }
     }
 
     fn info(&self, chan_info: Option<Value>) -> ClientInfo {
         ClientInfo {
             client: self.client.clone(),
-            user: self.user.clone(),
+            user: self.who.user.clone(),
             conn_info: self.conn_info.clone(),
             chan_info,
         }
     }
 
-    async fn client_subscribe(&mut self, req: SubscribeRequest) -> Result<Value, Refusal> {
-        let ch =
-            channel::parse(&req.channel, &self.st.config.centrifugo).map_err(channel_refusal)?;
-        if !ch.allows_user(&self.user) {
-            return Err(Refusal::new(
-                103,
-                "permission denied: this channel is limited to other users",
-            ));
+    /// A `subscribe` command. A subscription token that is not valid for this channel and user ends the
+    /// connection (3500), as Centrifugo does: the SDK must not retry with it.
+    async fn client_subscribe(
+        &mut self,
+        req: SubscribeRequest,
+    ) -> Result<Result<Value, Refusal>, Exit> {
+        if let Err(e) = self.st.access.channel(&req.channel) {
+            return Ok(Err(channel_refusal(e, &req.channel)));
         }
-        let (chan_info, exp) = if req.token.is_empty() {
-            match ch.namespace.subscribe {
-                crate::config::SubscribePolicy::Public => {}
-                crate::config::SubscribePolicy::Authenticated if !self.user.is_empty() => {}
-                crate::config::SubscribePolicy::Token if ch.users.is_some() => {}
-                _ => {
-                    return Err(Refusal::new(
-                        103,
-                        "permission denied: this channel needs a subscription token",
-                    ))
-                }
-            }
-            (None, None)
+        let (chan_info, exp, granted) = if req.token.is_empty() {
+            (None, None, None)
         } else {
-            let claims = self.verify_sub_token(&req.token, &req.channel)?;
-            (claims.info, claims.exp)
-        };
-        self.subscribe(req, chan_info, exp).await
-    }
-
-    fn verify_sub_token(&self, token: &str, channel: &str) -> Result<SubClaims, Refusal> {
-        let claims = match self.st.auth.verify_as::<SubClaims>(Role::Subscriber, token) {
-            Ok(c) => c,
-            Err(e) if e.code == "token_expired" => return Err(Refusal::new(109, "token expired")),
-            Err(e) => {
-                return Err(Refusal::new(
-                    103,
-                    format!("permission denied: {}", e.message),
-                ))
+            match self.verify_sub_token(&req.token, &req.channel)? {
+                Ok(claims) => (claims.info, claims.exp, Some(req.channel.clone())),
+                Err(r) => return Ok(Err(r)),
             }
         };
-        if claims.channel != channel || claims.sub.as_deref().is_some_and(|s| s != self.user) {
-            return Err(Refusal::new(
-                103,
-                "permission denied: the token is for another channel or user",
-            ));
-        }
-        Ok(claims)
+        Ok(self.subscribe(req, chan_info, exp, granted).await)
     }
 
-    /// Registers a subscription (permissions already checked, or granted by the server) and builds its
-    /// `SubscribeResult`, recovering missed publications when asked. Recovery is all or nothing: the gap is
-    /// returned only if the epoch matches, retention deleted nothing after the client's offset, and it fits
-    /// `recovery_max_publications`.
+    /// Verifies a subscription token for `channel`: expired is error 109 (the SDK gets a new one), anything
+    /// else (bad signature, another channel, another user) closes the connection with 3500.
+    fn verify_sub_token(
+        &self,
+        token: &str,
+        channel: &str,
+    ) -> Result<Result<Claims, Refusal>, Exit> {
+        let claims = match self.st.auth.verify(Role::Subscriber, token) {
+            Ok(c) => c,
+            Err(e) if e.code == "token_expired" => {
+                return Ok(Err(Refusal::new(109, "subscription token expired")))
+            }
+            Err(e) => {
+                tracing::info!(client = %self.client, channel, code = e.code, error = %e.message, "subscription token refused");
+                return Err(close(3500, &format!("invalid token: {}", e.code)));
+            }
+        };
+        let for_user = claims.sub.as_deref().unwrap_or("");
+        if claims.channel.as_deref() != Some(channel) || for_user != self.who.user {
+            tracing::info!(client = %self.client, channel, token_channel = ?claims.channel, token_user = for_user, "subscription token for another channel or user");
+            return Err(close(
+                3500,
+                "invalid token: the subscription token is for another channel or user",
+            ));
+        }
+        Ok(Ok(claims))
+    }
+
+    /// Registers a subscription and builds its `SubscribeResult`, recovering missed publications when asked.
+    /// Every way of subscribing (a client's command, the connection token's channels, the server API) comes
+    /// through here, so `access` decides all of them; `granted` is a channel the server or a subscription
+    /// token granted. Recovery is all or nothing: the gap is returned only if the epoch matches, retention
+    /// deleted nothing after the client's offset, and it fits `recovery_max_publications`; records this
+    /// subscription may not read (private ones) are left out of it, as they are left out live.
     async fn subscribe(
         &mut self,
         req: SubscribeRequest,
         chan_info: Option<Value>,
         exp: Option<u64>,
+        granted: Option<String>,
     ) -> Result<Value, Refusal> {
-        let cfg = self.st.config.centrifugo.clone();
+        let max_channels = self.st.config.centrifugo.max_channels_per_connection;
+        let max = self.st.config.centrifugo.recovery_max_publications;
         let name = req.channel.clone();
-        let ch = channel::parse(&name, &cfg).map_err(channel_refusal)?;
+        let ns = self
+            .st
+            .access
+            .channel(&name)
+            .map_err(|e| channel_refusal(e, &name))?
+            .clone();
         if self.sub(&name).is_some() {
-            return Err(Refusal::new(105, "already subscribed"));
+            return Err(Refusal::new(105, format!("already subscribed to {name}")));
         }
-        if self.subs.len() >= cfg.max_channels_per_connection {
+        if self.subs.len() >= max_channels {
             return Err(Refusal::new(
                 106,
-                "limit exceeded: too many channels on this connection",
+                format!("more than {max_channels} channels on one connection"),
             ));
         }
-        let ns = ch.namespace.clone();
+        let selectors = vec![Selector::Exact(name.as_str().into())];
+        let filter = self
+            .st
+            .access
+            .reader(self.who.clone(), &selectors, granted.as_deref())
+            .map_err(|(ch, denied)| Refusal::new(103, format!("{ch}: {denied}")))?;
         let spec = SubscribeSpec {
-            selectors: vec![Selector::Exact(name.as_str().into())],
-            private_grants: if self.user.is_empty() {
-                vec![]
-            } else {
-                vec![Selector::Any]
-            },
+            selectors,
+            filter,
             subscriber: self.client.clone(),
             payload: None,
             join_leave: ns.join_leave,
@@ -747,22 +786,26 @@ impl Conn {
             .subscribe(spec, &self.outbox)
             .map_err(|e| Refusal::new(100, e.to_string()))?;
         let upto = sub.registered_at;
-        let max = cfg.recovery_max_publications;
         let wants_recovery = req.recover && ns.recovery;
         let epoch = self.st.hub.log().epoch();
         let epoch_ok = req.epoch == epoch;
-        let (offset, offset_req) = (req.offset, req.offset);
+        let offset = req.offset;
         let chan = name.clone();
+        let spec = sub.spec.clone();
         let (top, recovered) = self
             .st
             .hub
             .with_log(move |log| {
                 let top = log.channel_top(&chan, upto)?.unwrap_or(0);
-                if !(wants_recovery && epoch_ok) || log.channel_pruned_upto(&chan)? > offset_req {
+                if !(wants_recovery && epoch_ok) || log.channel_pruned_upto(&chan)? > offset {
                     return Ok((top, None));
                 }
-                let recs = log.read_channel(&chan, offset, upto, max + 1)?;
-                Ok((top, (recs.len() <= max).then_some(recs)))
+                let mut recs = log.read_channel(&chan, offset, upto, max + 1)?;
+                if recs.len() > max {
+                    return Ok((top, None));
+                }
+                recs.retain(|r| spec.wants(r));
+                Ok((top, Some(recs)))
             })
             .await
             .map_err(|e| Refusal::new(100, e.to_string()))?;
@@ -811,22 +854,19 @@ impl Conn {
     }
 
     async fn publish(&mut self, req: PublishRequest) -> Result<Value, Refusal> {
-        let ch =
-            channel::parse(&req.channel, &self.st.config.centrifugo).map_err(channel_refusal)?;
-        let allowed = match ch.namespace.publish {
-            crate::config::PublishPolicy::None => false,
-            crate::config::PublishPolicy::Subscribers => self.sub(&req.channel).is_some(),
-            crate::config::PublishPolicy::Any => ch.allows_user(&self.user),
-        };
-        if !allowed {
-            return Err(Refusal::new(
-                103,
-                "permission denied: clients may not publish into this channel",
-            ));
-        }
+        let ns = self
+            .st
+            .access
+            .channel(&req.channel)
+            .map_err(|e| channel_refusal(e, &req.channel))?;
+        let subscribed = self.sub(&req.channel).is_some();
+        self.st
+            .access
+            .check_client_publish(&self.who, &req.channel, ns, subscribed)
+            .map_err(|d| Refusal::new(103, format!("publish into {}: {d}", req.channel)))?;
         let data = req
             .data
-            .ok_or_else(|| Refusal::new(107, "bad request: publish needs data"))?;
+            .ok_or_else(|| Refusal::new(107, "publish without data"))?;
         let info = serde_json::to_string(&self.info(None)).ok();
         self.st
             .hub
@@ -844,45 +884,54 @@ impl Conn {
         Ok(json!({}))
     }
 
+    /// Presence is for subscribers of the channel: `access` decided when they subscribed.
     fn presence(&self, channel_name: &str, stats: bool) -> Result<Value, Refusal> {
-        let ch =
-            channel::parse(channel_name, &self.st.config.centrifugo).map_err(channel_refusal)?;
-        if !ch.namespace.presence {
+        let ns = self
+            .st
+            .access
+            .channel(channel_name)
+            .map_err(|e| channel_refusal(e, channel_name))?;
+        if !ns.presence {
             return Err(Refusal::new(
                 108,
-                "not available: presence is off for this namespace",
+                format!("presence is off for the namespace of {channel_name}"),
             ));
         }
         if self.sub(channel_name).is_none() {
             return Err(Refusal::new(
                 103,
-                "permission denied: subscribe to the channel first",
+                format!("presence of {channel_name} without a subscription"),
             ));
         }
         Ok(presence_result(&self.st, channel_name, stats))
     }
 
+    /// History is for subscribers of the channel, filtered by what their subscription may read.
     async fn history(&mut self, req: HistoryRequest) -> Result<Value, Refusal> {
-        let ch =
-            channel::parse(&req.channel, &self.st.config.centrifugo).map_err(channel_refusal)?;
-        if !ch.namespace.history {
+        let ns = self
+            .st
+            .access
+            .channel(&req.channel)
+            .map_err(|e| channel_refusal(e, &req.channel))?;
+        if !ns.history {
             return Err(Refusal::new(
                 108,
-                "not available: history is off for this namespace",
+                format!("history is off for the namespace of {}", req.channel),
             ));
         }
-        if self.sub(&req.channel).is_none() {
+        let Some(spec) = self.sub(&req.channel).map(|s| s.sub.spec.clone()) else {
             return Err(Refusal::new(
                 103,
-                "permission denied: subscribe to the channel first",
+                format!("history of {} without a subscription", req.channel),
             ));
-        }
+        };
         history_result(
             &self.st,
             &req.channel,
             req.limit,
             req.since.map(|s| (s.offset, s.epoch)),
             req.reverse,
+            Some(spec),
         )
         .await
     }
@@ -892,10 +941,10 @@ impl Conn {
             Ok(c) => c,
             Err(reply) => return Ok(reply),
         };
-        if claims.sub.unwrap_or_default() != self.user {
+        if claims.sub.unwrap_or_default() != self.who.user {
             return Err(close(
                 3500,
-                "invalid token: refresh token is for another user",
+                "invalid token: the refresh token is for another user",
             ));
         }
         self.exp = claims.exp;
@@ -910,11 +959,17 @@ impl Conn {
         Ok(json!({"id": id, "refresh": result}).to_string())
     }
 
-    fn sub_refresh(&mut self, req: SubRefreshRequest) -> Result<Value, Refusal> {
+    fn sub_refresh(&mut self, req: SubRefreshRequest) -> Result<Result<Value, Refusal>, Exit> {
         if self.sub(&req.channel).is_none() {
-            return Err(Refusal::new(103, "permission denied: not subscribed"));
+            return Ok(Err(Refusal::new(
+                103,
+                format!("sub_refresh of {} without a subscription", req.channel),
+            )));
         }
-        let claims = self.verify_sub_token(&req.token, &req.channel)?;
+        let claims = match self.verify_sub_token(&req.token, &req.channel)? {
+            Ok(c) => c,
+            Err(r) => return Ok(Err(r)),
+        };
         if let Some(s) = self.subs.iter_mut().find(|s| s.channel == req.channel) {
             s.exp = claims.exp;
         }
@@ -923,7 +978,7 @@ impl Conn {
             result["expires"] = json!(true);
             result["ttl"] = json!(exp.saturating_sub(unix_now()));
         }
-        Ok(result)
+        Ok(Ok(result))
     }
 
     async fn control(&mut self, c: Control) -> Result<(), Exit> {
@@ -933,7 +988,7 @@ impl Conn {
                     channel: channel.clone(),
                     ..Default::default()
                 };
-                match self.subscribe(req, info, None).await {
+                match self.subscribe(req, info, None, Some(channel.clone())).await {
                     Ok(mut result) => {
                         if let Some(obj) = result.as_object_mut() {
                             obj.remove("publications");
@@ -942,7 +997,7 @@ impl Conn {
                         self.write(push.to_string()).await
                     }
                     Err(r) => {
-                        tracing::debug!(channel = %channel, error = %r.1, "server-side subscribe refused");
+                        tracing::debug!(channel = %channel, code = r.code, error = %r.detail, "server-side subscribe refused");
                         Ok(())
                     }
                 }
@@ -985,20 +1040,23 @@ impl Conn {
             self.remove_sub(&ch);
         }
         if self.connected {
-            self.st.clients.remove(&self.user, &self.client);
+            self.st.clients.remove(&self.who.user, &self.client);
         }
     }
 }
 
-fn channel_refusal(e: ChannelError) -> Refusal {
+pub(super) fn channel_refusal(e: ChannelError, channel: &str) -> Refusal {
     match e {
-        ChannelError::Invalid => Refusal::new(107, "bad request: invalid channel name"),
-        ChannelError::UnknownNamespace => Refusal::new(102, "unknown channel: no such namespace"),
+        ChannelError::Invalid => Refusal::new(107, format!("invalid channel name {channel:?}")),
+        ChannelError::UnknownNamespace => {
+            Refusal::new(102, format!("no namespace configured for {channel:?}"))
+        }
     }
 }
 
 fn error_reply(id: u32, r: &Refusal, temporary: bool) -> String {
-    let mut err = json!({"code": r.0, "message": r.1});
+    tracing::debug!(code = r.code, detail = %r.detail, "command refused");
+    let mut err = json!({"code": r.code, "message": r.message()});
     if temporary {
         err["temporary"] = json!(true);
     }
@@ -1020,47 +1078,71 @@ pub(super) fn presence_result(st: &AppState, channel: &str, stats: bool) -> Valu
     json!({ "presence": map })
 }
 
-/// A `HistoryResult` for the client protocol and the server API alike.
+/// Most records one history request looks at while skipping those its reader may not see: a bound on the
+/// work a client can cause, whatever the channel holds.
+const HISTORY_SCAN: usize = 10_000;
+/// Most publications one history reply carries.
+const HISTORY_MAX: usize = 1000;
+
+/// A `HistoryResult` for the client protocol and the server API alike. `reader` is the subscription the
+/// history is read for (records it may not read are skipped); the server API reads with none.
+///
+/// Forward: publications after `since` (or from the oldest), oldest first. Reverse: publications before
+/// `since` (or from the newest), newest first, as Centrifugo walks back from the position it is given.
 pub(super) async fn history_result(
     st: &AppState,
     channel: &str,
     limit: i32,
     since: Option<(u64, String)>,
     reverse: bool,
+    reader: Option<Arc<SubscribeSpec>>,
 ) -> Result<Value, Refusal> {
     let epoch = st.hub.log().epoch();
     if let Some((_, e)) = &since {
         if *e != epoch {
             return Err(Refusal::new(
                 112,
-                "unrecoverable position: the epoch changed",
+                format!("history since epoch {e:?}, the stream's is {epoch:?}"),
             ));
         }
     }
-    let after = since.map(|(o, _)| o).unwrap_or(0);
+    let since = since.map(|(o, _)| o);
     let limit = if limit < 0 {
-        1000
+        HISTORY_MAX
     } else {
-        (limit as usize).min(1000)
+        (limit as usize).min(HISTORY_MAX)
     };
     let chan = channel.to_string();
     let (top, recs) = st
         .hub
         .with_log(move |log| {
             let top = log.channel_top(&chan, u64::MAX)?.unwrap_or(0);
-            if limit == 0 {
-                return Ok((top, Vec::new()));
-            }
-            let recs = if reverse {
-                let mut all = log.read_channel(&chan, after, u64::MAX, 100_000)?;
-                let keep = all.len().saturating_sub(limit);
-                all.drain(..keep);
-                all.reverse();
-                all
-            } else {
-                log.read_channel(&chan, after, u64::MAX, limit)?
+            let mut out = Vec::new();
+            let mut cursor = match (reverse, since) {
+                (false, s) => s.unwrap_or(0),
+                (true, s) => s.unwrap_or(u64::MAX),
             };
-            Ok((top, recs))
+            let mut scanned = 0;
+            while out.len() < limit && scanned < HISTORY_SCAN {
+                let want = (limit - out.len()).min(HISTORY_SCAN - scanned);
+                let page = if reverse {
+                    log.read_channel_back(&chan, cursor, want)?
+                } else {
+                    log.read_channel(&chan, cursor, u64::MAX, want)?
+                };
+                let Some(last) = page.last() else { break };
+                cursor = last.seq;
+                scanned += page.len();
+                let full = page.len() == want;
+                out.extend(
+                    page.into_iter()
+                        .filter(|r| reader.as_ref().is_none_or(|s| s.wants(r))),
+                );
+                if !full {
+                    break;
+                }
+            }
+            Ok((top, out))
         })
         .await
         .map_err(|e| Refusal::new(100, e.to_string()))?;
@@ -1072,5 +1154,5 @@ pub(super) async fn history_result(
 }
 
 pub(super) fn refusal_parts(r: Refusal) -> (u32, String) {
-    (r.0, r.1)
+    (r.code, r.message().to_string())
 }

@@ -16,7 +16,6 @@ use tokio::sync::watch;
 use crate::state::AppState;
 
 mod api;
-pub mod channel;
 mod conn;
 
 pub const WS_PATH: &str = "/connection/websocket";

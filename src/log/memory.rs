@@ -89,6 +89,24 @@ impl Log for MemoryLog {
             .collect())
     }
 
+    fn read_channel_back(
+        &self,
+        channel: &str,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, LogError> {
+        let inner = self.inner.read();
+        let end = inner.start(before.saturating_sub(1));
+        Ok(inner
+            .records
+            .range(..end)
+            .rev()
+            .filter(|r| r.channel() == channel)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
     fn find_id(&self, id: &str) -> Result<Option<u64>, LogError> {
         let inner = self.inner.read();
         if let Some((epoch, seq)) = super::parse_generated_id(id) {

@@ -114,6 +114,15 @@ pub trait Log: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Record>, LogError>;
 
+    /// Records of one channel with `seq < before`, newest first, at most `limit`: a reverse history page
+    /// costs what it returns, however long the channel.
+    fn read_channel_back(
+        &self,
+        channel: &str,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, LogError>;
+
     /// The seq of the newest record carrying event id `id`, if it is still retained.
     fn find_id(&self, id: &str) -> Result<Option<u64>, LogError>;
 
@@ -200,6 +209,19 @@ pub(crate) mod contract {
         assert_eq!(log.find_id("2").unwrap(), Some(batch[1].seq));
         assert_eq!(log.find_id("nope").unwrap(), None);
         assert_eq!(log.last().unwrap().unwrap().id, "3");
+        let back = log.read_channel_back("a", u64::MAX, 100).unwrap();
+        assert_eq!(
+            back.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["3", "1"],
+            "newest first"
+        );
+        let back = log.read_channel_back("a", more[0].seq, 1).unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].id, "1", "strictly before");
+        assert!(log
+            .read_channel_back("a", batch[0].seq, 10)
+            .unwrap()
+            .is_empty());
         let bounded = log.read_range(batch[0].seq, batch[1].seq, 100).unwrap();
         assert_eq!(bounded.len(), 1);
         assert_eq!(bounded[0].id, "2");

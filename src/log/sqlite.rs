@@ -239,6 +239,25 @@ impl Log for SqliteLog {
         })
     }
 
+    fn read_channel_back(
+        &self,
+        channel: &str,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, LogError> {
+        self.with_reader(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM records WHERE channel = ?1 AND seq < ?2
+                 ORDER BY seq DESC LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(
+                params![channel, to_i64(before), to_i64(limit as u64)],
+                row_to_record,
+            )?;
+            collect(&self.epoch, rows)
+        })
+    }
+
     fn find_id(&self, id: &str) -> Result<Option<u64>, LogError> {
         if let Some((epoch, seq)) = super::parse_generated_id(id) {
             if epoch != self.epoch {

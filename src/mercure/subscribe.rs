@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -18,6 +19,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use super::subscriptions::ActiveSubscriptions;
+use crate::access::Identity;
 use crate::auth::Role;
 use crate::error::ApiError;
 use crate::frame::sse::COMMENT;
@@ -57,15 +59,26 @@ pub async fn subscribe(
         ));
     }
 
+    let selectors: Vec<Selector> = topics.iter().map(|t| Selector::parse(t)).collect();
+    let who = match &claims {
+        Some(c) => Arc::new(Identity::from_claims(c)),
+        None => Identity::anonymous(),
+    };
+    let filter = st
+        .access
+        .reader(who, &selectors, None)
+        .map_err(|(topic, denied)| {
+            ApiError::forbidden(
+                "topic_not_allowed",
+                format!("topic {topic:?} cannot be read with this token: {denied}"),
+            )
+        })?;
     let guard = st.hub.connect()?;
     let subscriber = format!("urn:uuid:{}", uuid::Uuid::new_v4());
     let payload = claims.as_ref().and_then(|c| c.payload());
     let spec = SubscribeSpec {
-        selectors: topics.iter().map(|t| Selector::parse(t)).collect(),
-        private_grants: claims
-            .as_ref()
-            .map(|c| c.subscribe_selectors())
-            .unwrap_or_default(),
+        selectors,
+        filter,
         subscriber: subscriber.clone(),
         payload: payload.clone(),
         join_leave: false,

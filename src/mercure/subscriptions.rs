@@ -10,6 +10,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::{json, Value};
 
 use super::HUB_PATH;
+use crate::access::Identity;
 use crate::auth::Role;
 use crate::error::ApiError;
 use crate::hub::{Hub, NewPublication};
@@ -100,13 +101,14 @@ impl Drop for ActiveSubscriptions {
     }
 }
 
-/// The API needs a subscriber token whose `mercure.subscribe` matches the requested URL.
+/// The API needs a subscriber token whose `mercure.subscribe` matches the requested URL. Returns who asks:
+/// a subscription to a topic that identity may not read is not listed to it.
 fn authorize(
     st: &AppState,
     headers: &HeaderMap,
     query: Option<&str>,
     url: &str,
-) -> Result<(), ApiError> {
+) -> Result<Identity, ApiError> {
     if !st.config.mercure.subscriptions {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -125,14 +127,14 @@ fn authorize(
             format!("the token's mercure.subscribe claim does not match {url}"),
         ));
     }
-    Ok(())
+    Ok(Identity::from_claims(&claims))
 }
 
-fn collect(hub: &Hub, filter: impl Fn(&str, &str) -> bool) -> Vec<Value> {
+fn collect(st: &AppState, who: &Identity, filter: impl Fn(&str, &str) -> bool) -> Vec<Value> {
     let mut out = Vec::new();
-    for s in hub.subscriptions() {
+    for s in st.hub.subscriptions() {
         for t in &s.selectors {
-            if filter(t, &s.subscriber) {
+            if filter(t, &s.subscriber) && st.access.check_read(who, t, None).is_ok() {
                 out.push(document(t, &s.subscriber, true, &s.payload));
             }
         }
@@ -162,8 +164,8 @@ pub async fn list_all(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let url = format!("{HUB_PATH}/subscriptions");
-    authorize(&st, &headers, q.as_deref(), &url)?;
-    let subs = collect(&st.hub, |_, _| true);
+    let who = authorize(&st, &headers, q.as_deref(), &url)?;
+    let subs = collect(&st, &who, |_, _| true);
     Ok(ld_json(
         json!({"id": url, "type": "Subscriptions", "subscriptions": subs}),
         &st.hub,
@@ -180,8 +182,8 @@ pub async fn list_topic(
         "{HUB_PATH}/subscriptions/{}",
         utf8_percent_encode(&topic, EXPANSION)
     );
-    authorize(&st, &headers, q.as_deref(), &url)?;
-    let subs = collect(&st.hub, |t, _| t == topic);
+    let who = authorize(&st, &headers, q.as_deref(), &url)?;
+    let subs = collect(&st, &who, |t, _| t == topic);
     Ok(ld_json(
         json!({"id": url, "type": "Subscriptions", "subscriptions": subs}),
         &st.hub,
@@ -195,8 +197,8 @@ pub async fn get_one(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let url = subscription_iri(&topic, &subscriber);
-    authorize(&st, &headers, q.as_deref(), &url)?;
-    let doc = collect(&st.hub, |t, s| t == topic && s == subscriber)
+    let who = authorize(&st, &headers, q.as_deref(), &url)?;
+    let doc = collect(&st, &who, |t, s| t == topic && s == subscriber)
         .into_iter()
         .next()
         .ok_or_else(|| {

@@ -84,7 +84,9 @@ pub fn open_log(c: &Config) -> Result<Arc<dyn Log>, crate::log::LogError> {
 /// The whole HTTP surface of Herald as an `axum::Router`, ready to mount in any axum app.
 pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
     config.validate()?;
-    let auth = Auth::from_config(&config.auth).map_err(ConfigError::Invalid)?;
+    let auth = Auth::from_config(&config.auth)
+        .and_then(|a| a.with_api_key(config.centrifugo.api_key.as_deref()))
+        .map_err(ConfigError::Invalid)?;
     // No allowed origins: no CORS headers at all (same-origin and reverse-proxied deployments need none).
     let cors = if config.cors.allowed_origins.is_empty() {
         None
@@ -96,6 +98,7 @@ pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
     let state = AppState {
         hub,
         auth: Arc::new(auth),
+        access: Arc::new(crate::access::Access::new(&config.centrifugo)),
         config: Arc::new(config),
         origins: Arc::new(origins),
         clients: Arc::new(crate::centrifugo::Clients::default()),
@@ -167,6 +170,19 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
 
+/// The public development key on an address others can reach would let anyone mint tokens: refused
+/// unless `auth.allow_dev_key` says the operator means it.
+fn refuse_dev_key_on_network(config: &Config, addr: SocketAddr) -> Result<(), ConfigError> {
+    if config.uses_dev_key() && !addr.ip().is_loopback() && !config.auth.allow_dev_key {
+        return Err(ConfigError::Invalid(format!(
+            "refusing to listen on {addr} with the public development key: anyone can mint tokens for \
+             it. Set auth.jwt_key (e.g. HERALD_JWT_KEY=env:MY_SECRET or a secret of your own), or pass \
+             --allow-dev-key (auth.allow_dev_key = true) to run like this anyway"
+        )));
+    }
+    Ok(())
+}
+
 /// A bound, not yet running Herald.
 pub struct Server {
     listener: TcpListener,
@@ -178,10 +194,11 @@ pub struct Server {
 impl Server {
     /// Opens the log, builds the hub and router, and binds the listener (port 0 picks a free port).
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        let addr = config.listen_addr()?;
+        refuse_dev_key_on_network(&config, addr)?;
         crate::metrics::handle();
         let log = open_log(&config)?;
         let hub = Hub::new(log, hub_options(&config));
-        let addr = config.listen_addr()?;
         let shutdown_timeout = config.shutdown_timeout;
         let router = router(hub.clone(), config)?;
         let listener = TcpListener::bind(addr).await?;

@@ -142,6 +142,7 @@ pub fn token(publish: &[&str], subscribe: &[&str], exp_in: Option<i64>) -> Strin
                 .then(|| subscribe.iter().map(|s| s.to_string()).collect()),
             payload: None,
         }),
+        ..Default::default()
     };
     sign_with(&claims, KEY, Algorithm::HS256)
 }

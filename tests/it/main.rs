@@ -2,11 +2,15 @@
 
 mod common;
 
+mod access;
 mod auth;
 mod cors;
+mod keys;
 mod limits;
 mod mercure;
 mod ops;
+mod process;
 mod resume;
 mod wire;
 mod ws;
+mod wsclient;

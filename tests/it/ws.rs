@@ -7,103 +7,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
-
-type Stream =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// A client socket plus the replies of a batched frame not yet looked at.
-struct Ws {
-    inner: Stream,
-    pending: std::collections::VecDeque<Value>,
-}
-
-impl std::ops::Deref for Ws {
-    type Target = Stream;
-    fn deref(&self) -> &Stream {
-        &self.inner
-    }
-}
-
-impl std::ops::DerefMut for Ws {
-    fn deref_mut(&mut self) -> &mut Stream {
-        &mut self.inner
-    }
-}
-
-const API_KEY: &str = "it-api-key";
-
-fn ws_url(s: &TestServer) -> String {
-    format!("{}/connection/websocket", s.url.replace("http://", "ws://"))
-}
-
-async fn open(s: &TestServer) -> Ws {
-    Ws {
-        inner: tokio_tungstenite::connect_async(ws_url(s))
-            .await
-            .expect("ws connect")
-            .0,
-        pending: Default::default(),
-    }
-}
-
-fn conn_token(sub: &str, exp_in: i64) -> String {
-    let claims = json!({"sub": sub, "exp": herald::auth::unix_now() as i64 + exp_in});
-    let key = jsonwebtoken::EncodingKey::from_secret(KEY.as_bytes());
-    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.unwrap();
-}
-
-/// Next JSON reply or push (pings `{}` skipped); panics on close or timeout.
-async fn next(ws: &mut Ws) -> Value {
-    loop {
-        if let Some(v) = ws.pending.pop_front() {
-            return v;
-        }
-        let msg = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("a frame in time")
-            .expect("open")
-            .unwrap();
-        if let Message::Text(t) = msg {
-            for line in t.split('\n') {
-                let v: Value = serde_json::from_str(line).unwrap();
-                if v != json!({}) {
-                    ws.pending.push_back(v);
-                }
-            }
-        }
-    }
-}
-
-/// Reads until the server closes; returns the close code and reason.
-async fn closed(ws: &mut Ws) -> (u16, String) {
-    loop {
-        match tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("close in time")
-        {
-            Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
-            Some(Ok(Message::Close(None))) | None => panic!("closed without a code"),
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => panic!("transport error instead of a close frame: {e}"),
-        }
-    }
-}
-
-async fn connected(s: &TestServer, user: &str) -> Ws {
-    let mut ws = open(s).await;
-    send(
-        &mut ws,
-        json!({"id": 1, "connect": {"token": conn_token(user, 600)}}),
-    )
-    .await;
-    let reply = next(&mut ws).await;
-    assert!(reply["connect"]["client"].is_string(), "{reply}");
-    ws
-}
+use crate::wsclient::*;
 
 #[tokio::test]
 async fn connect_subscribe_and_receive_with_one_identity_on_both_transports() {
@@ -459,19 +363,6 @@ async fn server_api_auth_errors_and_openapi() {
     assert_eq!(status, 200);
     assert_eq!(spec["openapi"], "3.0.3");
     assert!(spec["paths"]["/api/publish"]["post"].is_object());
-}
-
-async fn api(s: &TestServer, method: &str, body: Value) -> Value {
-    let (status, v) = get_json(
-        reqwest::Client::new()
-            .post(format!("{}/api/{method}", s.url))
-            .header("x-api-key", API_KEY)
-            .json(&body),
-    )
-    .await;
-    assert_eq!(status, 200, "{method}: {v}");
-    assert!(v.get("error").is_none(), "{method}: {v}");
-    v["result"].clone()
 }
 
 #[tokio::test]
