@@ -140,9 +140,12 @@ pub struct CentrifugoConfig {
     pub command_burst: u32,
     /// Most publications returned by one recovery; a larger gap answers `recovered: false`.
     pub recovery_max_publications: usize,
-    /// Namespace of personal channels: each authenticated user is subscribed to `<ns>:#<user>` at connect.
-    /// Empty disables.
+    /// Namespace of personal channels (`<ns>:#<user>`, readable only by that user); it exists even when
+    /// not configured. Empty disables.
     pub personal_namespace: String,
+    /// Subscribe every authenticated connection to its user's personal channel at connect (Centrifugo's
+    /// `user_subscribe_to_personal`). Off by default, as there.
+    pub subscribe_to_personal: bool,
     /// Key for the server API (`X-API-Key` or `Authorization: apikey KEY`); the API is off without one.
     pub api_key: Option<String>,
     /// Channel namespaces (`ns:channel`); `name = ""` sets the options of channels without a namespace.
@@ -218,30 +221,13 @@ impl Default for CentrifugoConfig {
             command_burst: 200,
             recovery_max_publications: 300,
             personal_namespace: "personal".into(),
+            subscribe_to_personal: false,
             api_key: None,
             namespaces: Vec::new(),
         }
     }
 }
 
-impl CentrifugoConfig {
-    /// Options of the namespace of `name` (a namespace name, "" for none). The personal namespace exists
-    /// even when not configured.
-    pub fn namespace(&self, name: &str) -> Option<NamespaceConfig> {
-        self.namespaces
-            .iter()
-            .find(|n| n.name == name)
-            .cloned()
-            .or_else(|| {
-                (name.is_empty()
-                    || (!self.personal_namespace.is_empty() && name == self.personal_namespace))
-                    .then(|| NamespaceConfig {
-                        name: name.to_string(),
-                        ..Default::default()
-                    })
-            })
-    }
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

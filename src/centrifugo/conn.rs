@@ -622,8 +622,8 @@ impl Conn {
             .clients
             .add(&self.who.user, &self.client, self.ctl.clone());
 
-        if let Some(p) = self.st.access.personal_channel(&self.who.user) {
-            server_side.push(p);
+        if self.st.config.centrifugo.subscribe_to_personal {
+            server_side.extend(self.st.access.personal_channel(&self.who.user));
         }
         server_side.dedup();
         let mut subs = serde_json::Map::new();

@@ -7,6 +7,7 @@ mod auth;
 mod cors;
 mod keys;
 mod limits;
+mod matrix;
 mod mercure;
 mod ops;
 mod process;

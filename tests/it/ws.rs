@@ -370,6 +370,7 @@ async fn server_api_controls_live_connections() {
     let s = TestServer::start(&[
         ("centrifugo.api_key", &format!("{API_KEY:?}")),
         ("centrifugo.max_channels_per_connection", "3"),
+        ("centrifugo.subscribe_to_personal", "true"),
     ])
     .await;
     let mut ws = connected(&s, "u1").await; // also subscribed to personal:#u1 by the server
