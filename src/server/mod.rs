@@ -17,7 +17,7 @@ use axum::http::{header, HeaderValue, Request, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use serde_json::json;
@@ -173,6 +173,7 @@ pub struct Server {
     router: Router,
     hub: Hub,
     shutdown_timeout: Duration,
+    header_read_timeout: Duration,
 }
 
 impl Server {
@@ -183,6 +184,7 @@ impl Server {
         let hub = Hub::new(log, hub_options(&config));
         let addr = config.listen_addr()?;
         let shutdown_timeout = config.shutdown_timeout;
+        let header_read_timeout = config.limits.header_read_timeout;
         let router = router(hub.clone(), config)?;
         let listener = TcpListener::bind(addr).await?;
         Ok(Server {
@@ -190,6 +192,7 @@ impl Server {
             router,
             hub,
             shutdown_timeout,
+            header_read_timeout,
         })
     }
 
@@ -208,9 +211,10 @@ impl Server {
             router,
             hub,
             shutdown_timeout,
+            header_read_timeout,
         } = self;
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+        let builder = Arc::new(hyper_builder(header_read_timeout));
         tokio::pin!(shutdown);
         loop {
             let (stream, _peer) = tokio::select! {
@@ -232,6 +236,7 @@ impl Server {
                 builder.clone(),
                 graceful.watcher(),
                 hub.shutdown_token(),
+                header_read_timeout,
             ));
         }
         drop(listener);
@@ -248,9 +253,27 @@ impl Server {
     }
 }
 
-/// One client connection, until it ends or the hub pulls its kill switch. A first request that subscribes
-/// is served the lean way ([`lean`]); anything else, and whatever follows a finished subscription, is
-/// hyper's.
+/// hyper, with the deadlines that keep silent peers from holding sockets: an HTTP/1 connection must send
+/// each request head within `header_read_timeout` (hyper's timer also runs while a keep-alive connection
+/// waits for its next request). HTTP/2 has no such deadline (a connection may idle between streams), so a
+/// connection quiet for that long is pinged and closed if the answer does not come within it again: that
+/// is what frees the socket of a dead or silent peer.
+fn hyper_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(header_read_timeout)
+        .keep_alive_timeout(header_read_timeout);
+    builder
+}
+
+/// One client connection, until it ends or the hub pulls its kill switch. Requests that subscribe are served
+/// the lean way ([`lean`]); from the first one that is not, the connection is hyper's.
 ///
 /// Every byte of this future is paid by every idle subscriber: hyper's part is boxed and only built when
 /// needed, and the kill switch is awaited here, around a future built here, not around a moved one (which
@@ -261,12 +284,13 @@ async fn connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: hyper_util::server::graceful::Watcher,
     closing: CancellationToken,
+    header_timeout: Duration,
 ) {
     let kill = ConnKill(CancellationToken::new());
     let killed = kill.0.clone();
     let serve = async {
-        match lean::serve(&mut stream, &router, &kill, &closing).await {
-            lean::Outcome::Close => {}
+        match lean::serve(&mut stream, &router, &kill, &closing, header_timeout).await {
+            lean::Outcome::Close | lean::Outcome::TimedOut => {}
             lean::Outcome::Hyper(prefix) => {
                 let conn =
                     hyper_connection(prefix, stream, router, &builder, watcher, kill.clone());

@@ -2,6 +2,7 @@
 
 mod common;
 
+mod admission;
 mod auth;
 mod cors;
 mod limits;

@@ -1,0 +1,223 @@
+//! Admission control: sockets that never become a request (silent, partial, trickling, idle after a
+//! response) are closed by the header-read deadline, and accepted sockets are limited, in total and per
+//! address, so that such sockets cannot exhaust file descriptors while real clients keep being served.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::common::*;
+
+/// `limits.header_read_timeout` in these tests.
+const TIMEOUT: Duration = Duration::from_secs(1);
+/// How late after the deadline a close may come on a loaded test machine.
+const SLACK: Duration = Duration::from_secs(3);
+
+fn addr(s: &TestServer) -> SocketAddr {
+    s.url.trim_start_matches("http://").parse().expect("addr")
+}
+
+/// Reads until the server closes (EOF or reset) and returns what it sent; `None` if it is still open after
+/// `wait`.
+async fn until_closed(sock: &mut TcpStream, wait: Duration) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + wait;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, sock.read(&mut chunk)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(got),
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A request over a fresh connection (no pooling), so that it needs a newly accepted socket.
+async fn healthz(s: &TestServer) -> Result<u16, String> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(3))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let resp = client
+        .get(format!("{}/healthz", s.url))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(resp.status().as_u16())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Attack {
+    /// Connects and sends nothing.
+    Silent,
+    /// Sends part of a request line, then nothing.
+    Partial,
+    /// Sends a request head one byte every 200 ms.
+    Trickle,
+    /// Sends part of the HTTP/2 client preface, then nothing.
+    PartialPreface,
+}
+
+/// One attacking socket: how long the server kept it open, and what it sent before closing it. `None` when
+/// still open after the deadline plus `SLACK`.
+async fn attack(addr: SocketAddr, kind: Attack) -> Option<(Duration, Vec<u8>)> {
+    let mut sock = TcpStream::connect(addr).await.ok()?;
+    let opened = Instant::now();
+    let head =
+        b"GET /.well-known/mercure?topic=t HTTP/1.1\r\nhost: localhost\r\nx-slow: aaaaaaaaaaaaaaaa";
+    match kind {
+        Attack::Silent => {}
+        Attack::Partial => sock.write_all(b"GET /.well-known/merc").await.ok()?,
+        Attack::PartialPreface => sock.write_all(b"PRI * HTTP/2.0\r\n\r\nSM").await.ok()?,
+        Attack::Trickle => {
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 1024];
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            for byte in head.iter().cycle() {
+                tokio::select! {
+                    r = sock.read(&mut chunk) => match r {
+                        Ok(0) | Err(_) => return Some((opened.elapsed(), got)),
+                        Ok(n) => got.extend_from_slice(&chunk[..n]),
+                    },
+                    _ = tick.tick() => {
+                        if sock.write_all(&[*byte]).await.is_err() {
+                            // Reset: the server closed; what it sent may be lost, which is fine.
+                            return Some((opened.elapsed(), got));
+                        }
+                    }
+                }
+                if opened.elapsed() > TIMEOUT + SLACK {
+                    return None;
+                }
+            }
+        }
+    }
+    let got = until_closed(&mut sock, TIMEOUT + SLACK).await?;
+    Some((opened.elapsed(), got))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_partial_and_trickling_sockets_are_closed_while_real_clients_are_served() {
+    let s = TestServer::start(&[
+        ("auth.allow_anonymous", "true"),
+        ("limits.header_read_timeout", "\"1s\""),
+        ("log.backend", "\"memory\""),
+    ])
+    .await;
+    let mut sub = Sse::get(&subscribe_url(&s.url, &["t"], &[])).await;
+    assert_eq!(sub.status, 200);
+    wait_subscriptions(&s, 1).await;
+
+    const EACH: usize = 300;
+    let mut attackers = JoinSet::new();
+    for kind in [
+        Attack::Silent,
+        Attack::Partial,
+        Attack::Trickle,
+        Attack::PartialPreface,
+    ] {
+        let n = if kind == Attack::PartialPreface {
+            50
+        } else {
+            EACH
+        };
+        for _ in 0..n {
+            let a = addr(&s);
+            attackers.spawn(async move { (kind, attack(a, kind).await) });
+        }
+    }
+
+    // While the attack lasts: the subscriber receives, and /healthz answers on new connections.
+    let published = s
+        .publish(&[("topic", "t"), ("data", "during"), ("id", "d1")])
+        .await;
+    assert_eq!(sub.next_event().await.unwrap().id, Some(published));
+    let mut checks = 0;
+    let mut results = Vec::new();
+    let started = Instant::now();
+    while !attackers.is_empty() {
+        assert_eq!(healthz(&s).await, Ok(200), "healthz during the attack");
+        checks += 1;
+        while let Some(r) = attackers.try_join_next() {
+            results.push(r.expect("attacker task"));
+        }
+        assert!(
+            started.elapsed() < TIMEOUT + SLACK + Duration::from_secs(5),
+            "the attack outlived its bound"
+        );
+    }
+    assert!(checks >= 2, "healthz was checked during the attack");
+
+    assert_eq!(results.len(), 3 * EACH + 50);
+    for (kind, r) in results {
+        let (open_for, got) = r.unwrap_or_else(|| panic!("a {kind:?} socket was never closed"));
+        assert!(
+            open_for >= TIMEOUT / 2 && open_for <= TIMEOUT + SLACK,
+            "{kind:?} closed after {open_for:?}"
+        );
+        let text = String::from_utf8_lossy(&got);
+        if kind != Attack::Trickle {
+            // Nothing was left unread, so the 408 arrives before the FIN.
+            assert!(
+                text.starts_with("HTTP/1.1 408 Request Timeout\r\n")
+                    && text.contains("request_timeout"),
+                "{kind:?}: {text:?}"
+            );
+        }
+    }
+    // The subscriber is still there.
+    s.publish(&[("topic", "t"), ("data", "after"), ("id", "d2")])
+        .await;
+    assert_eq!(sub.next_event().await.unwrap().id.as_deref(), Some("d2"));
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_after_the_timeout() {
+    let s = TestServer::start(&[("limits.header_read_timeout", "\"1s\"")]).await;
+    // A response from the subscriber fast path (401: no token), then from hyper (/healthz), each followed by
+    // silence on a connection that stays open for keep-alive.
+    for (request, status) in [
+        (
+            "GET /.well-known/mercure?topic=t HTTP/1.1\r\nhost: h\r\n\r\n",
+            "401",
+        ),
+        ("GET /healthz HTTP/1.1\r\nhost: h\r\n\r\n", "200"),
+    ] {
+        let mut sock = TcpStream::connect(addr(&s)).await.unwrap();
+        sock.write_all(request.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(sock.read(&mut byte).await.unwrap(), 1, "{request}");
+            head.push(byte[0]);
+        }
+        let answered = Instant::now();
+        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        assert!(text.starts_with(&format!("http/1.1 {status} ")), "{text}");
+        assert!(!text.contains("connection: close"), "kept alive: {text}");
+        until_closed(&mut sock, TIMEOUT + SLACK)
+            .await
+            .unwrap_or_else(|| panic!("still open after {request:?}"));
+        let idle = answered.elapsed();
+        assert!(idle >= TIMEOUT / 2, "closed after {idle:?}, too early");
+    }
+}
+
+#[tokio::test]
+async fn a_silent_http2_connection_is_closed() {
+    let s = TestServer::start(&[("limits.header_read_timeout", "\"1s\"")]).await;
+    // The whole preface: hyper serves HTTP/2, pings the silent peer and gives up on it.
+    let mut sock = TcpStream::connect(addr(&s)).await.unwrap();
+    sock.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let got = until_closed(&mut sock, 2 * TIMEOUT + SLACK)
+        .await
+        .expect("closed after an unanswered ping");
+    assert!(!got.is_empty(), "the server spoke HTTP/2 (settings, ping)");
+}
