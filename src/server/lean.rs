@@ -34,6 +34,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use super::admission::Permit;
 use super::ConnKill;
 use crate::mercure::HUB_PATH;
 
@@ -361,15 +362,23 @@ async fn write_all(stream: &TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Resu
     Ok(())
 }
 
-/// The socket with the bytes [`serve`] already read in front, for hyper.
+/// The socket with the bytes [`serve`] already read in front, for hyper. It carries the socket's permit:
+/// an upgraded (WebSocket) connection outlives hyper's connection future but keeps this IO, and so its
+/// place under the socket limit.
 pub(super) struct Prefixed {
     prefix: Bytes,
+    /// Declared (so dropped) before `io`: the place is free by the time the client sees the close.
+    _permit: Permit,
     io: TcpStream,
 }
 
 impl Prefixed {
-    pub(super) fn new(prefix: Bytes, io: TcpStream) -> Self {
-        Prefixed { prefix, io }
+    pub(super) fn new(prefix: Bytes, io: TcpStream, permit: Permit) -> Self {
+        Prefixed {
+            prefix,
+            _permit: permit,
+            io,
+        }
     }
 }
 

@@ -33,7 +33,10 @@ use crate::log::{Log, MemoryLog, Retention, RetentionRule, SqliteLog};
 use crate::state::AppState;
 use crate::topic::Selector;
 
+mod admission;
 mod lean;
+
+use admission::{Admission, Permit, Refusal, Throttle};
 
 /// Cancelling it closes the client's TCP connection. Present on requests served by [`Server`]; absent when
 /// the router is mounted in another server, where a stalled subscriber is dropped on its next write.
@@ -173,26 +176,58 @@ pub struct Server {
     router: Router,
     hub: Hub,
     shutdown_timeout: Duration,
-    header_read_timeout: Duration,
+    admission: Arc<Admission>,
 }
 
 impl Server {
     /// Opens the log, builds the hub and router, and binds the listener (port 0 picks a free port).
+    ///
+    /// Also raises the process's soft open-file limit to its hard limit (see [`admission`]); the socket
+    /// limit in force is logged.
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         crate::metrics::handle();
         let log = open_log(&config)?;
         let hub = Hub::new(log, hub_options(&config));
         let addr = config.listen_addr()?;
         let shutdown_timeout = config.shutdown_timeout;
-        let header_read_timeout = config.limits.header_read_timeout;
+        let limits = config.limits.clone();
         let router = router(hub.clone(), config)?;
         let listener = TcpListener::bind(addr).await?;
+        let fds = admission::raise_fd_limit();
+        let max_sockets = admission::socket_limit(limits.max_sockets, limits.max_connections, fds);
+        if limits.max_sockets > max_sockets {
+            tracing::warn!(
+                "limits.max_sockets = {} lowered to {max_sockets}: the open-file limit is {}, less {} \
+                 kept for other files",
+                limits.max_sockets,
+                fds.unwrap_or_default(),
+                admission::FD_RESERVE,
+            );
+        }
+        if max_sockets < limits.max_connections {
+            tracing::warn!(
+                "only {max_sockets} sockets can be open at once, fewer than limits.max_connections = {}; \
+                 raise the open-file limit (ulimit -n) or lower max_connections",
+                limits.max_connections,
+            );
+        }
+        tracing::info!(
+            max_sockets,
+            max_sockets_per_ip = limits.max_sockets_per_ip,
+            open_file_limit = fds,
+            header_read_timeout = ?limits.header_read_timeout,
+            "admission: at most {max_sockets} sockets open at once",
+        );
         Ok(Server {
             listener,
             router,
             hub,
             shutdown_timeout,
-            header_read_timeout,
+            admission: Admission::new(
+                max_sockets,
+                limits.max_sockets_per_ip,
+                limits.header_read_timeout,
+            ),
         })
     }
 
@@ -211,32 +246,53 @@ impl Server {
             router,
             hub,
             shutdown_timeout,
-            header_read_timeout,
+            admission,
         } = self;
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let builder = Arc::new(hyper_builder(header_read_timeout));
+        let builder = Arc::new(hyper_builder(admission.header_read_timeout()));
+        let mut accept_failures = Throttle::default();
+        let mut refusals = Throttle::default();
         tokio::pin!(shutdown);
         loop {
-            let (stream, _peer) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(c) => c,
                     Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
+                        // Out of file descriptors and the like: back off instead of spinning, and say so
+                        // once a second, not twenty times.
+                        if let Some(suppressed) = accept_failures.ready(std::time::Instant::now()) {
+                            tracing::warn!(error = %e, suppressed, "accept failed");
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 },
                 _ = &mut shutdown => break,
             };
+            let permit = match admission.admit(peer.ip()) {
+                Ok(permit) => permit,
+                Err(refusal) => {
+                    if let Some(suppressed) = refusals.ready(std::time::Instant::now()) {
+                        tracing::warn!(
+                            reason = refusal.as_str(),
+                            open = admission.open(),
+                            max = admission.max(),
+                            suppressed,
+                            "socket limit reached: closing new sockets",
+                        );
+                    }
+                    drop(stream);
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
             tokio::spawn(connection(
                 stream,
+                permit,
                 router.clone(),
                 builder.clone(),
                 graceful.watcher(),
                 hub.shutdown_token(),
-                header_read_timeout,
             ));
         }
         drop(listener);
@@ -273,28 +329,34 @@ fn hyper_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> 
 }
 
 /// One client connection, until it ends or the hub pulls its kill switch. Requests that subscribe are served
-/// the lean way ([`lean`]); from the first one that is not, the connection is hyper's.
+/// the lean way ([`lean`]); from the first one that is not, the connection is hyper's. `permit` is the
+/// socket's place under the socket limit; it goes wherever the socket goes.
 ///
 /// Every byte of this future is paid by every idle subscriber: hyper's part is boxed and only built when
 /// needed, and the kill switch is awaited here, around a future built here, not around a moved one (which
 /// would be stored twice).
 async fn connection(
     mut stream: TcpStream,
+    permit: Permit,
     router: Router,
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: hyper_util::server::graceful::Watcher,
     closing: CancellationToken,
-    header_timeout: Duration,
 ) {
     let kill = ConnKill(CancellationToken::new());
     let killed = kill.0.clone();
     let serve = async {
+        let header_timeout = permit.header_read_timeout();
         match lean::serve(&mut stream, &router, &kill, &closing, header_timeout).await {
-            lean::Outcome::Close | lean::Outcome::TimedOut => {}
+            lean::Outcome::Close => {}
+            lean::Outcome::TimedOut => Refusal::Timeout.count(),
             lean::Outcome::Hyper(prefix) => {
-                let conn =
-                    hyper_connection(prefix, stream, router, &builder, watcher, kill.clone());
+                let io = lean::Prefixed::new(prefix, stream, permit);
+                let conn = hyper_connection(io, router, &builder, watcher, kill.clone());
                 if let Err(e) = conn.await {
+                    if is_timeout(&*e) {
+                        Refusal::Timeout.count();
+                    }
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
             }
@@ -308,10 +370,23 @@ async fn connection(
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// hyper serving the rest of a connection (HTTP/1 with upgrades, or HTTP/2), with `prefix` read first.
+/// hyper's header-read deadline ended the connection (HTTP/1: no request head in time, first or keep-alive).
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// hyper serving the rest of a connection (HTTP/1 with upgrades, or HTTP/2), with the bytes lean read first.
 fn hyper_connection(
-    prefix: bytes::Bytes,
-    stream: TcpStream,
+    io: lean::Prefixed,
     router: Router,
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
@@ -322,10 +397,7 @@ fn hyper_connection(
         req
     });
     let conn = builder
-        .serve_connection_with_upgrades(
-            TokioIo::new(lean::Prefixed::new(prefix, stream)),
-            TowerToHyperService::new(svc),
-        )
+        .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(svc))
         .into_owned();
     Box::pin(watcher.watch(conn))
 }

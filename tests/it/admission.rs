@@ -221,3 +221,170 @@ async fn a_silent_http2_connection_is_closed() {
         .expect("closed after an unanswered ping");
     assert!(!got.is_empty(), "the server spoke HTTP/2 (settings, ping)");
 }
+
+/// Opens `n` sockets that send nothing, each one accepted (and holding its place) before the next connects.
+async fn silent(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut socks = Vec::with_capacity(n);
+    for _ in 0..n {
+        socks.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    socks
+}
+
+/// Sends a `/healthz` request on `sock` and returns the status line, or `None` if the server closed the
+/// socket without answering.
+async fn request_healthz(mut sock: TcpStream) -> Option<String> {
+    // The server may have closed the socket already: a failed write is the same answer as an EOF.
+    if sock
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: h\r\nconnection: close\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return None;
+    }
+    let got = until_closed(&mut sock, Duration::from_secs(5))
+        .await
+        .expect("answered or closed");
+    let text = String::from_utf8_lossy(&got);
+    text.lines().next().map(str::to_string)
+}
+
+/// A socket from `ip` (a loopback address other than 127.0.0.1 shows the limit is per address).
+async fn connect_from(ip: &str, to: SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    sock.connect(to).await.expect("connect")
+}
+
+/// A counter or gauge from `/metrics` (summed over label sets matching `labels`).
+async fn metric(s: &TestServer, name_and_labels: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", s.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name_and_labels))
+        .filter_map(|rest| rest.trim().parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn over_max_sockets_a_socket_is_closed_at_once_and_clients_get_in_after_the_timeout() {
+    let s = TestServer::start(&[
+        ("limits.max_sockets", "20"),
+        ("limits.header_read_timeout", "\"2s\""),
+    ])
+    .await;
+    let mut held = silent(addr(&s), 20).await;
+
+    let t = Instant::now();
+    let refused = TcpStream::connect(addr(&s)).await.unwrap();
+    assert_eq!(
+        request_healthz(refused).await,
+        None,
+        "no response over the limit"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "closed at once, not by the 2 s timeout ({:?})",
+        t.elapsed()
+    );
+
+    for sock in &mut held {
+        until_closed(sock, Duration::from_secs(2) + SLACK)
+            .await
+            .expect("silent sockets time out");
+    }
+    assert_eq!(
+        healthz(&s).await,
+        Ok(200),
+        "room again once they are closed"
+    );
+    assert!(metric(&s, "herald_sockets_refused_total{reason=\"limit\"}").await >= 1.0);
+    assert!(metric(&s, "herald_sockets_refused_total{reason=\"timeout\"}").await >= 20.0);
+    assert!(
+        metric(&s, "herald_sockets ").await >= 1.0,
+        "this request's socket"
+    );
+}
+
+#[tokio::test]
+async fn max_sockets_per_ip_counts_each_address_separately() {
+    let s = TestServer::start(&[
+        ("limits.max_sockets_per_ip", "3"),
+        ("limits.header_read_timeout", "\"5s\""),
+    ])
+    .await;
+    let mut held = silent(addr(&s), 3).await;
+    let t = Instant::now();
+    let fourth = TcpStream::connect(addr(&s)).await.unwrap();
+    assert_eq!(request_healthz(fourth).await, None, "a 4th from 127.0.0.1");
+    assert!(t.elapsed() < Duration::from_secs(2), "closed at once");
+
+    // Other addresses have their own 3.
+    for ip in ["127.0.0.2", "127.0.0.3"] {
+        let sock = connect_from(ip, addr(&s)).await;
+        assert_eq!(
+            request_healthz(sock).await.as_deref(),
+            Some("HTTP/1.1 200 OK"),
+            "from {ip}"
+        );
+    }
+    let _more = [
+        connect_from("127.0.0.2", addr(&s)).await,
+        connect_from("127.0.0.2", addr(&s)).await,
+        connect_from("127.0.0.2", addr(&s)).await,
+    ];
+    assert_eq!(
+        request_healthz(connect_from("127.0.0.2", addr(&s)).await).await,
+        None,
+        "127.0.0.2 has its own limit too"
+    );
+
+    // A client that hangs up gives its place back (well before the 5 s timeout would).
+    drop(held.pop());
+    let t = Instant::now();
+    loop {
+        let sock = TcpStream::connect(addr(&s)).await.unwrap();
+        if request_healthz(sock).await.as_deref() == Some("HTTP/1.1 200 OK") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "the place was not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(metric(&s, "herald_sockets_refused_total{reason=\"per_ip\"}").await >= 2.0);
+}
+
+#[tokio::test]
+async fn an_upgraded_websocket_keeps_its_place() {
+    let s = TestServer::start(&[("limits.max_sockets", "2")]).await;
+    let url = format!("{}/connection/websocket", s.url.replace("http://", "ws://"));
+    let (ws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("ws connect");
+    let _silent = silent(addr(&s), 1).await;
+    let third = TcpStream::connect(addr(&s)).await.unwrap();
+    assert_eq!(
+        request_healthz(third).await,
+        None,
+        "the WebSocket and the silent socket hold both places"
+    );
+    drop(ws);
+    let t = Instant::now();
+    loop {
+        let sock = TcpStream::connect(addr(&s)).await.unwrap();
+        if request_healthz(sock).await.as_deref() == Some("HTTP/1.1 200 OK") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the WebSocket's place was not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
