@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use serde_json::json;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -192,7 +192,7 @@ impl Server {
         let shutdown_timeout = config.shutdown_timeout;
         let limits = config.limits.clone();
         let router = router(hub.clone(), config)?;
-        let listener = TcpListener::bind(addr).await?;
+        let listener = listen(addr)?;
         let fds = admission::raise_fd_limit();
         let max_sockets = admission::socket_limit(limits.max_sockets, limits.max_connections, fds);
         if limits.max_sockets > max_sockets {
@@ -307,6 +307,27 @@ impl Server {
         tracing::info!("shutdown complete");
         Ok(())
     }
+}
+
+/// As many pending connections as the kernel allows (it caps the backlog at `net.core.somaxconn`), as Go
+/// does. tokio's `TcpListener::bind` asks for 128: a burst of connections (a reconnect storm after a
+/// restart, or a flood of attack sockets) overflows that before the accept loop drains it, and the kernel
+/// then drops the handshakes that come next, real clients' included, which retry only after a second or
+/// more.
+const LISTEN_BACKLOG: u32 = 65_535;
+
+/// Binds `addr` like `TcpListener::bind` (with `SO_REUSEADDR` where it is safe), with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As mio does: on Windows this would allow another process to take over the port.
+    #[cfg(not(windows))]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// hyper, with the deadlines that keep silent peers from holding sockets: an HTTP/1 connection must send
