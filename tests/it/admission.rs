@@ -388,3 +388,142 @@ async fn an_upgraded_websocket_keeps_its_place() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The real binary, killed when dropped, with its stderr collected as it comes (a full pipe would block the
+/// server's logging).
+struct Herald {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Herald {
+    /// Starts `herald serve` through `sh`, whose `limits` (shell commands) run first.
+    async fn start(limits: &str, settings: &[&str]) -> Herald {
+        use tokio::io::AsyncBufReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("{limits} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_herald"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--memory",
+                "--jwt-key",
+                KEY,
+            ])
+            .arg("--data-dir")
+            .arg(dir.path());
+        for s in settings {
+            cmd.args(["--set", s]);
+        }
+        let mut child = cmd
+            .env("HERALD_LOG_LEVEL", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn herald");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut err_lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let sink = stderr.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = err_lines.next_line().await {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(WAIT, out.next_line())
+            .await
+            .expect("herald started in time")
+            .unwrap()
+            .unwrap_or_else(|| panic!("herald exited: {}", stderr.lock().unwrap()));
+        let addr = line
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        Herald {
+            child,
+            addr,
+            stderr,
+            _dir: dir,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_under_a_low_fd_limit_refuses_sockets_instead_of_running_out() {
+    // Soft 128, hard 256: herald raises the soft limit to 256 and keeps 64 descriptors in reserve.
+    let h = Herald::start(
+        "ulimit -S -n 128 && ulimit -H -n 256",
+        &["limits.header_read_timeout=1s"],
+    )
+    .await;
+    let started = Instant::now();
+    while !h.stderr().contains("at most 192 sockets") {
+        assert!(
+            started.elapsed() < WAIT,
+            "no admission line: {}",
+            h.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // More silent sockets than the process has descriptors.
+    const N: usize = 400;
+    let mut attackers = JoinSet::new();
+    for _ in 0..N {
+        let addr = h.addr;
+        attackers.spawn(async move {
+            let mut sock = TcpStream::connect(addr).await.expect("connect");
+            until_closed(&mut sock, TIMEOUT + SLACK).await
+        });
+    }
+    let (mut refused, mut timed_out) = (0, 0);
+    while let Some(r) = attackers.join_next().await {
+        let got = r
+            .unwrap()
+            .expect("every attack socket is closed, refused or timed out");
+        if got.is_empty() {
+            refused += 1;
+        } else {
+            assert!(got.starts_with(b"HTTP/1.1 408 "));
+            timed_out += 1;
+        }
+    }
+    assert!(
+        refused >= N - 192,
+        "{refused} refused, {timed_out} timed out"
+    );
+    assert!(timed_out > 0);
+
+    let healthz = format!("http://{}/healthz", h.addr);
+    let resp = reqwest::get(&healthz)
+        .await
+        .expect("healthz after the attack");
+    assert_eq!(resp.status(), 200);
+
+    let log = h.stderr();
+    assert!(
+        log.matches("accept failed").count() <= 3,
+        "accept failures flood the log:\n{log}"
+    );
+    assert!(!log.contains("Too many open files"), "{log}");
+}
