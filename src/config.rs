@@ -228,7 +228,6 @@ impl Default for CentrifugoConfig {
     }
 }
 
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -238,6 +237,19 @@ pub struct LimitsConfig {
     pub max_message_size: usize,
     /// Publications queued for one subscriber before it is disconnected as too slow.
     pub outbox_capacity: usize,
+    /// Time a connection has to send a whole request head, counted from when it opened or its previous
+    /// response ended, so that trickling bytes cannot extend it. A socket that sends nothing, part of a
+    /// request, or nothing more after a response holds a file descriptor; without this deadline a few
+    /// thousand of them (slowloris) exhaust the process's descriptors.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Accepted sockets open at once, whatever they are doing (streams, requests, idle keep-alive, not yet
+    /// read); a socket over it is closed as soon as it is accepted. `0`: `max_connections + 1024`. Always
+    /// kept below the open-file limit, so that accepting never fails for want of descriptors.
+    pub max_sockets: usize,
+    /// Accepted sockets open at once from one IP address; `0`: no per-address limit. Off by default because
+    /// clients behind one NAT or proxy share an address.
+    pub max_sockets_per_ip: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -326,6 +338,9 @@ impl Default for LimitsConfig {
             max_topics_per_subscription: 64,
             max_message_size: 64 * 1024,
             outbox_capacity: 1000,
+            header_read_timeout: Duration::from_secs(10),
+            max_sockets: 0,
+            max_sockets_per_ip: 0,
         }
     }
 }
@@ -393,6 +408,13 @@ impl Config {
         if self.limits.outbox_capacity == 0 || self.limits.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "limits.outbox_capacity and limits.max_connections must be at least 1".into(),
+            ));
+        }
+        if self.limits.header_read_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "limits.header_read_timeout must be more than 0s: every connection would be closed \
+                 before its first request"
+                    .into(),
             ));
         }
         crate::auth::Auth::from_config(&self.auth)
@@ -591,6 +613,39 @@ mod tests {
             ],
         );
         assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn admission_limits_have_defaults_and_are_validated() {
+        let c = Config::load(None, vec![], &[]).unwrap();
+        assert_eq!(c.limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits.max_sockets, 0, "auto");
+        assert_eq!(c.limits.max_sockets_per_ip, 0, "off");
+        let c = Config::load(
+            None,
+            vec![],
+            &[
+                ("limits.header_read_timeout".into(), "1500ms".into()),
+                ("limits.max_sockets".into(), "20".into()),
+                ("limits.max_sockets_per_ip".into(), "5".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.limits.header_read_timeout, Duration::from_millis(1500));
+        assert_eq!((c.limits.max_sockets, c.limits.max_sockets_per_ip), (20, 5));
+        let err = Config::load(
+            None,
+            vec![],
+            &[("limits.header_read_timeout".into(), "0s".into())],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("header_read_timeout"), "{err}");
+        let err =
+            Config::load(None, vec![], &[("limits.max_sockets".into(), "-1".into())]).unwrap_err();
+        assert!(err.to_string().contains("invalid"), "{err}");
+        let err =
+            Config::load(None, vec![], &[("limits.max_socket".into(), "1".into())]).unwrap_err();
+        assert!(err.to_string().contains("max_socket"), "{err}");
     }
 
     #[test]

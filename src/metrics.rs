@@ -34,6 +34,15 @@ fn describe() {
         "Open client connections (SSE streams)"
     );
     metrics::describe_gauge!("herald_subscriptions", "Live subscriptions");
+    metrics::describe_gauge!(
+        "herald_sockets",
+        "Open accepted sockets, whatever they are doing (limited by limits.max_sockets)"
+    );
+    metrics::describe_counter!(
+        "herald_sockets_refused_total",
+        "Sockets closed without being served: reason=limit (limits.max_sockets), per_ip \
+         (limits.max_sockets_per_ip), timeout (no request head within limits.header_read_timeout)"
+    );
     metrics::describe_counter!(
         "herald_publications_total",
         "Publications committed to the log"

@@ -9,13 +9,18 @@
 //!
 //! It takes only what it is sure of: a complete HTTP/1.1 `GET` of the Mercure hub path with no body, no
 //! upgrade, no `Expect` and nothing pipelined behind it. Everything else (other paths and methods, HTTP/1.0,
-//! HTTP/2, WebSocket upgrades, odd or oversized heads) goes to hyper together with the bytes already read,
-//! and so does the connection after a stream that ended cleanly (keep-alive).
+//! HTTP/2, WebSocket upgrades, odd or oversized heads) goes to hyper together with the bytes already read.
+//! After a stream that ended cleanly (keep-alive) the next request is read here again.
+//!
+//! It is also where a connection's first defence against slowloris sits: the request head (or, for HTTP/2,
+//! the whole client preface) must arrive before a deadline that trickling bytes cannot push back, and hyper
+//! only ever receives a connection whose protocol is already decided by the bytes handed over with it, so
+//! hyper-util's version detection (which has no timeout) never waits on the client.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::http::{header, HeaderName, HeaderValue, Method, Request, Response, Uri, Version};
@@ -25,9 +30,11 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use super::admission::Permit;
 use super::ConnKill;
 use crate::mercure::HUB_PATH;
 
@@ -37,51 +44,103 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 /// First read size: a browser's EventSource request with cookies fits.
 const FIRST_READ: usize = 2048;
+/// What an HTTP/2 client sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Sent, if the socket takes it at once, to a client whose request head did not arrive in time.
+const TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\n\
+content-type: application/json\r\n\
+content-length: 95\r\n\
+connection: close\r\n\
+\r\n\
+{\"code\":\"request_timeout\",\"message\":\"no complete request head arrived within the time allowed\"}";
 
 /// What the connection does after [`serve`].
 pub(super) enum Outcome {
     /// Close the socket.
     Close,
-    /// Serve the rest with hyper; these bytes were read from the socket and come first.
+    /// Close the socket: no complete request head arrived in time (a 408 was offered).
+    TimedOut,
+    /// Serve the rest with hyper; these bytes were read from the socket and come first. They always decide
+    /// the protocol: a whole HTTP/2 preface, or bytes that cannot start one.
     Hyper(Bytes),
 }
 
-/// Serves the first request of a connection if it is a subscription; otherwise says what hyper must replay.
+/// Serves the connection's requests for as long as they are subscriptions; then says what hyper must
+/// replay. Each request head must arrive within `header_timeout` of the connection opening or the previous
+/// response ending.
 pub(super) async fn serve(
     stream: &mut TcpStream,
     router: &Router,
     kill: &ConnKill,
     closing: &CancellationToken,
+    header_timeout: Duration,
 ) -> Outcome {
-    let mut buf = Vec::with_capacity(FIRST_READ);
-    let (req, keep_alive) = loop {
-        match stream.read_buf(&mut buf).await {
-            Ok(0) | Err(_) if buf.is_empty() => return Outcome::Close,
-            Ok(0) | Err(_) => return Outcome::Hyper(Bytes::from(buf)),
-            Ok(_) => {}
-        }
-        match parse(&buf) {
-            Head::Partial if buf.len() < MAX_HEAD => {
-                if buf.len() == buf.capacity() {
-                    buf.reserve(buf.len());
-                }
+    loop {
+        let deadline = Instant::now() + header_timeout;
+        let (req, keep_alive) = match read_head(stream, deadline, closing).await {
+            Read::Subscribe(req, keep_alive) => (req, keep_alive),
+            Read::Hyper(prefix) => return Outcome::Hyper(prefix),
+            Read::Closed => return Outcome::Close,
+            Read::TimedOut => {
+                // Best effort: a client that does not read must not hold the connection open any longer.
+                let _ = stream.try_write(TIMEOUT_RESPONSE);
+                return Outcome::TimedOut;
             }
-            Head::Subscribe(req, keep_alive) => break (req, keep_alive),
-            Head::Partial | Head::Other => return Outcome::Hyper(Bytes::from(buf)),
+        };
+        let resp = {
+            let mut req = *req; // the box is freed here, not kept for the life of the stream
+            req.extensions_mut().insert(kill.clone());
+            let Ok(resp) = router.clone().oneshot(req).await;
+            resp
+        };
+        match respond(stream, resp).await {
+            Ok(Ended { pipelined: false }) if keep_alive && !closing.is_cancelled() => continue,
+            _ => return Outcome::Close,
+        }
+    }
+}
+
+/// What [`read_head`] found.
+enum Read {
+    Subscribe(Box<Request<Body>>, bool),
+    Hyper(Bytes),
+    /// The client closed, the socket failed, or the hub is shutting down.
+    Closed,
+    TimedOut,
+}
+
+/// Reads one request head, until `deadline`.
+async fn read_head(stream: &mut TcpStream, deadline: Instant, closing: &CancellationToken) -> Read {
+    let read = async {
+        // No buffer until there is something to read: a silent socket or an idle keep-alive connection
+        // costs no heap.
+        if stream.readable().await.is_err() {
+            return Read::Closed;
+        }
+        let mut buf = Vec::with_capacity(FIRST_READ);
+        loop {
+            match stream.read_buf(&mut buf).await {
+                // A partial head followed by EOF can only be answered with an error nobody reads.
+                Ok(0) | Err(_) => return Read::Closed,
+                Ok(_) => {}
+            }
+            match parse(&buf) {
+                Head::Partial if buf.len() < MAX_HEAD => {
+                    if buf.len() == buf.capacity() {
+                        buf.reserve(buf.len());
+                    }
+                }
+                Head::Subscribe(req, keep_alive) => return Read::Subscribe(req, keep_alive),
+                // Oversized: hyper answers 431; `parse` never calls a strict prefix of the HTTP/2 preface
+                // oversized, so the protocol is decided.
+                Head::Partial | Head::Other => return Read::Hyper(Bytes::from(buf)),
+            }
         }
     };
-    drop(buf);
-    let resp = {
-        let mut req = *req; // the box is freed here, not kept for the life of the stream
-        req.extensions_mut().insert(kill.clone());
-        let Ok(resp) = router.clone().oneshot(req).await;
-        resp
-    };
-    match respond(stream, resp).await {
-        Ok(Ended { pipelined: false }) if keep_alive && !closing.is_cancelled() => {
-            Outcome::Hyper(Bytes::new())
-        }
-        _ => Outcome::Close,
+    tokio::select! {
+        r = read => r,
+        () = tokio::time::sleep_until(deadline) => Read::TimedOut,
+        () = closing.cancelled() => Read::Closed,
     }
 }
 
@@ -89,13 +148,20 @@ enum Head {
     Partial,
     /// Boxed: a request is large and this enum lives in the connection future.
     Subscribe(Box<Request<Body>>, bool),
+    /// A complete head (or HTTP/2 preface) that hyper serves, or bytes that are no HTTP/1 request at all.
     Other,
 }
 
 /// Parses a request head; a sync function so that the header array lives on the stack, not in the
 /// connection's future.
+///
+/// Heads that hyper will serve are read to their end here too (`Partial` until then), so that the deadline
+/// of [`serve`] covers them: hyper's own header timer would start afresh when it gets the connection.
 fn parse(buf: &[u8]) -> Head {
-    if buf.len() >= 4 && !buf.starts_with(b"GET ") {
+    if buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(buf) {
+        return Head::Partial;
+    }
+    if buf.starts_with(H2_PREFACE) {
         return Head::Other;
     }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -296,15 +362,23 @@ async fn write_all(stream: &TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Resu
     Ok(())
 }
 
-/// The socket with the bytes [`serve`] already read in front, for hyper.
+/// The socket with the bytes [`serve`] already read in front, for hyper. It carries the socket's permit:
+/// an upgraded (WebSocket) connection outlives hyper's connection future but keeps this IO, and so its
+/// place under the socket limit.
 pub(super) struct Prefixed {
     prefix: Bytes,
+    /// Declared (so dropped) before `io`: the place is free by the time the client sees the close.
+    _permit: Permit,
     io: TcpStream,
 }
 
 impl Prefixed {
-    pub(super) fn new(prefix: Bytes, io: TcpStream) -> Self {
-        Prefixed { prefix, io }
+    pub(super) fn new(prefix: Bytes, io: TcpStream, permit: Permit) -> Self {
+        Prefixed {
+            prefix,
+            _permit: permit,
+            io,
+        }
     }
 }
 
@@ -363,6 +437,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_timeout_response_is_well_formed() {
+        let text = std::str::from_utf8(TIMEOUT_RESPONSE).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 408 Request Timeout\r\n"));
+        assert!(head.contains(&format!("content-length: {}\r\n", body.len())));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["code"], "request_timeout");
+    }
+
+    #[test]
     fn chunk_sizes_are_lowercase_hex() {
         let mut b = [0u8; 18];
         assert_eq!(chunk_size(0, &mut b), b"0\r\n");
@@ -386,10 +470,20 @@ mod tests {
             parse(&sub("content-length: 0\r\n")),
             Head::Subscribe(..)
         ));
-        assert!(matches!(
-            parse(b"GET /.well-known/mercure?topic=a HTTP/1.1\r\nho"),
-            Head::Partial
-        ));
+        for partial in [
+            b"GET /.well-known/mercure?topic=a HTTP/1.1\r\nho".as_slice(),
+            b"G",
+            b"GET /healthz HTTP/1.1\r\n",
+            b"POST /.well-known/mercure HTTP/1.1\r\ncontent-length: 3\r\n",
+            b"P",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n",
+        ] {
+            assert!(
+                matches!(parse(partial), Head::Partial),
+                "{}",
+                String::from_utf8_lossy(partial)
+            );
+        }
         for other in [
             sub("upgrade: websocket\r\n"),
             sub("content-length: 3\r\n"),
@@ -401,6 +495,10 @@ mod tests {
             b"GET /healthz HTTP/1.1\r\n\r\n".to_vec(),
             b"POST /.well-known/mercure HTTP/1.1\r\n\r\n".to_vec(),
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04".to_vec(),
+            b"PRI * HTTP/2.0\r\n\r\nXX".to_vec(), // not a preface: hyper's HTTP/1 parser refuses it
+            b"POST /.well-known/mercure HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc".to_vec(),
+            b"\x16\x03\x01\x02\x00".to_vec(), // TLS to a plain port
             b"GET /.well-known/mercure HTTP/1.1\r\nbad header\r\n\r\n".to_vec(),
         ] {
             assert!(

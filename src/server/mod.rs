@@ -17,11 +17,11 @@ use axum::http::{header, HeaderValue, Request, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use serde_json::json;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -33,7 +33,10 @@ use crate::log::{Log, MemoryLog, Retention, RetentionRule, SqliteLog};
 use crate::state::AppState;
 use crate::topic::Selector;
 
+mod admission;
 mod lean;
+
+use admission::{Admission, Permit, Refusal, Throttle};
 
 /// Cancelling it closes the client's TCP connection. Present on requests served by [`Server`]; absent when
 /// the router is mounted in another server, where a stalled subscriber is dropped on its next write.
@@ -189,10 +192,14 @@ pub struct Server {
     router: Router,
     hub: Hub,
     shutdown_timeout: Duration,
+    admission: Arc<Admission>,
 }
 
 impl Server {
     /// Opens the log, builds the hub and router, and binds the listener (port 0 picks a free port).
+    ///
+    /// Also raises the process's soft open-file limit to its hard limit (see [`admission`]); the socket
+    /// limit in force is logged.
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         let addr = config.listen_addr()?;
         refuse_dev_key_on_network(&config, addr)?;
@@ -200,13 +207,44 @@ impl Server {
         let log = open_log(&config)?;
         let hub = Hub::new(log, hub_options(&config));
         let shutdown_timeout = config.shutdown_timeout;
+        let limits = config.limits.clone();
         let router = router(hub.clone(), config)?;
-        let listener = TcpListener::bind(addr).await?;
+        let listener = listen(addr)?;
+        let fds = admission::raise_fd_limit();
+        let max_sockets = admission::socket_limit(limits.max_sockets, limits.max_connections, fds);
+        if limits.max_sockets > max_sockets {
+            tracing::warn!(
+                "limits.max_sockets = {} lowered to {max_sockets}: the open-file limit is {}, less {} \
+                 kept for other files",
+                limits.max_sockets,
+                fds.unwrap_or_default(),
+                admission::FD_RESERVE,
+            );
+        }
+        if max_sockets < limits.max_connections {
+            tracing::warn!(
+                "only {max_sockets} sockets can be open at once, fewer than limits.max_connections = {}; \
+                 raise the open-file limit (ulimit -n) or lower max_connections",
+                limits.max_connections,
+            );
+        }
+        tracing::info!(
+            max_sockets,
+            max_sockets_per_ip = limits.max_sockets_per_ip,
+            open_file_limit = fds,
+            header_read_timeout = ?limits.header_read_timeout,
+            "admission: at most {max_sockets} sockets open at once",
+        );
         Ok(Server {
             listener,
             router,
             hub,
             shutdown_timeout,
+            admission: Admission::new(
+                max_sockets,
+                limits.max_sockets_per_ip,
+                limits.header_read_timeout,
+            ),
         })
     }
 
@@ -225,26 +263,49 @@ impl Server {
             router,
             hub,
             shutdown_timeout,
+            admission,
         } = self;
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+        let builder = Arc::new(hyper_builder(admission.header_read_timeout()));
+        let mut accept_failures = Throttle::default();
+        let mut refusals = Throttle::default();
         tokio::pin!(shutdown);
         loop {
-            let (stream, _peer) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(c) => c,
                     Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
+                        // Out of file descriptors and the like: back off instead of spinning, and say so
+                        // once a second, not twenty times.
+                        if let Some(suppressed) = accept_failures.ready(std::time::Instant::now()) {
+                            tracing::warn!(error = %e, suppressed, "accept failed");
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 },
                 _ = &mut shutdown => break,
             };
+            let permit = match admission.admit(peer.ip()) {
+                Ok(permit) => permit,
+                Err(refusal) => {
+                    if let Some(suppressed) = refusals.ready(std::time::Instant::now()) {
+                        tracing::warn!(
+                            reason = refusal.as_str(),
+                            open = admission.open(),
+                            max = admission.max(),
+                            suppressed,
+                            "socket limit reached: closing new sockets",
+                        );
+                    }
+                    drop(stream);
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
             tokio::spawn(connection(
                 stream,
+                permit,
                 router.clone(),
                 builder.clone(),
                 graceful.watcher(),
@@ -265,46 +326,115 @@ impl Server {
     }
 }
 
-/// One client connection, until it ends or the hub pulls its kill switch. A first request that subscribes
-/// is served the lean way ([`lean`]); anything else, and whatever follows a finished subscription, is
-/// hyper's.
+/// As many pending connections as the kernel allows (it caps the backlog at `net.core.somaxconn`), as Go
+/// does. tokio's `TcpListener::bind` asks for 128: a burst of connections (a reconnect storm after a
+/// restart, or a flood of attack sockets) overflows that before the accept loop drains it, and the kernel
+/// then drops the handshakes that come next, real clients' included, which retry only after a second or
+/// more.
+const LISTEN_BACKLOG: u32 = 65_535;
+
+/// Binds `addr` like `TcpListener::bind` (with `SO_REUSEADDR` where it is safe), with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As mio does: on Windows this would allow another process to take over the port.
+    #[cfg(not(windows))]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// hyper, with the deadlines that keep silent peers from holding sockets: an HTTP/1 connection must send
+/// each request head within `header_read_timeout` (hyper's timer also runs while a keep-alive connection
+/// waits for its next request). HTTP/2 has no such deadline (a connection may idle between streams), so a
+/// connection quiet for that long is pinged and closed if the answer does not come within it again: that
+/// is what frees the socket of a dead or silent peer.
+fn hyper_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(header_read_timeout)
+        .keep_alive_timeout(header_read_timeout);
+    builder
+}
+
+/// One client connection, until it ends or the hub pulls its kill switch. Requests that subscribe are served
+/// the lean way ([`lean`]); from the first one that is not, the connection is hyper's. `permit` is the
+/// socket's place under the socket limit; it goes wherever the socket goes.
 ///
-/// Every byte of this future is paid by every idle subscriber: hyper's part is boxed and only built when
-/// needed, and the kill switch is awaited here, around a future built here, not around a moved one (which
-/// would be stored twice).
-async fn connection(
+/// Every byte of this future is paid by every idle subscriber (measured with `-Zprint-type-sizes`: 1000
+/// bytes, a 1152-byte task): hyper's part is boxed and only built when needed, and the kill switch is
+/// awaited here, around a future built here, not around a moved one (which would be stored twice).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps a second copy of the arguments it moves"
+)]
+fn connection(
     mut stream: TcpStream,
+    permit: Permit,
     router: Router,
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: hyper_util::server::graceful::Watcher,
     closing: CancellationToken,
-) {
-    let kill = ConnKill(CancellationToken::new());
-    let killed = kill.0.clone();
-    let serve = async {
-        match lean::serve(&mut stream, &router, &kill, &closing).await {
-            lean::Outcome::Close => {}
-            lean::Outcome::Hyper(prefix) => {
-                let conn =
-                    hyper_connection(prefix, stream, router, &builder, watcher, kill.clone());
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "connection ended with an error");
+) -> impl Future<Output = ()> + Send {
+    // Not an `async fn`: that would keep a second copy of every argument it moves (an `async move` block
+    // uses its captures in place), and this future is as large as an idle subscriber's task.
+    async move {
+        let kill = ConnKill(CancellationToken::new());
+        let killed = kill.0.clone();
+        // Two phases, each awaited next to the kill switch, rather than one inner async block holding both:
+        // that block would keep its own copy of `permit` and of everything else it moves.
+        let header_timeout = permit.header_read_timeout();
+        let outcome = tokio::select! {
+            o = lean::serve(&mut stream, &router, &kill, &closing, header_timeout) => o,
+            () = killed.cancelled() => return tracing::debug!("connection killed by the hub"),
+        };
+        let prefix = match outcome {
+            lean::Outcome::Hyper(prefix) => prefix,
+            lean::Outcome::Close => return,
+            lean::Outcome::TimedOut => return Refusal::Timeout.count(),
+        };
+        let io = lean::Prefixed::new(prefix, stream, permit);
+        let conn = hyper_connection(io, router, &builder, watcher, kill.clone());
+        tokio::select! {
+            r = conn => if let Err(e) = r {
+                if is_timeout(&*e) {
+                    Refusal::Timeout.count();
                 }
-            }
+                tracing::debug!(error = %e, "connection ended with an error");
+            },
+            () = killed.cancelled() => tracing::debug!("connection killed by the hub"),
         }
-    };
-    tokio::select! {
-        () = serve => {}
-        () = killed.cancelled() => tracing::debug!("connection killed by the hub"),
     }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// hyper serving the rest of a connection (HTTP/1 with upgrades, or HTTP/2), with `prefix` read first.
+/// hyper's header-read deadline ended the connection (HTTP/1: no request head in time, first or keep-alive).
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// hyper serving the rest of a connection (HTTP/1 with upgrades, or HTTP/2), with the bytes lean read first.
 fn hyper_connection(
-    prefix: bytes::Bytes,
-    stream: TcpStream,
+    io: lean::Prefixed,
     router: Router,
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
@@ -315,10 +445,7 @@ fn hyper_connection(
         req
     });
     let conn = builder
-        .serve_connection_with_upgrades(
-            TokioIo::new(lean::Prefixed::new(prefix, stream)),
-            TowerToHyperService::new(svc),
-        )
+        .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(svc))
         .into_owned();
     Box::pin(watcher.watch(conn))
 }

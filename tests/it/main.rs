@@ -3,6 +3,7 @@
 mod common;
 
 mod access;
+mod admission;
 mod auth;
 mod cors;
 mod keys;
