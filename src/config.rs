@@ -233,6 +233,11 @@ impl Default for CentrifugoConfig {
 pub struct LimitsConfig {
     pub max_connections: usize,
     pub max_topics_per_subscription: usize,
+    /// Total bytes of the topic selectors of one subscription.
+    pub max_selector_bytes: usize,
+    /// URI template expressions (`{…}`) in the selectors of one subscription: each costs memory when
+    /// compiled, so an unbounded count lets one request take megabytes.
+    pub max_template_expressions: usize,
     /// Largest `data` accepted, in bytes.
     pub max_message_size: usize,
     /// Publications queued for one subscriber before it is disconnected as too slow.
@@ -336,6 +341,8 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_connections: 10_000,
             max_topics_per_subscription: 64,
+            max_selector_bytes: 16 * 1024,
+            max_template_expressions: 16,
             max_message_size: 64 * 1024,
             outbox_capacity: 1000,
             header_read_timeout: Duration::from_secs(10),

@@ -5,6 +5,10 @@
 //! parses. A string that is not a valid template still works as an exact selector: that is what the spec asks
 //! (step 2 compares strings before step 3 tries the template).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 use regex::Regex;
 
 /// A compiled topic selector.
@@ -15,7 +19,41 @@ pub enum Selector {
     /// A plain string, compared byte for byte.
     Exact(Box<str>),
     /// A URI template; `raw` is kept for exact comparison (a template also matches itself).
-    Template { raw: Box<str>, re: Regex },
+    Template { raw: Box<str>, re: Arc<Regex> },
+}
+
+/// The URI template expressions (`{…}`) in `raw`. A compiled template costs memory in proportion to its
+/// expressions (tens of KB for a handful, megabytes for thousands), so subscriptions are limited by this
+/// count before anything is compiled.
+pub fn expressions(raw: &str) -> usize {
+    raw.bytes().filter(|&b| b == b'{').count()
+}
+
+/// Templates compiled once per process and shared while any subscription uses them: ten thousand
+/// subscribers of `https://example.com/books/{id}` hold one regex, not ten thousand.
+static COMPILED: Mutex<Option<Compiled>> = Mutex::new(None);
+
+#[derive(Default)]
+struct Compiled {
+    by_template: HashMap<Box<str>, Weak<Regex>>,
+    /// Entries at the last sweep of dead ones: the map is swept when it has doubled since.
+    swept_at: usize,
+}
+
+fn compiled(raw: &str) -> Option<Arc<Regex>> {
+    let mut guard = COMPILED.lock();
+    let cache = guard.get_or_insert_with(Compiled::default);
+    if let Some(re) = cache.by_template.get(raw).and_then(Weak::upgrade) {
+        return Some(re);
+    }
+    let re = Arc::new(template_regex(raw)?);
+    if cache.by_template.len() >= 2 * cache.swept_at.max(64) {
+        cache.by_template.retain(|_, w| w.strong_count() > 0);
+        cache.by_template.shrink_to_fit();
+        cache.swept_at = cache.by_template.len();
+    }
+    cache.by_template.insert(raw.into(), Arc::downgrade(&re));
+    Some(re)
 }
 
 impl Selector {
@@ -26,7 +64,7 @@ impl Selector {
         if !raw.contains('{') {
             return Selector::Exact(raw.into());
         }
-        match template_regex(raw) {
+        match compiled(raw) {
             Some(re) => Selector::Template {
                 raw: raw.into(),
                 re,
@@ -166,6 +204,18 @@ mod tests {
             .matches("https://e.com/users/foo/?topic=https%3A%2F%2Fe.com%2Fbooks%2F1"));
         assert!(Selector::parse("https://e.com{/a,b}").matches("https://e.com/x/y"));
         assert!(Selector::parse("/books/{id}.json").matches("/books/12.json"));
+    }
+
+    #[test]
+    fn identical_templates_share_one_compiled_regex() {
+        let (Selector::Template { re: a, .. }, Selector::Template { re: b, .. }) = (
+            Selector::parse("https://e.com/shared/{id}"),
+            Selector::parse("https://e.com/shared/{id}"),
+        ) else {
+            panic!("templates");
+        };
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(expressions("a/{b}/{c}"), 2);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::subscriptions::ActiveSubscriptions;
 use crate::access::Identity;
 use crate::auth::Role;
+use crate::config::LimitsConfig;
 use crate::error::ApiError;
 use crate::frame::sse::COMMENT;
 use crate::frame::Publication;
@@ -59,6 +60,7 @@ pub async fn subscribe(
         ));
     }
 
+    check_selector_cost(&st.config.limits, &topics)?;
     let selectors: Vec<Selector> = topics.iter().map(|t| Selector::parse(t)).collect();
     let who = match &claims {
         Some(c) => Arc::new(Identity::from_claims(c)),
@@ -153,6 +155,42 @@ pub async fn subscribe(
         }
     }
     Ok(resp)
+}
+
+/// Refuses selectors whose compiled form would cost more than the limits allow, before compiling them.
+fn check_selector_cost(limits: &LimitsConfig, topics: &[String]) -> Result<(), ApiError> {
+    let max = limits.max_topics_per_subscription;
+    if topics.len() > max {
+        return Err(ApiError::bad_request(
+            "too_many_topics",
+            format!(
+                "{} topics in one subscription, at most {max} allowed",
+                topics.len()
+            ),
+        ));
+    }
+    let bytes: usize = topics.iter().map(String::len).sum();
+    if bytes > limits.max_selector_bytes {
+        return Err(ApiError::bad_request(
+            "selectors_too_large",
+            format!(
+                "the topic selectors take {bytes} bytes, at most {} allowed (limits.max_selector_bytes)",
+                limits.max_selector_bytes
+            ),
+        ));
+    }
+    let exprs: usize = topics.iter().map(|t| crate::topic::expressions(t)).sum();
+    if exprs > limits.max_template_expressions {
+        return Err(ApiError::bad_request(
+            "too_many_template_expressions",
+            format!(
+                "the topic selectors hold {exprs} URI template expressions, at most {} allowed \
+                 (limits.max_template_expressions)",
+                limits.max_template_expressions
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn until_unix(exp: u64) -> Duration {

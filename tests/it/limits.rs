@@ -170,3 +170,98 @@ async fn bad_publications_are_refused_and_not_dispatched() {
     );
     sub.assert_quiet(Duration::from_millis(200)).await;
 }
+
+/// Finding 4: one subscription with a 2 000-expression URI template cost about 3 MB, and 100 of them
+/// 300 MB that stayed after they closed. Templates are bounded per subscription now; what is left costs
+/// tens of KB and is reused once the subscriptions close. Measured on the real process.
+#[tokio::test]
+async fn subscription_templates_cost_bounded_memory() {
+    use crate::process::Herald;
+    let h = Herald::start(&["--allow-anonymous", "--memory"], &[]).await;
+    let topic = |round: usize, i: usize, exprs: usize| {
+        let vars: String = (0..exprs).map(|v| format!("/{{v{v}}}")).collect();
+        format!("https://example.com/r{round}/s{i}{vars}")
+    };
+    let url = |topics: &[String]| {
+        let t: Vec<&str> = topics.iter().map(String::as_str).collect();
+        subscribe_url(&h.url, &t, &[])
+    };
+    let (status, body) = get_json(reqwest::Client::new().get(url(&[topic(0, 0, 17)]))).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("too_many_template_expressions"))
+    );
+    let long: Vec<String> = (0..10)
+        .map(|i| format!("https://example.com/{i}/{}", "x".repeat(2000)))
+        .collect();
+    let (status, body) = get_json(reqwest::Client::new().get(url(&long))).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("selectors_too_large"))
+    );
+
+    let publish = |n: usize| {
+        let h = &h.url;
+        async move {
+            let claims = herald::auth::Claims {
+                mercure: Some(herald::auth::MercureClaim {
+                    publish: Some(vec!["*".into()]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let tok = sign_with(
+                &claims,
+                herald::config::DEV_JWT_KEY,
+                jsonwebtoken::Algorithm::HS256,
+            );
+            let r = reqwest::Client::new()
+                .post(format!("{h}/.well-known/mercure"))
+                .bearer_auth(tok)
+                .form(&[
+                    ("topic", format!("https://example.com/other/{n}")),
+                    ("data", "x".into()),
+                ])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    // Round 0 warms the process up (allocator arenas, runtime); rounds 1 and 2 are measured.
+    let mut rss = Vec::new();
+    for round in 0..3 {
+        let before = h.rss();
+        let mut subs = Vec::new();
+        for i in 0..100 {
+            let sse = Sse::get(&url(&[topic(round, i, 16)])).await;
+            assert_eq!(sse.status, 200);
+            subs.push(sse);
+        }
+        // A publication runs every template once, which is when a regex allocates its match cache.
+        publish(round).await;
+        let during = h.rss();
+        drop(subs);
+        for _ in 0..500 {
+            if h.metric("herald_subscriptions").await == 0.0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(h.metric("herald_subscriptions").await, 0.0);
+        rss.push((before, during, h.rss()));
+    }
+    eprintln!("rss (before, with 100 subscriptions, after): {rss:?}");
+    for &(before, during, _) in &rss[1..] {
+        let per_sub = during.saturating_sub(before) / 100;
+        assert!(per_sub < 150 * 1024, "{per_sub} bytes per subscription");
+    }
+    // Closed subscriptions give their memory back to the process: a second round costs no more.
+    let (_, _, after_1) = rss[1];
+    let (_, during_2, _) = rss[2];
+    assert!(
+        during_2 < after_1 + 4 * 1024 * 1024,
+        "round 2 took {} KB more than was left after round 1",
+        (during_2 - after_1) / 1024
+    );
+}

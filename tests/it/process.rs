@@ -69,6 +69,35 @@ impl Herald {
     }
 }
 
+impl Herald {
+    /// The resident memory of the process, from /proc.
+    pub fn rss(&self) -> usize {
+        let pid = self._child.id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+        let kb: usize = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS");
+        kb * 1024
+    }
+
+    /// A gauge or counter from `/metrics` (the sum of its series).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
 /// Runs `herald serve ARGS` expecting it to refuse to start; returns its exit status and stderr.
 pub async fn refused(args: &[&str], envs: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
     let dir = tempfile::tempdir().expect("tempdir");
