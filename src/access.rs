@@ -290,12 +290,13 @@ mod tests {
             seq: 1,
             id: "x".into(),
             topics: topics.iter().map(|t| t.to_string()).collect(),
-            data: String::new(),
+            data: Default::default(),
             private,
             event_type: None,
             retry: None,
             time_ms: 0,
             info: None,
+            tags: Default::default(),
         }
     }
 

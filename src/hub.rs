@@ -14,11 +14,12 @@
 //! disconnected (its outbox is closed, and the connection is killed if the transport registered a kill
 //! switch) and will resume from the log when it reconnects.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -101,12 +102,17 @@ pub struct NewPublication {
     /// break.
     pub id: Option<String>,
     pub topics: Vec<String>,
-    pub data: String,
+    pub data: Bytes,
     pub private: bool,
     pub event_type: Option<String>,
     pub retry: Option<u64>,
     /// Publisher's `ClientInfo` as JSON, for client publications.
     pub info: Option<String>,
+    /// Centrifugo publication tags.
+    pub tags: BTreeMap<String, String>,
+    /// Deliver to live subscribers without appending to the log (Centrifugo's `skip_history`): no
+    /// position, no id, nothing to resume; it still takes its place in the publication order.
+    pub skip_history: bool,
 }
 
 /// Who a client is, as presence and join/leave report it (Centrifugo `ClientInfo`).
@@ -171,7 +177,8 @@ struct Sub {
     spec: Arc<SubscribeSpec>,
     outbox: Outbox,
     /// Dedupe within one fan-out: a subscriber reachable through several topics gets a publication once.
-    last_seq: AtomicU64,
+    /// Counted in fan-outs, not seqs: a publication kept out of history has no seq.
+    last_fanout: AtomicU64,
 }
 
 impl SubscribeSpec {
@@ -241,6 +248,7 @@ impl Registry {
 
 struct Job {
     record: Record,
+    skip_history: bool,
     ack: oneshot::Sender<Result<Arc<Publication>, HubError>>,
 }
 
@@ -249,6 +257,8 @@ struct Inner {
     opts: HubOptions,
     registry: RwLock<Registry>,
     dispatched: AtomicU64,
+    /// Fan-outs so far: the dedupe mark of each.
+    fanouts: AtomicU64,
     last_id: Mutex<Option<String>>,
     connections: AtomicUsize,
     next_id: AtomicU64,
@@ -320,6 +330,7 @@ impl Hub {
         let last = log.last().ok().flatten();
         let inner = Arc::new(Inner {
             dispatched: AtomicU64::new(last.as_ref().map(|r| r.seq).unwrap_or(0)),
+            fanouts: AtomicU64::new(0),
             last_id: Mutex::new(last.map(|r| r.id)),
             log,
             opts,
@@ -404,10 +415,15 @@ impl Hub {
             retry: p.retry,
             time_ms: now_ms(),
             info: p.info,
+            tags: p.tags,
         };
         let (ack, done) = oneshot::channel();
         self.jobs
-            .send(Job { record, ack })
+            .send(Job {
+                record,
+                skip_history: p.skip_history,
+                ack,
+            })
             .await
             .map_err(|_| HubError::ShuttingDown)?;
         done.await.map_err(|_| HubError::ShuttingDown)?
@@ -458,7 +474,7 @@ impl Hub {
             id,
             spec: spec.clone(),
             outbox: outbox.clone(),
-            last_seq: AtomicU64::new(0),
+            last_fanout: AtomicU64::new(0),
         });
         let registered_at = {
             let mut reg = self.inner.registry.write();
@@ -698,30 +714,46 @@ async fn sequencer(inner: Arc<Inner>, mut rx: mpsc::Receiver<Job>) {
 }
 
 async fn commit_and_dispatch(inner: &Arc<Inner>, jobs: Vec<Job>) {
-    let (mut records, acks): (Vec<Record>, Vec<_>) =
-        jobs.into_iter().map(|j| (j.record, j.ack)).unzip();
-    let log = inner.log.clone();
-    let started = Instant::now();
-    let appended =
-        tokio::task::spawn_blocking(move || log.append(&mut records).map(|()| records)).await;
-    metrics::histogram!("herald_log_append_seconds").record(started.elapsed().as_secs_f64());
-    let records = match appended {
-        Ok(Ok(records)) => records,
-        Ok(Err(e)) => {
+    let mut records = Vec::with_capacity(jobs.len());
+    let mut acks = Vec::with_capacity(jobs.len());
+    let mut durable_at = Vec::with_capacity(jobs.len());
+    for (i, j) in jobs.into_iter().enumerate() {
+        if !j.skip_history {
+            durable_at.push(i);
+        }
+        records.push(j.record);
+        acks.push(j.ack);
+    }
+    // The durable ones go to the log in one transaction; those kept out of history keep seq 0 and no id,
+    // but are dispatched in their place in the order.
+    if !durable_at.is_empty() {
+        let mut durable: Vec<Record> = durable_at
+            .iter()
+            .map(|&i| std::mem::take(&mut records[i]))
+            .collect();
+        let log = inner.log.clone();
+        let started = Instant::now();
+        let appended =
+            tokio::task::spawn_blocking(move || log.append(&mut durable).map(|()| durable)).await;
+        metrics::histogram!("herald_log_append_seconds").record(started.elapsed().as_secs_f64());
+        let error = match appended {
+            Ok(Ok(durable)) => {
+                for (&i, r) in durable_at.iter().zip(durable) {
+                    records[i] = r;
+                }
+                None
+            }
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(format!("log append task failed: {e}")),
+        };
+        if let Some(e) = error {
             tracing::error!(error = %e, "log append failed; publications refused");
             for ack in acks {
-                let _ = ack.send(Err(HubError::Log(LogError::Storage(e.to_string()))));
+                let _ = ack.send(Err(HubError::Log(LogError::Storage(e.clone()))));
             }
             return;
         }
-        Err(e) => {
-            tracing::error!(error = %e, "log append task failed");
-            for ack in acks {
-                let _ = ack.send(Err(HubError::Log(LogError::Storage(e.to_string()))));
-            }
-            return;
-        }
-    };
+    }
     metrics::counter!("herald_publications_total").increment(records.len() as u64);
     for (record, ack) in records.into_iter().zip(acks) {
         let publication = Arc::new(Publication::new(record));
@@ -733,12 +765,15 @@ async fn commit_and_dispatch(inner: &Arc<Inner>, jobs: Vec<Job>) {
 /// Fan-out of one committed publication. Never blocks: a full outbox disconnects its subscriber.
 fn dispatch(inner: &Inner, p: &Arc<Publication>) {
     let seq = p.record.seq;
+    // Only the sequencer task dispatches, so rounds are distinct and increasing.
+    let round = inner.fanouts.fetch_add(1, Ordering::Relaxed) + 1;
     let mut delivered = 0u64;
     let mut slow: Vec<Arc<Sub>> = Vec::new();
     {
         let reg = inner.registry.read();
         let mut offer = |sub: &Arc<Sub>| {
-            if sub.last_seq.swap(seq, Ordering::Relaxed) == seq || !sub.spec.wants(&p.record) {
+            if sub.last_fanout.swap(round, Ordering::Relaxed) == round || !sub.spec.wants(&p.record)
+            {
                 return;
             }
             match sub.outbox.tx.try_send(Delivery::Pub {
@@ -756,9 +791,13 @@ fn dispatch(inner: &Inner, p: &Arc<Publication>) {
             }
         }
         reg.wild.values().for_each(&mut offer);
-        inner.dispatched.store(seq, Ordering::Release);
+        if seq > 0 {
+            inner.dispatched.store(seq, Ordering::Release);
+        }
     }
-    *inner.last_id.lock() = Some(p.record.id.clone());
+    if seq > 0 {
+        *inner.last_id.lock() = Some(p.record.id.clone());
+    }
     metrics::counter!("herald_deliveries_total").increment(delivered);
     disconnect_slow(inner, slow);
 }
@@ -839,7 +878,7 @@ mod tests {
     impl Client {
         async fn data(&mut self) -> String {
             match self.rx.recv().await.unwrap() {
-                Delivery::Pub { publication, .. } => publication.record.data.clone(),
+                Delivery::Pub { publication, .. } => publication.record.data_text().into_owned(),
                 other => panic!("expected a publication, got {other:?}"),
             }
         }
@@ -857,7 +896,7 @@ mod tests {
     fn new(topics: &[&str], data: &str) -> NewPublication {
         NewPublication {
             topics: topics.iter().map(|s| s.to_string()).collect(),
-            data: data.into(),
+            data: data.to_string().into(),
             ..Default::default()
         }
     }

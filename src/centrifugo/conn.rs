@@ -175,6 +175,10 @@ pub(super) struct Refusal {
 }
 
 impl Refusal {
+    pub(super) fn detail(&self) -> &str {
+        &self.detail
+    }
+
     pub(super) fn new(code: u32, detail: impl Into<String>) -> Self {
         Refusal {
             code,
@@ -872,7 +876,7 @@ impl Conn {
             .hub
             .publish(NewPublication {
                 topics: vec![req.channel],
-                data: data.get().to_string(),
+                data: data.get().to_string().into(),
                 info,
                 ..Default::default()
             })
@@ -1151,8 +1155,4 @@ pub(super) async fn history_result(
         .filter_map(|r| serde_json::from_str(&publication(r)).ok())
         .collect();
     Ok(json!({"publications": pubs, "epoch": epoch, "offset": top}))
-}
-
-pub(super) fn refusal_parts(r: Refusal) -> (u32, String) {
-    (r.code, r.message().to_string())
 }

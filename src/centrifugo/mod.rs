@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::state::AppState;
 
 mod api;
+pub use api::Idempotency;
 mod conn;
 
 pub const WS_PATH: &str = "/connection/websocket";

@@ -9,14 +9,24 @@ use serde_json::value::RawValue;
 
 use crate::log::Record;
 
-/// `{"data":…,"offset":N[,"info":…]}`
+/// `{"data":…,"offset":N[,"info":…][,"tags":{…}]}`; no offset for a publication kept out of history.
 pub fn publication(r: &Record) -> String {
-    let data = if serde_json::from_str::<&RawValue>(&r.data).is_ok() {
-        r.data.clone()
+    let text = r.data_text();
+    let data = if serde_json::from_str::<&RawValue>(&text).is_ok() {
+        text.into_owned()
     } else {
-        json_string(&r.data)
+        json_string(&text)
     };
-    let mut out = format!(r#"{{"data":{data},"offset":{}"#, r.seq);
+    let mut out = format!(r#"{{"data":{data}"#);
+    if r.seq > 0 {
+        out.push_str(&format!(r#","offset":{}"#, r.seq));
+    }
+    if !r.tags.is_empty() {
+        if let Ok(tags) = serde_json::to_string(&r.tags) {
+            out.push_str(r#","tags":"#);
+            out.push_str(&tags);
+        }
+    }
     if let Some(info) = r
         .info
         .as_deref()
@@ -51,12 +61,13 @@ mod tests {
             seq: 7,
             id: "x".into(),
             topics: vec!["chat:1".into()],
-            data: data.into(),
+            data: data.to_string().into(),
             private: false,
             event_type: None,
             retry: None,
             time_ms: 0,
             info: Some(r#"{"client":"c","user":"42"}"#.into()),
+            tags: Default::default(),
         }
     }
 

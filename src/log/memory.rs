@@ -137,13 +137,15 @@ impl Log for MemoryLog {
 
     fn channel_top(&self, channel: &str, upto: u64) -> Result<Option<u64>, LogError> {
         let inner = self.inner.read();
-        Ok(inner
+        let kept = inner
             .records
             .iter()
             .rev()
             .filter(|r| r.seq <= upto)
             .find(|r| r.channel() == channel)
-            .map(|r| r.seq))
+            .map(|r| r.seq);
+        let removed = inner.pruned.get(channel).copied().filter(|&p| p <= upto);
+        Ok(kept.max(removed))
     }
 
     fn channel_pruned_upto(&self, channel: &str) -> Result<u64, LogError> {

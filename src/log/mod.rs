@@ -10,7 +10,10 @@
 //! writer task through `spawn_blocking`, batching appends so that one commit (one fsync) covers many
 //! publications (group commit).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+use bytes::Bytes;
 
 pub mod memory;
 pub mod sqlite;
@@ -50,7 +53,7 @@ pub fn parse_generated_id(id: &str) -> Option<(&str, u64)> {
 }
 
 /// One stored publication.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Record {
     /// Assigned by [`Log::append`]; 0 before that.
     pub seq: u64,
@@ -59,7 +62,9 @@ pub struct Record {
     pub id: String,
     /// First topic is canonical (the channel), others are alternates.
     pub topics: Vec<String>,
-    pub data: String,
+    /// The payload, as bytes: Mercure and JSON publishers send text, Centrifugo's `b64data` and Protobuf
+    /// clients may send anything.
+    pub data: Bytes,
     pub private: bool,
     pub event_type: Option<String>,
     pub retry: Option<u64>,
@@ -67,11 +72,19 @@ pub struct Record {
     pub time_ms: i64,
     /// Who published it, as JSON (a Centrifugo `ClientInfo`), when a client did.
     pub info: Option<String>,
+    /// Centrifugo publication tags (`tags` of the server API's publish), delivered with the publication.
+    pub tags: BTreeMap<String, String>,
 }
 
 impl Record {
     pub fn channel(&self) -> &str {
         self.topics.first().map(String::as_str).unwrap_or("")
+    }
+
+    /// The payload as text: as is when it is UTF-8 (always, for text publishers), otherwise with the
+    /// invalid bytes replaced (SSE carries text only).
+    pub fn data_text(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.data)
     }
 }
 
@@ -132,7 +145,9 @@ pub trait Log: Send + Sync + 'static {
     /// The oldest retained seq of one channel, if it has history.
     fn channel_first_seq(&self, channel: &str) -> Result<Option<u64>, LogError>;
 
-    /// The newest seq of one channel at or below `upto`: the channel's stream position.
+    /// The newest seq of one channel at or below `upto`: the channel's stream position. Records that
+    /// retention or `remove_channel` deleted still count: removing history does not move a stream back
+    /// (clients holding a position must still be able to recover from it).
     fn channel_top(&self, channel: &str, upto: u64) -> Result<Option<u64>, LogError>;
 
     /// The highest seq of this channel that retention (or `remove_channel`) has deleted, 0 if none. A client
@@ -163,12 +178,13 @@ pub(crate) mod contract {
             seq: 0,
             id: id.into(),
             topics: vec![topic.into()],
-            data: data.into(),
+            data: Bytes::copy_from_slice(data.as_bytes()),
             private: false,
             event_type: None,
             retry: None,
             time_ms,
             info: None,
+            tags: BTreeMap::new(),
         }
     }
 
@@ -271,6 +287,11 @@ pub(crate) mod contract {
         assert_eq!(log.channel_pruned_upto("other").unwrap(), 0);
         assert_eq!(log.remove_channel("chat:1").unwrap(), 4);
         assert_eq!(log.channel_pruned_upto("chat:1").unwrap(), chat[3].seq);
+        assert_eq!(
+            log.channel_top("chat:1", u64::MAX).unwrap(),
+            Some(chat[3].seq),
+            "removing history keeps the stream position"
+        );
         assert!(log.last().unwrap().is_none());
     }
 }

@@ -31,14 +31,18 @@ CREATE TABLE IF NOT EXISTS records (
     event_type TEXT,
     retry      INTEGER,
     time_ms    INTEGER NOT NULL,
-    info       TEXT
+    info       TEXT,
+    tags       TEXT
 );
 CREATE TABLE IF NOT EXISTS channels (channel TEXT PRIMARY KEY, pruned_upto INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS records_channel ON records (channel, seq);
 CREATE INDEX IF NOT EXISTS records_id ON records (id);
 ";
 
-const COLUMNS: &str = "seq, id, topics, data, private, event_type, retry, time_ms, info";
+const COLUMNS: &str = "seq, id, topics, data, private, event_type, retry, time_ms, info, tags";
+
+/// Columns added after the first release, with their definitions: added to an older file when it is opened.
+const ADDED_COLUMNS: &[(&str, &str)] = &[("tags", "TEXT")];
 
 impl SqliteLog {
     /// Opens (creating if needed) the database at `path`. `durable` chooses `synchronous=FULL` (a commit has
@@ -57,6 +61,18 @@ impl SqliteLog {
         conn.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        for (column, definition) in ADDED_COLUMNS {
+            let present: bool = conn.query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info('records') WHERE name = ?1",
+                [column],
+                |r| r.get(0),
+            )?;
+            if !present {
+                conn.execute_batch(&format!(
+                    "ALTER TABLE records ADD COLUMN {column} {definition}"
+                ))?;
+            }
+        }
         let epoch: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
                 r.get(0)
@@ -113,17 +129,31 @@ impl SqliteLog {
 
 fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Record, String)> {
     let topics: String = row.get(2)?;
+    // Text payloads are stored as TEXT (the file stays readable with the sqlite3 shell), others as BLOB.
+    let data = match row.get_ref(3)? {
+        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+            bytes::Bytes::copy_from_slice(t)
+        }
+        _ => bytes::Bytes::new(),
+    };
+    let tags = match row.get::<_, Option<String>>(9)? {
+        Some(t) => serde_json::from_str(&t).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(9, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        None => Default::default(),
+    };
     Ok((
         Record {
             seq: row.get::<_, i64>(0)? as u64,
             id: row.get(1)?,
             topics: Vec::new(),
-            data: row.get(3)?,
+            data,
             private: row.get::<_, i64>(4)? != 0,
             event_type: row.get(5)?,
             retry: row.get::<_, Option<i64>>(6)?.map(|r| r as u64),
             time_ms: row.get(7)?,
             info: row.get(8)?,
+            tags,
         },
         topics,
     ))
@@ -178,22 +208,35 @@ impl Log for SqliteLog {
             let tx = conn.transaction()?;
             {
                 let mut stmt = tx.prepare_cached(
-                    "INSERT INTO records (id, channel, topics, data, private, event_type, retry, time_ms, info)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    "INSERT INTO records (id, channel, topics, data, private, event_type, retry, time_ms, info, tags)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )?;
                 for r in batch.iter_mut() {
                     let topics = serde_json::to_string(&r.topics)
                         .map_err(|e| LogError::Storage(e.to_string()))?;
+                    let tags = if r.tags.is_empty() {
+                        None
+                    } else {
+                        Some(
+                            serde_json::to_string(&r.tags)
+                                .map_err(|e| LogError::Storage(e.to_string()))?,
+                        )
+                    };
+                    let data = match std::str::from_utf8(&r.data) {
+                        Ok(text) => rusqlite::types::Value::Text(text.to_string()),
+                        Err(_) => rusqlite::types::Value::Blob(r.data.to_vec()),
+                    };
                     stmt.execute(params![
                         r.id,
                         r.channel(),
                         topics,
-                        r.data,
+                        data,
                         r.private as i64,
                         r.event_type,
                         r.retry.map(to_i64),
                         r.time_ms,
-                        r.info
+                        r.info,
+                        tags
                     ])?;
                     r.seq = tx.last_insert_rowid() as u64;
                     if r.id.is_empty() {
@@ -301,7 +344,12 @@ impl Log for SqliteLog {
     fn channel_top(&self, channel: &str, upto: u64) -> Result<Option<u64>, LogError> {
         self.with_reader(|conn| {
             Ok(conn
-                .prepare_cached("SELECT MAX(seq) FROM records WHERE channel = ?1 AND seq <= ?2")?
+                .prepare_cached(
+                    "SELECT MAX(s) FROM (
+                       SELECT MAX(seq) AS s FROM records WHERE channel = ?1 AND seq <= ?2
+                       UNION ALL
+                       SELECT pruned_upto FROM channels WHERE channel = ?1 AND pruned_upto <= ?2)",
+                )?
                 .query_row(params![channel, to_i64(upto)], |r| {
                     r.get::<_, Option<i64>>(0)
                 })?

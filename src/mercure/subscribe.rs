@@ -215,6 +215,11 @@ struct SseStream {
 }
 
 impl SseStream {
+    /// Not already sent by the replay. A publication kept out of history (seq 0) was never in it.
+    fn is_new(&self, p: &Publication) -> bool {
+        p.record.seq == 0 || p.record.seq > self.skip_upto
+    }
+
     /// The next chunk to write, or `None` to end the response.
     async fn next(&mut self) -> Option<Bytes> {
         if !self.opened {
@@ -240,7 +245,7 @@ impl SseStream {
                     return None;
                 }
                 d = self.rx.recv() => match d {
-                    Some(Delivery::Pub { publication: p, .. }) if p.record.seq > self.skip_upto => {
+                    Some(Delivery::Pub { publication: p, .. }) if self.is_new(&p) => {
                         return Some(self.coalesce(p))
                     }
                     Some(_) => continue,
@@ -259,9 +264,7 @@ impl SseStream {
         let mut more = Vec::new();
         while more.len() < 63 {
             match self.rx.try_recv() {
-                Some(Delivery::Pub { publication, .. })
-                    if publication.record.seq > self.skip_upto =>
-                {
+                Some(Delivery::Pub { publication, .. }) if self.is_new(&publication) => {
                     more.push(publication)
                 }
                 Some(_) => continue,

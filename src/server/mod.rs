@@ -105,6 +105,7 @@ pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
         config: Arc::new(config),
         origins: Arc::new(origins),
         clients: Arc::new(crate::centrifugo::Clients::default()),
+        idempotency: Arc::new(crate::centrifugo::Idempotency::default()),
     };
     Ok(Router::new()
         .merge(crate::mercure::routes())
