@@ -181,7 +181,11 @@ pub struct NamespaceConfig {
     pub subscribe: SubscribePolicy,
     pub publish: PublishPolicy,
     pub presence: bool,
+    /// Join/leave are generated for this namespace's channels; they reach the subscribers that asked for
+    /// them (the SDK's `joinLeave` option) unless `force_push_join_leave`.
     pub join_leave: bool,
+    /// Push join/leave to every subscriber, whether it asked or not.
+    pub force_push_join_leave: bool,
     /// Clients may call `history` on channels they are subscribed to.
     pub history: bool,
     /// Subscriptions are recoverable (offset + epoch).
@@ -200,6 +204,7 @@ impl Default for NamespaceConfig {
             publish: PublishPolicy::None,
             presence: true,
             join_leave: false,
+            force_push_join_leave: false,
             history: true,
             recovery: true,
             history_size: None,

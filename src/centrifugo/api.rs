@@ -17,7 +17,9 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tokio::sync::OnceCell;
 
-use super::conn::{channel_refusal, history_result, presence_result, Refusal};
+use super::conn::{
+    channel_refusal, history_result, presence_result, presence_stats_result, Refusal,
+};
 use super::Control;
 use crate::error::ApiError;
 use crate::hub::NewPublication;
@@ -134,6 +136,11 @@ fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
             "the API key does not match",
         )),
     }
+}
+
+/// A protocol result as the server API's JSON: the same encoding the JSON client protocol uses.
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, Refusal> {
+    serde_json::to_value(v).map_err(|e| Refusal::new(100, e.to_string()))
 }
 
 fn params<T: serde::de::DeserializeOwned>(p: Value) -> Result<T, Refusal> {
@@ -338,7 +345,11 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, Refusa
                     format!("presence is off for the namespace of {channel}"),
                 ));
             }
-            Ok(presence_result(st, channel, method == "presence_stats"))
+            if method == "presence" {
+                to_json(&presence_result(st, channel))
+            } else {
+                to_json(&presence_stats_result(st, channel))
+            }
         }
         "history" => {
             let channel = str_param(&p, "channel")?;
@@ -354,7 +365,12 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, Refusa
                 )
             });
             let reverse = p.get("reverse").and_then(Value::as_bool).unwrap_or(false);
-            history_result(st, channel, limit, since, reverse, None).await
+            let mut v = to_json(&history_result(st, channel, limit, since, reverse, None).await?)?;
+            // Server SDKs read `publications` as a list: present even when empty.
+            if let Some(obj) = v.as_object_mut() {
+                obj.entry("publications").or_insert_with(|| json!([]));
+            }
+            Ok(v)
         }
         "history_remove" => {
             let channel = str_param(&p, "channel")?.to_string();
