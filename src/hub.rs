@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
@@ -25,8 +25,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{Identity, ReadFilter};
+use crate::engine::{Engine, Feed, FeedEvent};
 use crate::frame::Publication;
-use crate::log::{Log, LogError, Record, Retention};
+use crate::log::{LogError, Record};
 use crate::queue;
 use crate::topic::Selector;
 
@@ -55,6 +56,8 @@ pub enum DisconnectReason {
     TokenExpired,
     Shutdown,
     Server,
+    /// A cluster engine lost publications for this node.
+    EngineLost,
 }
 
 impl DisconnectReason {
@@ -64,6 +67,7 @@ impl DisconnectReason {
             DisconnectReason::TokenExpired => "token_expired",
             DisconnectReason::Shutdown => "shutdown",
             DisconnectReason::Server => "server",
+            DisconnectReason::EngineLost => "engine_lost",
         }
     }
 }
@@ -75,8 +79,6 @@ pub struct HubOptions {
     pub max_connections: usize,
     pub max_topics_per_subscription: usize,
     pub max_message_size: usize,
-    pub retention: Retention,
-    pub prune_interval: Duration,
     /// Most publications committed in one transaction.
     pub max_batch: usize,
 }
@@ -88,8 +90,6 @@ impl Default for HubOptions {
             max_connections: 10_000,
             max_topics_per_subscription: 64,
             max_message_size: 64 * 1024,
-            retention: Retention::default(),
-            prune_interval: Duration::from_secs(60),
             max_batch: 512,
         }
     }
@@ -253,7 +253,7 @@ struct Job {
 }
 
 struct Inner {
-    log: Arc<dyn Log>,
+    engine: Arc<dyn Engine>,
     opts: HubOptions,
     registry: RwLock<Registry>,
     dispatched: AtomicU64,
@@ -264,6 +264,8 @@ struct Inner {
     next_id: AtomicU64,
     shutdown: CancellationToken,
     sequencer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The engine has a feed: publications are dispatched from it, not after the append.
+    clustered: bool,
     /// channel -> client id -> info. Local to this node.
     /// Shared with the join/leave deliveries: one copy per present client, not one per use.
     presence: RwLock<HashMap<String, HashMap<String, Arc<ClientInfo>>>>,
@@ -316,7 +318,7 @@ pub struct SubscriptionInfo {
     pub payload: Option<serde_json::Value>,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -324,40 +326,67 @@ fn now_ms() -> i64 {
 }
 
 impl Hub {
-    /// Creates the hub and starts its sequencer and retention tasks. Must be called inside a Tokio runtime.
-    pub fn new(log: Arc<dyn Log>, opts: HubOptions) -> Hub {
+    /// Creates the hub on `engine` and starts its sequencer (and, for a cluster engine, the task that
+    /// dispatches the engine's feed). Async because the hub must know where the log ends before it serves
+    /// anyone: that position is the registration boundary of the first subscriptions.
+    pub async fn new(engine: Arc<dyn Engine>, opts: HubOptions) -> Result<Hub, HubError> {
         let (jobs, rx) = mpsc::channel(opts.max_batch.max(1) * 4);
-        let last = log.last().ok().flatten();
+        let last = engine.last().await?;
+        let feed = engine.feed();
         let inner = Arc::new(Inner {
             dispatched: AtomicU64::new(last.as_ref().map(|r| r.seq).unwrap_or(0)),
             fanouts: AtomicU64::new(0),
             last_id: Mutex::new(last.map(|r| r.id)),
-            log,
+            engine,
             opts,
             registry: RwLock::new(Registry::default()),
             connections: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             sequencer: Mutex::new(None),
+            clustered: feed.is_some(),
             presence: RwLock::new(HashMap::new()),
         });
         let handle = tokio::spawn(sequencer(inner.clone(), rx));
         *inner.sequencer.lock() = Some(handle);
-        tokio::spawn(pruner(
-            inner.log.clone(),
-            inner.opts.retention.clone(),
-            inner.opts.prune_interval,
-            inner.shutdown.clone(),
-        ));
-        Hub { inner, jobs }
+        if let Some(feed) = feed {
+            tokio::spawn(dispatch_feed(inner.clone(), feed));
+        }
+        Ok(Hub { inner, jobs })
     }
 
     pub fn options(&self) -> &HubOptions {
         &self.inner.opts
     }
 
-    pub fn log(&self) -> &Arc<dyn Log> {
-        &self.inner.log
+    /// The engine publications are stored in.
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.inner.engine
+    }
+
+    /// The history's incarnation (the WebSocket epoch; part of generated SSE ids).
+    pub fn epoch(&self) -> String {
+        self.inner.engine.epoch()
+    }
+
+    /// Whether the hub can take publications now: not shutting down, its sequencer alive, the engine
+    /// accepting writes.
+    pub async fn ready(&self) -> Result<(), HubError> {
+        if self.is_shutting_down() {
+            return Err(HubError::ShuttingDown);
+        }
+        let alive = self
+            .inner
+            .sequencer
+            .lock()
+            .as_ref()
+            .is_some_and(|h| !h.is_finished());
+        if !alive {
+            return Err(HubError::Log(LogError::Storage(
+                "the sequencer has stopped".into(),
+            )));
+        }
+        Ok(self.inner.engine.health().await?)
     }
 
     /// Cancelled when shutdown starts; transports end their streams on it.
@@ -549,38 +578,7 @@ impl Hub {
     }
 
     fn notify(&self, channel: &str, info: Arc<ClientInfo>, join: bool) {
-        let channel: Arc<str> = channel.into();
-        let mut slow = Vec::new();
-        {
-            let reg = self.inner.registry.read();
-            for sub in reg
-                .exact
-                .get(&*channel)
-                .into_iter()
-                .flat_map(|m| m.values())
-            {
-                if !sub.spec.join_leave {
-                    continue;
-                }
-                let d = if join {
-                    Delivery::Join {
-                        sub: sub.id,
-                        channel: channel.clone(),
-                        info: info.clone(),
-                    }
-                } else {
-                    Delivery::Leave {
-                        sub: sub.id,
-                        channel: channel.clone(),
-                        info: info.clone(),
-                    }
-                };
-                if let Err(queue::TrySendError::Full(_)) = sub.outbox.tx.try_send(d) {
-                    slow.push(sub.clone());
-                }
-            }
-        }
-        disconnect_slow(&self.inner, slow);
+        notify(&self.inner, channel, info, join);
     }
 
     /// Clients present in a channel on this node.
@@ -611,30 +609,24 @@ impl Hub {
         self.inner.last_id.lock().clone()
     }
 
-    /// Log records with `after < seq <= upto`, read off the async runtime.
+    /// Log records with `after < seq <= upto`; only those with a topic in `topics` when given.
     pub async fn history(
         &self,
         after: u64,
         upto: u64,
         limit: usize,
+        topics: Option<Vec<String>>,
     ) -> Result<Vec<Record>, HubError> {
-        let log = self.inner.log.clone();
-        blocking(move || log.read_range(after, upto, limit)).await
-    }
-
-    /// Runs a blocking log call off the async runtime.
-    pub async fn with_log<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn Log) -> Result<T, LogError> + Send + 'static,
-    ) -> Result<T, HubError> {
-        let log = self.inner.log.clone();
-        blocking(move || f(&*log)).await
+        Ok(self
+            .inner
+            .engine
+            .read_range(after, upto, limit, topics)
+            .await?)
     }
 
     /// The seq of event id `id`, if it is still in the log.
     pub async fn find_id(&self, id: String) -> Result<Option<u64>, HubError> {
-        let log = self.inner.log.clone();
-        blocking(move || log.find_id(&id)).await
+        Ok(self.inner.engine.find_id(id).await?)
     }
 
     /// Begins shutdown: new publishes and subscriptions are refused, streams are told to end, queued
@@ -656,11 +648,46 @@ impl Hub {
         let handle = self.inner.sequencer.lock().take();
         if let Some(h) = handle {
             let _ = h.await;
-            let log = self.inner.log.clone();
-            blocking(move || log.flush()).await?;
+            self.inner.engine.close().await?;
         }
         Ok(())
     }
+}
+
+/// Delivers a join or leave to this node's subscribers of `channel` that asked for them.
+fn notify(inner: &Inner, channel: &str, info: Arc<ClientInfo>, join: bool) {
+    let channel: Arc<str> = channel.into();
+    let mut slow = Vec::new();
+    {
+        let reg = inner.registry.read();
+        for sub in reg
+            .exact
+            .get(&*channel)
+            .into_iter()
+            .flat_map(|m| m.values())
+        {
+            if !sub.spec.join_leave {
+                continue;
+            }
+            let d = if join {
+                Delivery::Join {
+                    sub: sub.id,
+                    channel: channel.clone(),
+                    info: info.clone(),
+                }
+            } else {
+                Delivery::Leave {
+                    sub: sub.id,
+                    channel: channel.clone(),
+                    info: info.clone(),
+                }
+            };
+            if let Err(queue::TrySendError::Full(_)) = sub.outbox.tx.try_send(d) {
+                slow.push(sub.clone());
+            }
+        }
+    }
+    disconnect_slow(inner, slow);
 }
 
 fn kill(sub: &Sub, reason: DisconnectReason) {
@@ -669,15 +696,6 @@ fn kill(sub: &Sub, reason: DisconnectReason) {
         k.cancel();
     }
     metrics::counter!("herald_disconnects_total", "reason" => reason.as_str()).increment(1);
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, LogError> + Send + 'static,
-) -> Result<T, HubError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| HubError::Log(LogError::Storage(format!("log task failed: {e}"))))?
-        .map_err(HubError::from)
 }
 
 async fn sequencer(inner: Arc<Inner>, mut rx: mpsc::Receiver<Job>) {
@@ -724,41 +742,80 @@ async fn commit_and_dispatch(inner: &Arc<Inner>, jobs: Vec<Job>) {
         records.push(j.record);
         acks.push(j.ack);
     }
-    // The durable ones go to the log in one transaction; those kept out of history keep seq 0 and no id,
-    // but are dispatched in their place in the order.
+    // The durable ones go to the engine in one append (one commit); those kept out of history keep seq 0
+    // and no id, but keep their place in the order.
     if !durable_at.is_empty() {
-        let mut durable: Vec<Record> = durable_at
+        let durable: Vec<Record> = durable_at
             .iter()
             .map(|&i| std::mem::take(&mut records[i]))
             .collect();
-        let log = inner.log.clone();
-        let started = Instant::now();
-        let appended =
-            tokio::task::spawn_blocking(move || log.append(&mut durable).map(|()| durable)).await;
-        metrics::histogram!("herald_log_append_seconds").record(started.elapsed().as_secs_f64());
-        let error = match appended {
-            Ok(Ok(durable)) => {
+        match inner.engine.append(durable).await {
+            Ok(durable) => {
                 for (&i, r) in durable_at.iter().zip(durable) {
                     records[i] = r;
                 }
-                None
             }
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(e) => Some(format!("log append task failed: {e}")),
-        };
-        if let Some(e) = error {
-            tracing::error!(error = %e, "log append failed; publications refused");
-            for ack in acks {
-                let _ = ack.send(Err(HubError::Log(LogError::Storage(e.clone()))));
+            Err(e) => {
+                tracing::error!(error = %e, "log append failed; publications refused");
+                let e = e.to_string();
+                for ack in acks {
+                    let _ = ack.send(Err(HubError::Log(LogError::Storage(e.clone()))));
+                }
+                return;
             }
-            return;
         }
     }
     metrics::counter!("herald_publications_total").increment(records.len() as u64);
     for (record, ack) in records.into_iter().zip(acks) {
-        let publication = Arc::new(Publication::new(record));
-        dispatch(inner, &publication);
-        let _ = ack.send(Ok(publication));
+        if !inner.clustered {
+            let publication = Arc::new(Publication::new(record));
+            dispatch(inner, &publication);
+            let _ = ack.send(Ok(publication));
+            continue;
+        }
+        // In a cluster every node, this one included, dispatches from the engine's feed.
+        if record.seq == 0 {
+            if let Err(e) = inner.engine.broadcast(record.clone()).await {
+                let _ = ack.send(Err(HubError::Log(e)));
+                continue;
+            }
+        }
+        let _ = ack.send(Ok(Arc::new(Publication::new(record))));
+    }
+}
+
+/// A cluster engine's feed, dispatched in order on this node. When the engine says publications were lost
+/// for this node, every subscriber is disconnected: it reconnects and resumes from the log, instead of
+/// silently missing what was lost.
+async fn dispatch_feed(inner: Arc<Inner>, mut feed: Feed) {
+    while let Some(event) = feed.recv().await {
+        match event {
+            FeedEvent::Publication(record) => {
+                let publication = Arc::new(Publication::new(record));
+                dispatch(&inner, &publication);
+            }
+            FeedEvent::Presence {
+                channel,
+                info,
+                joined,
+            } => notify(&inner, &channel, Arc::new(info), joined),
+            FeedEvent::Lost(why) => {
+                tracing::warn!(
+                    why,
+                    "the engine lost publications for this node; subscribers reconnect"
+                );
+                let subs: Vec<Arc<Sub>> = {
+                    let mut reg = inner.registry.write();
+                    let subs = reg.all.values().cloned().collect();
+                    *reg = Registry::default();
+                    subs
+                };
+                for s in &subs {
+                    metrics::gauge!("herald_subscriptions").decrement(1.0);
+                    kill(s, DisconnectReason::EngineLost);
+                }
+            }
+        }
     }
 }
 
@@ -821,44 +878,30 @@ fn disconnect_slow(inner: &Inner, slow: Vec<Arc<Sub>>) {
     }
 }
 
-async fn pruner(
-    log: Arc<dyn Log>,
-    retention: Retention,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    if retention.rules.is_empty() {
-        return;
-    }
-    let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.cancelled() => return,
-        }
-        let log = log.clone();
-        let rules = retention.clone();
-        match tokio::task::spawn_blocking(move || log.prune(&rules, now_ms())).await {
-            Ok(Ok(n)) if n > 0 => tracing::debug!(removed = n, "retention applied"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "retention failed"),
-            _ => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log::MemoryLog;
+    use crate::engine::LocalEngine;
+    use crate::log::{MemoryLog, Retention};
 
-    fn hub(outbox: usize) -> Hub {
-        Hub::new(
+    fn memory() -> Arc<dyn Engine> {
+        Arc::new(LocalEngine::new(
             Arc::new(MemoryLog::new()),
+            Retention::default(),
+            std::time::Duration::from_secs(60),
+        ))
+    }
+
+    async fn hub(outbox: usize) -> Hub {
+        Hub::new(
+            memory(),
             HubOptions {
                 outbox_capacity: outbox,
                 ..Default::default()
             },
         )
+        .await
+        .unwrap()
     }
 
     fn spec(selectors: &[&str]) -> SubscribeSpec {
@@ -903,7 +946,7 @@ mod tests {
 
     #[tokio::test]
     async fn publish_reaches_matching_subscribers_once_in_order() {
-        let hub = hub(16);
+        let hub = hub(16).await;
         let mut exact = client(&hub, spec(&["a", "b"]));
         let mut wild = client(&hub, spec(&["*"]));
         let mut other = client(&hub, spec(&["c"]));
@@ -922,7 +965,7 @@ mod tests {
 
     #[tokio::test]
     async fn private_needs_a_grant() {
-        let hub = hub(16);
+        let hub = hub(16).await;
         let mut anon = client(&hub, spec(&["t"]));
         let mut granted = client(
             &hub,
@@ -947,7 +990,7 @@ mod tests {
 
     #[tokio::test]
     async fn full_outbox_disconnects_only_the_slow_one() {
-        let hub = hub(2);
+        let hub = hub(2).await;
         let slow = client(&hub, spec(&["t"]));
         let mut fast = client(&hub, spec(&["t"]));
         for i in 0..5 {
@@ -961,7 +1004,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_outbox_serves_several_subscriptions() {
-        let hub = hub(16);
+        let hub = hub(16).await;
         let (outbox, mut rx) = hub.outbox(None);
         let a = hub.subscribe(spec(&["a"]), &outbox).unwrap();
         let b = hub.subscribe(spec(&["b"]), &outbox).unwrap();
@@ -978,7 +1021,7 @@ mod tests {
 
     #[tokio::test]
     async fn presence_and_join_leave() {
-        let hub = hub(16);
+        let hub = hub(16).await;
         let (outbox, mut rx) = hub.outbox(None);
         let _s = hub
             .subscribe(
@@ -1006,11 +1049,14 @@ mod tests {
 
     #[tokio::test]
     async fn registration_boundary_splits_history_and_live() {
-        let hub = hub(16);
+        let hub = hub(16).await;
         hub.publish(new(&["t"], "old")).await.unwrap();
         let mut c = client(&hub, spec(&["t"]));
         hub.publish(new(&["t"], "new")).await.unwrap();
-        let hist = hub.history(0, c._sub.registered_at, 100).await.unwrap();
+        let hist = hub
+            .history(0, c._sub.registered_at, 100, None)
+            .await
+            .unwrap();
         assert_eq!(hist.len(), 1);
         assert_eq!(hist[0].data, "old");
         assert_eq!(c.data().await, "new");
@@ -1019,14 +1065,16 @@ mod tests {
     #[tokio::test]
     async fn limits_and_validation() {
         let hub = Hub::new(
-            Arc::new(MemoryLog::new()),
+            memory(),
             HubOptions {
                 max_connections: 1,
                 max_topics_per_subscription: 1,
                 max_message_size: 3,
                 ..Default::default()
             },
-        );
+        )
+        .await
+        .unwrap();
         let _c = hub.connect().unwrap();
         assert!(matches!(
             hub.connect(),
@@ -1057,7 +1105,7 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_ends_subscriptions_and_refuses_publishes() {
-        let hub = hub(16);
+        let hub = hub(16).await;
         let c = client(&hub, spec(&["t"]));
         hub.shutdown().await.unwrap();
         assert!(c.outbox.tx.is_closed());

@@ -256,7 +256,7 @@ async fn publish_one(st: &AppState, channel: &str, p: &Payload) -> Result<Value,
         Ok::<Value, Refusal>(if published.record.seq == 0 {
             json!({})
         } else {
-            json!({"offset": published.record.seq, "epoch": st.hub.log().epoch()})
+            json!({"offset": published.record.seq, "epoch": st.hub.epoch()})
         })
     };
     match p.idempotency_key.as_deref().filter(|k| !k.is_empty()) {
@@ -375,7 +375,8 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, Refusa
         "history_remove" => {
             let channel = str_param(&p, "channel")?.to_string();
             st.hub
-                .with_log(move |log| log.remove_channel(&channel))
+                .engine()
+                .remove_channel(channel)
                 .await
                 .map_err(|e| Refusal::new(100, e.to_string()))?;
             Ok(json!({}))
@@ -394,7 +395,7 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, Refusa
         "info" => {
             let (clients, users) = st.clients.counts();
             Ok(json!({"nodes": [{
-                "uid": st.hub.log().epoch(),
+                "uid": st.hub.epoch(),
                 "name": "herald",
                 "version": env!("CARGO_PKG_VERSION"),
                 "num_clients": clients,

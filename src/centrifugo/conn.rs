@@ -829,26 +829,28 @@ impl Conn {
             .map_err(|e| Refusal::new(100, e.to_string()))?;
         let upto = sub.registered_at;
         let wants_recovery = req.recover && ns.recovery;
-        let epoch = self.st.hub.log().epoch();
+        let epoch = self.st.hub.epoch();
         let epoch_ok = req.epoch == epoch;
         let offset = req.offset;
-        let chan = name.clone();
         let spec = sub.spec.clone();
-        let (top, recovered) = self
-            .st
-            .hub
-            .with_log(move |log| {
-                let top = log.channel_top(&chan, upto)?.unwrap_or(0);
-                if !(wants_recovery && epoch_ok) || log.channel_pruned_upto(&chan)? > offset {
-                    return Ok((top, None));
-                }
-                let mut recs = log.read_channel(&chan, offset, upto, max + 1)?;
-                if recs.len() > max {
-                    return Ok((top, None));
-                }
-                recs.retain(|r| spec.wants(r));
-                Ok((top, Some(recs)))
-            })
+        let engine = self.st.hub.engine();
+        let recovery = async {
+            let top = engine.channel_top(name.clone(), upto).await?.unwrap_or(0);
+            if !(wants_recovery && epoch_ok)
+                || engine.channel_pruned_upto(name.clone()).await? > offset
+            {
+                return Ok((top, None));
+            }
+            let mut recs = engine
+                .read_channel(name.clone(), offset, upto, max + 1)
+                .await?;
+            if recs.len() > max {
+                return Ok((top, None));
+            }
+            recs.retain(|r| spec.wants(r));
+            Ok::<_, crate::log::LogError>((top, Some(recs)))
+        };
+        let (top, recovered) = recovery
             .await
             .map_err(|e| Refusal::new(100, e.to_string()))?;
 
@@ -1187,7 +1189,7 @@ pub(super) async fn history_result(
     reverse: bool,
     reader: Option<Arc<SubscribeSpec>>,
 ) -> Result<proto::HistoryResult, Refusal> {
-    let epoch = st.hub.log().epoch();
+    let epoch = st.hub.epoch();
     if let Some((_, e)) = &since {
         if *e != epoch {
             return Err(Refusal::new(
@@ -1202,40 +1204,44 @@ pub(super) async fn history_result(
     } else {
         (limit as usize).min(HISTORY_MAX)
     };
-    let chan = channel.to_string();
-    let (top, recs) = st
-        .hub
-        .with_log(move |log| {
-            let top = log.channel_top(&chan, u64::MAX)?.unwrap_or(0);
-            let mut out = Vec::new();
-            let mut cursor = match (reverse, since) {
-                (false, s) => s.unwrap_or(0),
-                (true, s) => s.unwrap_or(u64::MAX),
+    let engine = st.hub.engine();
+    let read = async {
+        let top = engine
+            .channel_top(channel.to_string(), u64::MAX)
+            .await?
+            .unwrap_or(0);
+        let mut out = Vec::new();
+        let mut cursor = match (reverse, since) {
+            (false, s) => s.unwrap_or(0),
+            (true, s) => s.unwrap_or(u64::MAX),
+        };
+        let mut scanned = 0;
+        while out.len() < limit && scanned < HISTORY_SCAN {
+            let want = (limit - out.len()).min(HISTORY_SCAN - scanned);
+            let page = if reverse {
+                engine
+                    .read_channel_back(channel.to_string(), cursor, want)
+                    .await?
+            } else {
+                engine
+                    .read_channel(channel.to_string(), cursor, u64::MAX, want)
+                    .await?
             };
-            let mut scanned = 0;
-            while out.len() < limit && scanned < HISTORY_SCAN {
-                let want = (limit - out.len()).min(HISTORY_SCAN - scanned);
-                let page = if reverse {
-                    log.read_channel_back(&chan, cursor, want)?
-                } else {
-                    log.read_channel(&chan, cursor, u64::MAX, want)?
-                };
-                let Some(last) = page.last() else { break };
-                cursor = last.seq;
-                scanned += page.len();
-                let full = page.len() == want;
-                out.extend(
-                    page.into_iter()
-                        .filter(|r| reader.as_ref().is_none_or(|s| s.wants(r))),
-                );
-                if !full {
-                    break;
-                }
+            let Some(last) = page.last() else { break };
+            cursor = last.seq;
+            scanned += page.len();
+            let full = page.len() == want;
+            out.extend(
+                page.into_iter()
+                    .filter(|r| reader.as_ref().is_none_or(|s| s.wants(r))),
+            );
+            if !full {
+                break;
             }
-            Ok((top, out))
-        })
-        .await
-        .map_err(|e| Refusal::new(100, e.to_string()))?;
+        }
+        Ok::<_, crate::log::LogError>((top, out))
+    };
+    let (top, recs) = read.await.map_err(|e| Refusal::new(100, e.to_string()))?;
     Ok(proto::HistoryResult {
         publications: recs.iter().map(publication).collect(),
         epoch,

@@ -152,7 +152,33 @@ impl Log for MemoryLog {
         Ok(self.inner.read().pruned.get(channel).copied().unwrap_or(0))
     }
 
-    fn prune(&self, retention: &Retention, now_ms: i64) -> Result<u64, LogError> {
+    fn read_topics(
+        &self,
+        after: u64,
+        upto: u64,
+        topics: &[String],
+        limit: usize,
+    ) -> Result<Vec<Record>, LogError> {
+        let inner = self.inner.read();
+        let start = inner.start(after);
+        Ok(inner
+            .records
+            .range(start..)
+            .take_while(|r| r.seq <= upto)
+            .filter(|r| r.topics.iter().any(|t| topics.contains(t)))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    /// The memory log prunes everything in one step: it exists for tests and small deployments.
+    fn prune_step(
+        &self,
+        retention: &Retention,
+        now_ms: i64,
+        _after: &str,
+        _max_channels: usize,
+    ) -> Result<(u64, Option<String>), LogError> {
         let mut guard = self.inner.write();
         let inner = &mut *guard;
         let pruned = &mut inner.pruned;
@@ -184,7 +210,7 @@ impl Log for MemoryLog {
             }
         }
         inner.records = kept;
-        Ok((before - inner.records.len()) as u64)
+        Ok(((before - inner.records.len()) as u64, None))
     }
 
     fn remove_channel(&self, channel: &str) -> Result<u64, LogError> {

@@ -118,6 +118,16 @@ pub trait Log: Send + Sync + 'static {
     /// Records with `after < seq <= upto`, ascending, at most `limit`.
     fn read_range(&self, after: u64, upto: u64, limit: usize) -> Result<Vec<Record>, LogError>;
 
+    /// Records with `after < seq <= upto` having one of `topics` (canonical or alternate), ascending, at
+    /// most `limit`: what a replay of exact topics reads, without reading every other channel.
+    fn read_topics(
+        &self,
+        after: u64,
+        upto: u64,
+        topics: &[String],
+        limit: usize,
+    ) -> Result<Vec<Record>, LogError>;
+
     /// Records of one channel with `after < seq <= upto`, ascending, at most `limit`.
     fn read_channel(
         &self,
@@ -154,8 +164,30 @@ pub trait Log: Send + Sync + 'static {
     /// positioned at or after it can be brought up to date from the log; one before it cannot.
     fn channel_pruned_upto(&self, channel: &str) -> Result<u64, LogError>;
 
-    /// Applies retention; returns how many records were removed.
-    fn prune(&self, retention: &Retention, now_ms: i64) -> Result<u64, LogError>;
+    /// Applies retention to at most `max_channels` channels whose names sort after `after` (`""`: from the
+    /// first); returns how many records it removed and, when channels remain, the one to resume after. A
+    /// pass is a sequence of bounded steps, so the writer serves appends between them.
+    fn prune_step(
+        &self,
+        retention: &Retention,
+        now_ms: i64,
+        after: &str,
+        max_channels: usize,
+    ) -> Result<(u64, Option<String>), LogError>;
+
+    /// A whole retention pass (tests and tools; the engine runs it in steps).
+    fn prune(&self, retention: &Retention, now_ms: i64) -> Result<u64, LogError> {
+        let mut removed = 0;
+        let mut after = String::new();
+        loop {
+            let (n, resume) = self.prune_step(retention, now_ms, &after, 64)?;
+            removed += n;
+            match resume {
+                Some(next) => after = next,
+                None => return Ok(removed),
+            }
+        }
+    }
 
     /// Removes a channel's history.
     fn remove_channel(&self, channel: &str) -> Result<u64, LogError>;
@@ -225,6 +257,13 @@ pub(crate) mod contract {
         assert_eq!(log.find_id("2").unwrap(), Some(batch[1].seq));
         assert_eq!(log.find_id("nope").unwrap(), None);
         assert_eq!(log.last().unwrap().unwrap().id, "3");
+        assert_eq!(
+            log.read_topics(0, u64::MAX, &["a".to_string()], 1)
+                .unwrap()
+                .len(),
+            1,
+            "bounded by limit"
+        );
         let back = log.read_channel_back("a", u64::MAX, 100).unwrap();
         assert_eq!(
             back.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
@@ -238,6 +277,33 @@ pub(crate) mod contract {
             .read_channel_back("a", batch[0].seq, 10)
             .unwrap()
             .is_empty());
+        let only_b = log
+            .read_topics(0, u64::MAX, &["b".to_string()], 10)
+            .unwrap();
+        assert_eq!(
+            only_b.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["2"]
+        );
+        let mut alt = vec![Record {
+            topics: vec!["c".into(), "b".into()],
+            ..rec("c", "4", "w", 0)
+        }];
+        log.append(&mut alt).unwrap();
+        let b_or_alt = log
+            .read_topics(0, u64::MAX, &["b".to_string(), "nope".to_string()], 10)
+            .unwrap();
+        assert_eq!(
+            b_or_alt.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["2", "4"],
+            "an alternate topic counts"
+        );
+        assert_eq!(
+            log.read_topics(0, alt[0].seq - 1, &["b".to_string()], 10)
+                .unwrap()
+                .len(),
+            1,
+            "bounded by upto"
+        );
         let bounded = log.read_range(batch[0].seq, batch[1].seq, 100).unwrap();
         assert_eq!(bounded.len(), 1);
         assert_eq!(bounded[0].id, "2");

@@ -37,6 +37,13 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE TABLE IF NOT EXISTS channels (channel TEXT PRIMARY KEY, pruned_upto INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS records_channel ON records (channel, seq);
 CREATE INDEX IF NOT EXISTS records_id ON records (id);
+-- Alternate topics (a record's second and later topics), so replays of exact topics filter in the store.
+CREATE TABLE IF NOT EXISTS alt_topics (topic TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (topic, seq))
+    WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS alt_topics_seq ON alt_topics (seq);
+CREATE TRIGGER IF NOT EXISTS records_alt_topics_cleanup AFTER DELETE ON records
+    WHEN json_array_length(old.topics) > 1
+    BEGIN DELETE FROM alt_topics WHERE seq = old.seq; END;
 ";
 
 const COLUMNS: &str = "seq, id, topics, data, private, event_type, retry, time_ms, info, tags";
@@ -239,6 +246,12 @@ impl Log for SqliteLog {
                         tags
                     ])?;
                     r.seq = tx.last_insert_rowid() as u64;
+                    for alt in r.topics.iter().skip(1) {
+                        tx.prepare_cached(
+                            "INSERT OR IGNORE INTO alt_topics (topic, seq) VALUES (?1, ?2)",
+                        )?
+                        .execute(params![alt, to_i64(r.seq)])?;
+                    }
                     if r.id.is_empty() {
                         r.id = super::generated_id(&self.epoch, r.seq);
                     }
@@ -367,55 +380,109 @@ impl Log for SqliteLog {
         })
     }
 
-    fn prune(&self, retention: &Retention, now_ms: i64) -> Result<u64, LogError> {
+    fn read_topics(
+        &self,
+        after: u64,
+        upto: u64,
+        topics: &[String],
+        limit: usize,
+    ) -> Result<Vec<Record>, LogError> {
+        let topics = serde_json::to_string(topics).map_err(|e| LogError::Storage(e.to_string()))?;
+        self.with_reader(|conn| {
+            // Two index-driven branches (canonical topics by (channel, seq), alternates by (topic, seq)),
+            // each bounded by the limit, then merged in seq order.
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM records WHERE seq IN (
+                   SELECT seq FROM (SELECT seq FROM records
+                                     WHERE channel IN (SELECT value FROM json_each(?3))
+                                       AND seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?4)
+                   UNION
+                   SELECT seq FROM (SELECT seq FROM alt_topics
+                                     WHERE topic IN (SELECT value FROM json_each(?3))
+                                       AND seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?4))
+                 ORDER BY seq LIMIT ?4"
+            ))?;
+            let rows = stmt.query_map(
+                params![to_i64(after), to_i64(upto), topics, to_i64(limit as u64)],
+                row_to_record,
+            )?;
+            collect(&self.epoch, rows)
+        })
+    }
+
+    fn prune_step(
+        &self,
+        retention: &Retention,
+        now_ms: i64,
+        after: &str,
+        max_channels: usize,
+    ) -> Result<(u64, Option<String>), LogError> {
         if retention.rules.is_empty() {
-            return Ok(0);
+            return Ok((0, None));
         }
         self.with_writer(|conn| {
             let tx = conn.transaction()?;
-            let channels: Vec<(String, i64)> = {
-                let mut stmt =
-                    tx.prepare("SELECT channel, COUNT(*) FROM records GROUP BY channel")?;
-                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                rows.collect::<Result<_, _>>()?
-            };
             let mut removed = 0u64;
-            for (channel, count) in channels {
-                let Some(rule) = retention.rule_for(&channel) else {
-                    continue;
+            let mut cursor = after.to_string();
+            let mut seen = 0;
+            // Each next channel is one seek in the (channel, seq) index: a step costs what its channels
+            // hold, not what the whole table holds.
+            while seen < max_channels {
+                let next: Option<String> = tx
+                    .prepare_cached(
+                        "SELECT channel FROM records WHERE channel > ?1 ORDER BY channel LIMIT 1",
+                    )?
+                    .query_row([&cursor], |r| r.get(0))
+                    .optional()?;
+                let Some(channel) = next else {
+                    tx.commit()?;
+                    return Ok((removed, None));
                 };
-                if let Some(max) = rule.max_count {
-                    if count as u64 > max {
-                        note_pruned(
-                            &tx,
-                            &channel,
-                            "SELECT seq FROM records WHERE channel = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2",
-                            params![channel, to_i64(max)],
-                        )?;
-                        removed += tx.execute(
-                            "DELETE FROM records WHERE channel = ?1 AND seq <= (
-                               SELECT seq FROM records WHERE channel = ?1
-                               ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
-                            params![channel, to_i64(max)],
-                        )? as u64;
+                seen += 1;
+                if let Some(rule) = retention.rule_for(&channel) {
+                    if let Some(max) = rule.max_count {
+                        // The newest record beyond the count, if any: everything up to it goes.
+                        let cut: Option<i64> = tx
+                            .prepare_cached(
+                                "SELECT seq FROM records WHERE channel = ?1
+                                 ORDER BY seq DESC LIMIT 1 OFFSET ?2",
+                            )?
+                            .query_row(params![channel, to_i64(max)], |r| r.get(0))
+                            .optional()?;
+                        if let Some(cut) = cut {
+                            note_pruned(&tx, &channel, "SELECT ?2", params![channel, cut])?;
+                            removed += tx.execute(
+                                "DELETE FROM records WHERE channel = ?1 AND seq <= ?2",
+                                params![channel, cut],
+                            )? as u64;
+                        }
+                    }
+                    if let Some(age) = rule.max_age {
+                        let cutoff = now_ms - age.as_millis() as i64;
+                        let oldest: Option<i64> = tx
+                            .prepare_cached(
+                                "SELECT time_ms FROM records WHERE channel = ?1 ORDER BY seq LIMIT 1",
+                            )?
+                            .query_row([&channel], |r| r.get(0))
+                            .optional()?;
+                        if oldest.is_some_and(|t| t < cutoff) {
+                            note_pruned(
+                                &tx,
+                                &channel,
+                                "SELECT MAX(seq) FROM records WHERE channel = ?1 AND time_ms < ?2",
+                                params![channel, cutoff],
+                            )?;
+                            removed += tx.execute(
+                                "DELETE FROM records WHERE channel = ?1 AND time_ms < ?2",
+                                params![channel, cutoff],
+                            )? as u64;
+                        }
                     }
                 }
-                if let Some(age) = rule.max_age {
-                    let cutoff = now_ms - age.as_millis() as i64;
-                    note_pruned(
-                        &tx,
-                        &channel,
-                        "SELECT MAX(seq) FROM records WHERE channel = ?1 AND time_ms < ?2",
-                        params![channel, cutoff],
-                    )?;
-                    removed += tx.execute(
-                        "DELETE FROM records WHERE channel = ?1 AND time_ms < ?2",
-                        params![channel, cutoff],
-                    )? as u64;
-                }
+                cursor = channel;
             }
             tx.commit()?;
-            Ok(removed)
+            Ok((removed, Some(cursor)))
         })
     }
 

@@ -289,7 +289,16 @@ impl SseStream {
             if cursor >= upto {
                 return Ok(None);
             }
-            let records = self.hub.history(cursor, upto, self.page).await?;
+            // Exact topics are filtered in the store; a wildcard or template reads everything (in pages)
+            // and filters here.
+            let topics: Option<Vec<String>> = self
+                .sub
+                .spec
+                .selectors
+                .iter()
+                .map(|s| s.exact().map(str::to_string))
+                .collect();
+            let records = self.hub.history(cursor, upto, self.page, topics).await?;
             let Some(last) = records.last() else {
                 return Ok(None);
             };

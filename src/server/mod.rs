@@ -27,6 +27,7 @@ use tower::ServiceExt;
 
 use crate::auth::Auth;
 use crate::config::{Config, ConfigError, LogBackend};
+use crate::engine::{Engine, LocalEngine};
 use crate::error::ApiError;
 use crate::hub::{Hub, HubOptions};
 use crate::log::{Log, MemoryLog, Retention, RetentionRule, SqliteLog};
@@ -50,29 +51,30 @@ pub fn hub_options(c: &Config) -> HubOptions {
         max_connections: c.limits.max_connections,
         max_topics_per_subscription: c.limits.max_topics_per_subscription,
         max_message_size: c.limits.max_message_size,
-        retention: Retention {
-            // Namespace history settings come first: they are the more specific rules.
-            rules: c
-                .centrifugo
-                .namespaces
-                .iter()
-                .filter(|n| {
-                    !n.name.is_empty() && (n.history_size.is_some() || n.history_ttl.is_some())
-                })
-                .map(|n| RetentionRule {
-                    selector: Selector::parse(&format!("{}:{{+rest}}", n.name)),
-                    max_count: n.history_size,
-                    max_age: n.history_ttl,
-                })
-                .chain(c.retention.iter().map(|r| RetentionRule {
-                    selector: Selector::parse(&r.pattern),
-                    max_count: r.max_count,
-                    max_age: r.max_age,
-                }))
-                .collect(),
-        },
-        prune_interval: c.log.prune_interval,
         max_batch: c.log.max_batch,
+    }
+}
+
+/// Retention rules from the config: namespace history settings first (they are the more specific rules),
+/// then the `[[retention]]` rules.
+pub fn retention(c: &Config) -> Retention {
+    Retention {
+        rules: c
+            .centrifugo
+            .namespaces
+            .iter()
+            .filter(|n| !n.name.is_empty() && (n.history_size.is_some() || n.history_ttl.is_some()))
+            .map(|n| RetentionRule {
+                selector: Selector::parse(&format!("{}:{{+rest}}", n.name)),
+                max_count: n.history_size,
+                max_age: n.history_ttl,
+            })
+            .chain(c.retention.iter().map(|r| RetentionRule {
+                selector: Selector::parse(&r.pattern),
+                max_count: r.max_count,
+                max_age: r.max_age,
+            }))
+            .collect(),
     }
 }
 
@@ -82,6 +84,15 @@ pub fn open_log(c: &Config) -> Result<Arc<dyn Log>, crate::log::LogError> {
         LogBackend::Memory => Arc::new(MemoryLog::new()),
         LogBackend::Sqlite => Arc::new(SqliteLog::open(c.log_path(), c.log.durable)?),
     })
+}
+
+/// Opens the configured engine: the local log with its writer thread and retention.
+pub fn open_engine(c: &Config) -> Result<Arc<dyn Engine>, crate::log::LogError> {
+    Ok(Arc::new(LocalEngine::new(
+        open_log(c)?,
+        retention(c),
+        c.log.prune_interval,
+    )))
 }
 
 /// The whole HTTP surface of Herald as an `axum::Router`, ready to mount in any axum app.
@@ -127,25 +138,20 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// Ready means a publish would be acknowledged now: not shutting down, the sequencer alive, the engine
+/// accepting writes (its last write succeeded, its writer answers).
 async fn readyz(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    if st.hub.is_shutting_down() {
+    if let Err(e) = st.hub.ready().await {
+        let code = match e {
+            crate::hub::HubError::ShuttingDown => "shutting_down",
+            _ => "log_unavailable",
+        };
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the hub is shutting down",
+            code,
+            e.to_string(),
         ));
     }
-    let log = st.hub.log().clone();
-    tokio::task::spawn_blocking(move || log.last())
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "log_unavailable",
-                e.to_string(),
-            )
-        })?;
     Ok(Json(
         json!({"status": "ready", "connections": st.hub.connection_count()}),
     ))
@@ -205,8 +211,7 @@ impl Server {
         let addr = config.listen_addr()?;
         refuse_dev_key_on_network(&config, addr)?;
         crate::metrics::handle();
-        let log = open_log(&config)?;
-        let hub = Hub::new(log, hub_options(&config));
+        let hub = Hub::new(open_engine(&config)?, hub_options(&config)).await?;
         let shutdown_timeout = config.shutdown_timeout;
         let limits = config.limits.clone();
         let router = router(hub.clone(), config)?;

@@ -178,7 +178,7 @@ async fn private_updates_reach_websocket_only_with_a_grant() {
     assert_eq!(datas(&r), [json!("secret"), json!("public")], "{r}");
 
     // Recovery from before both: the private one is not recovered for bob.
-    let epoch = s.hub.log().epoch();
+    let epoch = s.hub.epoch();
     let mut bob2 = connected_with(&s, Some(&tok(json!({"sub": "bob"})))).await;
     let r = call(
         &mut bob2,

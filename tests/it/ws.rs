@@ -33,7 +33,7 @@ async fn connect_subscribe_and_receive_with_one_identity_on_both_transports() {
     let reply = next(&mut ws).await;
     assert_eq!(reply["id"], 2);
     assert_eq!(reply["subscribe"]["recoverable"], true);
-    assert_eq!(reply["subscribe"]["epoch"], s.hub.log().epoch());
+    assert_eq!(reply["subscribe"]["epoch"], s.hub.epoch());
     let mut sse = Sse::get(&subscribe_url(&s.url, &["news"], &[])).await;
 
     let resp = reqwest::Client::new()
@@ -567,7 +567,7 @@ async fn server_api_publish_options_and_history_remove() {
     let mut ws2 = connected(&s, "u2").await;
     send(
         &mut ws2,
-        json!({"id": 2, "subscribe": {"channel": "news", "recover": true, "offset": top, "epoch": s.hub.log().epoch()}}),
+        json!({"id": 2, "subscribe": {"channel": "news", "recover": true, "offset": top, "epoch": s.hub.epoch()}}),
     )
     .await;
     let r = next(&mut ws2).await;

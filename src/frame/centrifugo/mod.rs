@@ -7,7 +7,9 @@
 //! codec for all WebSocket subscribers of its channel.
 
 pub mod codec;
+/// Generated from `proto/centrifugo.proto` (see `tests/protocol_codegen.rs`); kept as generated.
 #[allow(clippy::all, clippy::pedantic)]
+#[rustfmt::skip]
 pub mod proto;
 
 use bytes::Bytes;

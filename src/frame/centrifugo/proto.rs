@@ -261,8 +261,10 @@ pub struct Connect {
     pub data: ::prost::bytes::Bytes,
     #[prost(btree_map = "string, message", tag = "4")]
     #[serde(skip_serializing_if = "crate::frame::centrifugo::codec::is_default")]
-    pub subs:
-        ::prost::alloc::collections::BTreeMap<::prost::alloc::string::String, SubscribeResult>,
+    pub subs: ::prost::alloc::collections::BTreeMap<
+        ::prost::alloc::string::String,
+        SubscribeResult,
+    >,
     #[prost(bool, tag = "5")]
     #[serde(skip_serializing_if = "crate::frame::centrifugo::codec::is_default")]
     pub expires: bool,
@@ -320,8 +322,10 @@ pub struct ConnectRequest {
     pub data: ::prost::bytes::Bytes,
     #[prost(btree_map = "string, message", tag = "3")]
     #[serde(skip_serializing_if = "crate::frame::centrifugo::codec::is_default")]
-    pub subs:
-        ::prost::alloc::collections::BTreeMap<::prost::alloc::string::String, SubscribeRequest>,
+    pub subs: ::prost::alloc::collections::BTreeMap<
+        ::prost::alloc::string::String,
+        SubscribeRequest,
+    >,
     #[prost(string, tag = "4")]
     #[serde(skip_serializing_if = "crate::frame::centrifugo::codec::is_default")]
     pub name: ::prost::alloc::string::String,
@@ -357,8 +361,10 @@ pub struct ConnectResult {
     pub data: ::prost::bytes::Bytes,
     #[prost(btree_map = "string, message", tag = "6")]
     #[serde(skip_serializing_if = "crate::frame::centrifugo::codec::is_default")]
-    pub subs:
-        ::prost::alloc::collections::BTreeMap<::prost::alloc::string::String, SubscribeResult>,
+    pub subs: ::prost::alloc::collections::BTreeMap<
+        ::prost::alloc::string::String,
+        SubscribeResult,
+    >,
     #[prost(uint32, tag = "7")]
     #[serde(skip_serializing_if = "crate::frame::centrifugo::codec::is_default")]
     pub ping: u32,
@@ -539,7 +545,10 @@ pub struct PresenceRequest {
 pub struct PresenceResult {
     #[prost(btree_map = "string, message", tag = "1")]
     #[serde(skip_serializing_if = "crate::frame::centrifugo::codec::is_default")]
-    pub presence: ::prost::alloc::collections::BTreeMap<::prost::alloc::string::String, ClientInfo>,
+    pub presence: ::prost::alloc::collections::BTreeMap<
+        ::prost::alloc::string::String,
+        ClientInfo,
+    >,
 }
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(default)]

@@ -1,0 +1,296 @@
+//! The single-node engine: a [`Log`] on this machine (SQLite by default, or memory), no feed.
+//!
+//! Writes and reads are kept apart. Every write (appends, history removal, retention) runs on one thread
+//! of its own, in order, so acknowledgements never wait behind reads on tokio's blocking pool: a reconnect
+//! storm of replays cannot delay a publish. Reads run on the blocking pool, at most [`MAX_READS`] at a time
+//! (beyond that they queue), which bounds how much of the pool and of SQLite's reader connections a storm
+//! can take.
+//!
+//! Retention runs on the writer thread too, a bounded step at a time between writes: one step looks at a
+//! few dozen channels, so a publish waits behind at most one step, never behind a whole-table scan.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::{oneshot, Semaphore};
+
+use super::{BoxFuture, Engine};
+use crate::log::{Log, LogError, Record, Retention};
+
+/// Reads in flight on the blocking pool at once.
+pub const MAX_READS: usize = 8;
+/// Channels one retention step looks at.
+const PRUNE_STEP_CHANNELS: usize = 64;
+/// Writes queued for the writer thread before appends wait.
+const WRITER_QUEUE: usize = 1024;
+
+enum Job {
+    Append(Vec<Record>, oneshot::Sender<Result<Vec<Record>, LogError>>),
+    Remove(String, oneshot::Sender<Result<u64, LogError>>),
+    /// Answered at once: proves the writer thread is alive and not stuck.
+    Ping(oneshot::Sender<()>),
+    Close(oneshot::Sender<Result<(), LogError>>),
+}
+
+pub struct LocalEngine {
+    log: Arc<dyn Log>,
+    writer: mpsc::SyncSender<Job>,
+    reads: Arc<Semaphore>,
+    epoch: String,
+    /// False after a write failed, until one succeeds: `/readyz` reports it.
+    writes_ok: Arc<AtomicBool>,
+    last_error: Arc<Mutex<Option<String>>>,
+}
+
+impl LocalEngine {
+    /// Starts the writer thread for `log`, with retention applied every `prune_interval`.
+    pub fn new(log: Arc<dyn Log>, retention: Retention, prune_interval: Duration) -> LocalEngine {
+        let (writer, jobs) = mpsc::sync_channel(WRITER_QUEUE);
+        let writes_ok = Arc::new(AtomicBool::new(true));
+        let last_error = Arc::new(Mutex::new(None));
+        let state = WriterState {
+            log: log.clone(),
+            retention,
+            prune_interval: prune_interval.max(Duration::from_millis(10)),
+            writes_ok: writes_ok.clone(),
+            last_error: last_error.clone(),
+        };
+        let spawned = std::thread::Builder::new()
+            .name("herald-writer".into())
+            .spawn(move || state.run(jobs));
+        if let Err(e) = spawned {
+            // Without a thread every write fails with "writer stopped", and /readyz says so.
+            tracing::error!(error = %e, "cannot start the log writer thread");
+        }
+        LocalEngine {
+            epoch: log.epoch(),
+            log,
+            writer,
+            reads: Arc::new(Semaphore::new(MAX_READS)),
+            writes_ok,
+            last_error,
+        }
+    }
+
+    /// The underlying log (tests and tools).
+    pub fn log(&self) -> &Arc<dyn Log> {
+        &self.log
+    }
+
+    async fn write<T>(&self, job: impl FnOnce(oneshot::Sender<T>) -> Job) -> Result<T, LogError> {
+        let (tx, rx) = oneshot::channel();
+        let writer = self.writer.clone();
+        let job = job(tx);
+        // The queue is bounded: when it is full the sender blocks, so hand that to the blocking pool.
+        match writer.try_send(job) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Full(job)) => {
+                tokio::task::spawn_blocking(move || writer.send(job))
+                    .await
+                    .map_err(|_| stopped())?
+                    .map_err(|_| stopped())?;
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => return Err(stopped()),
+        }
+        rx.await.map_err(|_| stopped())
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Log) -> Result<T, LogError> + Send + 'static,
+    ) -> Result<T, LogError> {
+        let _permit = self
+            .reads
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| LogError::Closed)?;
+        let log = self.log.clone();
+        tokio::task::spawn_blocking(move || f(&*log))
+            .await
+            .map_err(|e| LogError::Storage(format!("log read task failed: {e}")))?
+    }
+}
+
+fn stopped() -> LogError {
+    LogError::Storage("the log writer has stopped".into())
+}
+
+impl Engine for LocalEngine {
+    fn append(&self, batch: Vec<Record>) -> BoxFuture<'_, Result<Vec<Record>, LogError>> {
+        Box::pin(async move { self.write(|tx| Job::Append(batch, tx)).await? })
+    }
+
+    fn read_range(
+        &self,
+        after: u64,
+        upto: u64,
+        limit: usize,
+        topics: Option<Vec<String>>,
+    ) -> BoxFuture<'_, Result<Vec<Record>, LogError>> {
+        Box::pin(self.read(move |log| match topics {
+            Some(t) => log.read_topics(after, upto, &t, limit),
+            None => log.read_range(after, upto, limit),
+        }))
+    }
+
+    fn read_channel(
+        &self,
+        channel: String,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Record>, LogError>> {
+        Box::pin(self.read(move |log| log.read_channel(&channel, after, upto, limit)))
+    }
+
+    fn read_channel_back(
+        &self,
+        channel: String,
+        before: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Record>, LogError>> {
+        Box::pin(self.read(move |log| log.read_channel_back(&channel, before, limit)))
+    }
+
+    fn find_id(&self, id: String) -> BoxFuture<'_, Result<Option<u64>, LogError>> {
+        Box::pin(self.read(move |log| log.find_id(&id)))
+    }
+
+    fn last(&self) -> BoxFuture<'_, Result<Option<Record>, LogError>> {
+        Box::pin(self.read(|log| log.last()))
+    }
+
+    fn channel_top(
+        &self,
+        channel: String,
+        upto: u64,
+    ) -> BoxFuture<'_, Result<Option<u64>, LogError>> {
+        Box::pin(self.read(move |log| log.channel_top(&channel, upto)))
+    }
+
+    fn channel_pruned_upto(&self, channel: String) -> BoxFuture<'_, Result<u64, LogError>> {
+        Box::pin(self.read(move |log| log.channel_pruned_upto(&channel)))
+    }
+
+    fn remove_channel(&self, channel: String) -> BoxFuture<'_, Result<u64, LogError>> {
+        Box::pin(async move { self.write(|tx| Job::Remove(channel, tx)).await? })
+    }
+
+    fn epoch(&self) -> String {
+        self.epoch.clone()
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<(), LogError>> {
+        Box::pin(async move {
+            tokio::time::timeout(Duration::from_secs(5), self.write(Job::Ping))
+                .await
+                .map_err(|_| LogError::Storage("the log writer is not answering".into()))??;
+            if !self.writes_ok.load(Ordering::Acquire) {
+                let e = self.last_error.lock().clone().unwrap_or_default();
+                return Err(LogError::Storage(format!("the last write failed: {e}")));
+            }
+            // A read proves the store answers at all.
+            self.read(|log| log.last().map(|_| ())).await
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), LogError>> {
+        Box::pin(async move { self.write(Job::Close).await? })
+    }
+}
+
+/// What the writer thread owns.
+struct WriterState {
+    log: Arc<dyn Log>,
+    retention: Retention,
+    prune_interval: Duration,
+    writes_ok: Arc<AtomicBool>,
+    last_error: Arc<Mutex<Option<String>>>,
+}
+
+impl WriterState {
+    fn run(self, jobs: mpsc::Receiver<Job>) {
+        let mut next_prune = Instant::now() + self.prune_interval;
+        // `Some(channel)`: a retention pass is under way and resumes after this channel.
+        let mut pass: Option<String> = None;
+        loop {
+            let wait = if pass.is_some() {
+                Duration::ZERO
+            } else {
+                next_prune.saturating_duration_since(Instant::now())
+            };
+            match jobs.recv_timeout(wait) {
+                Ok(Job::Close(done)) => {
+                    let _ = done.send(self.log.flush());
+                    return;
+                }
+                Ok(job) => self.handle(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            // One bounded step per turn while a pass is under way, so writes keep flowing between steps.
+            if self.retention.rules.is_empty() {
+                continue;
+            }
+            if pass.is_none() && Instant::now() >= next_prune {
+                pass = Some(String::new());
+            }
+            if let Some(after) = pass.take() {
+                let now_ms = crate::hub::now_ms();
+                match self
+                    .log
+                    .prune_step(&self.retention, now_ms, &after, PRUNE_STEP_CHANNELS)
+                {
+                    Ok((removed, resume)) => {
+                        if removed > 0 {
+                            tracing::debug!(removed, "retention applied");
+                        }
+                        pass = resume;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "retention failed"),
+                }
+                if pass.is_none() {
+                    next_prune = Instant::now() + self.prune_interval;
+                }
+            }
+        }
+    }
+
+    fn handle(&self, job: Job) {
+        match job {
+            Job::Append(mut batch, done) => {
+                let started = Instant::now();
+                let result = self.log.append(&mut batch).map(|()| batch);
+                metrics::histogram!("herald_log_append_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                self.note(result.as_ref().err());
+                let _ = done.send(result);
+            }
+            Job::Remove(channel, done) => {
+                let result = self.log.remove_channel(&channel);
+                self.note(result.as_ref().err());
+                let _ = done.send(result);
+            }
+            Job::Ping(done) => {
+                let _ = done.send(());
+            }
+            Job::Close(done) => {
+                let _ = done.send(self.log.flush());
+            }
+        }
+    }
+
+    fn note(&self, error: Option<&LogError>) {
+        match error {
+            None => self.writes_ok.store(true, Ordering::Release),
+            Some(e) => {
+                *self.last_error.lock() = Some(e.to_string());
+                self.writes_ok.store(false, Ordering::Release);
+            }
+        }
+    }
+}
