@@ -1103,6 +1103,97 @@ mod tests {
         ));
     }
 
+    /// An engine whose append panics: the sequencer dies with it.
+    struct Panicking(Arc<dyn Engine>);
+
+    impl Engine for Panicking {
+        fn append(
+            &self,
+            _batch: Vec<Record>,
+        ) -> crate::engine::BoxFuture<'_, Result<Vec<Record>, LogError>> {
+            Box::pin(async { panic!("injected: append panics") })
+        }
+        fn read_range(
+            &self,
+            a: u64,
+            u: u64,
+            l: usize,
+            t: Option<Vec<String>>,
+        ) -> crate::engine::BoxFuture<'_, Result<Vec<Record>, LogError>> {
+            self.0.read_range(a, u, l, t)
+        }
+        fn read_channel(
+            &self,
+            c: String,
+            a: u64,
+            u: u64,
+            l: usize,
+        ) -> crate::engine::BoxFuture<'_, Result<Vec<Record>, LogError>> {
+            self.0.read_channel(c, a, u, l)
+        }
+        fn read_channel_back(
+            &self,
+            c: String,
+            b: u64,
+            l: usize,
+        ) -> crate::engine::BoxFuture<'_, Result<Vec<Record>, LogError>> {
+            self.0.read_channel_back(c, b, l)
+        }
+        fn find_id(
+            &self,
+            id: String,
+        ) -> crate::engine::BoxFuture<'_, Result<Option<u64>, LogError>> {
+            self.0.find_id(id)
+        }
+        fn last(&self) -> crate::engine::BoxFuture<'_, Result<Option<Record>, LogError>> {
+            self.0.last()
+        }
+        fn channel_top(
+            &self,
+            c: String,
+            u: u64,
+        ) -> crate::engine::BoxFuture<'_, Result<Option<u64>, LogError>> {
+            self.0.channel_top(c, u)
+        }
+        fn channel_pruned_upto(
+            &self,
+            c: String,
+        ) -> crate::engine::BoxFuture<'_, Result<u64, LogError>> {
+            self.0.channel_pruned_upto(c)
+        }
+        fn remove_channel(&self, c: String) -> crate::engine::BoxFuture<'_, Result<u64, LogError>> {
+            self.0.remove_channel(c)
+        }
+        fn epoch(&self) -> String {
+            self.0.epoch()
+        }
+        fn health(&self) -> crate::engine::BoxFuture<'_, Result<(), LogError>> {
+            self.0.health()
+        }
+        fn close(&self) -> crate::engine::BoxFuture<'_, Result<(), LogError>> {
+            self.0.close()
+        }
+    }
+
+    /// A dead sequencer is reported (readiness fails) and publishes are refused, never left hanging.
+    #[tokio::test]
+    async fn a_dead_sequencer_makes_the_hub_unready() {
+        let hub = Hub::new(Arc::new(Panicking(memory())), HubOptions::default())
+            .await
+            .unwrap();
+        assert!(hub.ready().await.is_ok());
+        assert!(hub.publish(new(&["t"], "x")).await.is_err());
+        for _ in 0..500 {
+            if hub.ready().await.is_err() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let e = hub.ready().await.unwrap_err().to_string();
+        assert!(e.contains("sequencer"), "{e}");
+        assert!(hub.publish(new(&["t"], "y")).await.is_err());
+    }
+
     #[tokio::test]
     async fn shutdown_ends_subscriptions_and_refuses_publishes() {
         let hub = hub(16).await;

@@ -294,3 +294,170 @@ impl WriterState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::log::MemoryLog;
+
+    /// A memory log whose reads block until released, and whose appends fail while `fail` is set.
+    struct Gated {
+        inner: MemoryLog,
+        started: AtomicUsize,
+        gate: parking_lot::Condvar,
+        open: Mutex<bool>,
+        fail: AtomicBool,
+    }
+
+    impl Gated {
+        fn wait(&self) {
+            self.started.fetch_add(1, Ordering::SeqCst);
+            let mut open = self.open.lock();
+            while !*open {
+                self.gate.wait(&mut open);
+            }
+        }
+    }
+
+    impl Log for Gated {
+        fn append(&self, batch: &mut [Record]) -> Result<(), LogError> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(LogError::Storage("disk full".into()));
+            }
+            self.inner.append(batch)
+        }
+        fn read_range(&self, a: u64, u: u64, l: usize) -> Result<Vec<Record>, LogError> {
+            self.wait();
+            self.inner.read_range(a, u, l)
+        }
+        fn read_topics(
+            &self,
+            a: u64,
+            u: u64,
+            t: &[String],
+            l: usize,
+        ) -> Result<Vec<Record>, LogError> {
+            self.inner.read_topics(a, u, t, l)
+        }
+        fn read_channel(&self, c: &str, a: u64, u: u64, l: usize) -> Result<Vec<Record>, LogError> {
+            self.inner.read_channel(c, a, u, l)
+        }
+        fn read_channel_back(&self, c: &str, b: u64, l: usize) -> Result<Vec<Record>, LogError> {
+            self.inner.read_channel_back(c, b, l)
+        }
+        fn find_id(&self, id: &str) -> Result<Option<u64>, LogError> {
+            self.inner.find_id(id)
+        }
+        fn last(&self) -> Result<Option<Record>, LogError> {
+            self.inner.last()
+        }
+        fn channel_first_seq(&self, c: &str) -> Result<Option<u64>, LogError> {
+            self.inner.channel_first_seq(c)
+        }
+        fn channel_top(&self, c: &str, u: u64) -> Result<Option<u64>, LogError> {
+            self.inner.channel_top(c, u)
+        }
+        fn channel_pruned_upto(&self, c: &str) -> Result<u64, LogError> {
+            self.inner.channel_pruned_upto(c)
+        }
+        fn prune_step(
+            &self,
+            r: &Retention,
+            now: i64,
+            after: &str,
+            max: usize,
+        ) -> Result<(u64, Option<String>), LogError> {
+            self.inner.prune_step(r, now, after, max)
+        }
+        fn remove_channel(&self, c: &str) -> Result<u64, LogError> {
+            self.inner.remove_channel(c)
+        }
+        fn epoch(&self) -> String {
+            self.inner.epoch()
+        }
+        fn flush(&self) -> Result<(), LogError> {
+            self.inner.flush()
+        }
+    }
+
+    fn gated() -> Arc<Gated> {
+        Arc::new(Gated {
+            inner: MemoryLog::new(),
+            started: AtomicUsize::new(0),
+            gate: parking_lot::Condvar::new(),
+            open: Mutex::new(false),
+            fail: AtomicBool::new(false),
+        })
+    }
+
+    fn rec() -> Record {
+        Record {
+            topics: vec!["t".into()],
+            ..Default::default()
+        }
+    }
+
+    /// A storm of reads stuck in the store neither delays appends (the writer has its own thread) nor takes
+    /// more than MAX_READS places on the blocking pool.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stuck_reads_do_not_delay_appends_and_are_capped() {
+        let log = gated();
+        let engine = Arc::new(LocalEngine::new(
+            log.clone(),
+            Retention::default(),
+            Duration::from_secs(60),
+        ));
+        let mut reads = Vec::new();
+        for _ in 0..MAX_READS * 3 {
+            let e = engine.clone();
+            reads.push(tokio::spawn(async move {
+                e.read_range(0, u64::MAX, 10, None).await
+            }));
+        }
+        // Wait (bounded) until the cap is reached: that many reads are inside the store.
+        for _ in 0..500 {
+            if log.started.load(Ordering::SeqCst) >= MAX_READS {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(log.started.load(Ordering::SeqCst), MAX_READS);
+        let appended = tokio::time::timeout(Duration::from_secs(10), engine.append(vec![rec()]))
+            .await
+            .expect("an append completes while every read is stuck")
+            .unwrap();
+        assert!(appended[0].seq > 0);
+        assert_eq!(
+            log.started.load(Ordering::SeqCst),
+            MAX_READS,
+            "no read beyond the cap started"
+        );
+        *log.open.lock() = true;
+        log.gate.notify_all();
+        for r in reads {
+            assert_eq!(r.await.unwrap().unwrap().len(), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn health_follows_the_last_write() {
+        let log = gated();
+        *log.open.lock() = true;
+        let engine = LocalEngine::new(log.clone(), Retention::default(), Duration::from_secs(60));
+        assert!(engine.health().await.is_ok());
+        log.fail.store(true, Ordering::SeqCst);
+        assert!(engine.append(vec![rec()]).await.is_err());
+        let e = engine.health().await.unwrap_err().to_string();
+        assert!(e.contains("disk full"), "{e}");
+        log.fail.store(false, Ordering::SeqCst);
+        engine.append(vec![rec()]).await.unwrap();
+        assert!(engine.health().await.is_ok());
+        engine.close().await.unwrap();
+        assert!(
+            engine.health().await.is_err(),
+            "a closed writer is not healthy"
+        );
+    }
+}

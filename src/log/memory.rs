@@ -171,26 +171,42 @@ impl Log for MemoryLog {
             .collect())
     }
 
-    /// The memory log prunes everything in one step: it exists for tests and small deployments.
     fn prune_step(
         &self,
         retention: &Retention,
         now_ms: i64,
-        _after: &str,
-        _max_channels: usize,
+        after: &str,
+        max_channels: usize,
     ) -> Result<(u64, Option<String>), LogError> {
         let mut guard = self.inner.write();
         let inner = &mut *guard;
+        // This step's channels: the first `max_channels` names after `after`.
+        let mut channels: Vec<&str> = inner
+            .records
+            .iter()
+            .map(Record::channel)
+            .filter(|c| *c > after)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let resume =
+            (channels.len() > max_channels).then(|| channels[max_channels - 1].to_string());
+        channels.truncate(max_channels);
+        let step: std::collections::HashSet<String> =
+            channels.into_iter().map(str::to_string).collect();
         let pruned = &mut inner.pruned;
         let mut counts: std::collections::HashMap<String, u64> = Default::default();
-        for r in &inner.records {
+        for r in inner.records.iter().filter(|r| step.contains(r.channel())) {
             *counts.entry(r.channel().to_string()).or_default() += 1;
         }
         let before = inner.records.len();
         // Walk oldest first; a record goes while its channel holds more than the rule's count.
         let mut kept = VecDeque::with_capacity(before);
         for r in inner.records.drain(..) {
-            let Some(rule) = retention.rule_for(r.channel()) else {
+            let rule = retention
+                .rule_for(r.channel())
+                .filter(|_| step.contains(r.channel()));
+            let Some(rule) = rule else {
                 kept.push_back(r);
                 continue;
             };
@@ -210,7 +226,7 @@ impl Log for MemoryLog {
             }
         }
         inner.records = kept;
-        Ok(((before - inner.records.len()) as u64, None))
+        Ok(((before - inner.records.len()) as u64, resume))
     }
 
     fn remove_channel(&self, channel: &str) -> Result<u64, LogError> {

@@ -351,6 +351,40 @@ pub(crate) mod contract {
             Some(chat[1].seq)
         );
         assert_eq!(log.channel_pruned_upto("other").unwrap(), 0);
+        // A step looks at a bounded number of channels and says where to resume.
+        let mut more: Vec<Record> = (0..5)
+            .map(|i| rec(&format!("step:{i}"), "", "d", 1_000))
+            .chain((0..5).map(|i| rec(&format!("step:{i}"), "", "d", 1_000)))
+            .collect();
+        log.append(&mut more).unwrap();
+        let one_each = Retention {
+            rules: vec![RetentionRule {
+                selector: Selector::parse("step:{n}"),
+                max_count: Some(1),
+                max_age: None,
+            }],
+        };
+        let (removed, resume) = log.prune_step(&one_each, 1_000, "step:", 2).unwrap();
+        let mut removed_total = removed;
+        let mut after = resume;
+        let mut steps = 1;
+        while let Some(a) = after {
+            let (n, next) = log.prune_step(&one_each, 1_000, &a, 2).unwrap();
+            removed_total += n;
+            after = next;
+            steps += 1;
+            assert!(steps <= 10);
+        }
+        assert_eq!(removed_total, 5, "one record kept per step channel");
+        assert!(
+            steps >= 3,
+            "five channels in steps of two take at least three steps"
+        );
+        for i in 0..5 {
+            let ch = format!("step:{i}");
+            assert_eq!(log.read_channel(&ch, 0, u64::MAX, 10).unwrap().len(), 1);
+            log.remove_channel(&ch).unwrap();
+        }
         assert_eq!(log.remove_channel("chat:1").unwrap(), 4);
         assert_eq!(log.channel_pruned_upto("chat:1").unwrap(), chat[3].seq);
         assert_eq!(

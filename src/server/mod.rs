@@ -210,8 +210,17 @@ impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         let addr = config.listen_addr()?;
         refuse_dev_key_on_network(&config, addr)?;
+        let engine = open_engine(&config)?;
+        Server::bind_with(config, engine).await
+    }
+
+    /// Like [`Server::bind`], on an engine of the caller's (a cluster engine built elsewhere, or one
+    /// wrapped to observe or inject faults in tests).
+    pub async fn bind_with(config: Config, engine: Arc<dyn Engine>) -> anyhow::Result<Server> {
+        let addr = config.listen_addr()?;
+        refuse_dev_key_on_network(&config, addr)?;
         crate::metrics::handle();
-        let hub = Hub::new(open_engine(&config)?, hub_options(&config)).await?;
+        let hub = Hub::new(engine, hub_options(&config)).await?;
         let shutdown_timeout = config.shutdown_timeout;
         let limits = config.limits.clone();
         let router = router(hub.clone(), config)?;

@@ -6,6 +6,7 @@ mod access;
 mod admission;
 mod auth;
 mod cors;
+mod engine;
 mod keys;
 mod limits;
 mod matrix;
