@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -28,6 +28,7 @@ use crate::access::{Identity, ReadFilter};
 use crate::engine::{Engine, Feed, FeedEvent};
 use crate::frame::Publication;
 use crate::log::{LogError, Record};
+use crate::presence::{LocalPresence, PresenceStore};
 use crate::queue;
 use crate::topic::Selector;
 
@@ -266,9 +267,10 @@ struct Inner {
     sequencer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The engine has a feed: publications are dispatched from it, not after the append.
     clustered: bool,
-    /// channel -> client id -> info. Local to this node.
-    /// Shared with the join/leave deliveries: one copy per present client, not one per use.
-    presence: RwLock<HashMap<String, HashMap<String, Arc<ClientInfo>>>>,
+    /// Who is in which channel: in memory for one node, the engine's store for a cluster.
+    presence: Arc<dyn PresenceStore>,
+    /// Where control messages for live connections are handed over (see [`Hub::on_control`]).
+    control_sink: OnceLock<ControlSink>,
 }
 
 /// Cheap to clone; all clones share one hub.
@@ -293,6 +295,24 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         if self.inner.registry.write().remove(self.id).is_some() {
             metrics::gauge!("herald_subscriptions").decrement(1.0);
+        }
+    }
+}
+
+/// A control message handler, see [`Hub::on_control`].
+type ControlSink = Box<dyn Fn(&str, Option<&str>, &[u8]) + Send + Sync>;
+
+/// A client's presence in a channel; dropping it is the leave. See [`Hub::join`].
+pub struct PresenceGuard {
+    inner: Arc<Inner>,
+    channel: Box<str>,
+    client: Box<str>,
+}
+
+impl Drop for PresenceGuard {
+    fn drop(&mut self) {
+        if let Some(info) = self.inner.presence.remove(&self.channel, &self.client) {
+            announce(&self.inner, &self.channel, info, false);
         }
     }
 }
@@ -333,6 +353,7 @@ impl Hub {
         let (jobs, rx) = mpsc::channel(opts.max_batch.max(1) * 4);
         let last = engine.last().await?;
         let feed = engine.feed();
+        let engine_presence = engine.presence();
         let inner = Arc::new(Inner {
             dispatched: AtomicU64::new(last.as_ref().map(|r| r.seq).unwrap_or(0)),
             fanouts: AtomicU64::new(0),
@@ -345,7 +366,8 @@ impl Hub {
             shutdown: CancellationToken::new(),
             sequencer: Mutex::new(None),
             clustered: feed.is_some(),
-            presence: RwLock::new(HashMap::new()),
+            presence: engine_presence.unwrap_or_else(|| Arc::new(LocalPresence::default())),
+            control_sink: OnceLock::new(),
         });
         let handle = tokio::spawn(sequencer(inner.clone(), rx));
         *inner.sequencer.lock() = Some(handle);
@@ -550,46 +572,48 @@ impl Hub {
         out
     }
 
-    /// Adds a client to a channel's presence and, for subscribers that asked, delivers a join.
-    pub fn join(&self, channel: &str, info: ClientInfo) {
+    /// Adds a client to a channel's presence and delivers a join to the subscribers that asked for it (on
+    /// every node, in a cluster). Presence lasts as long as the returned guard: dropping it is the leave,
+    /// however the connection ends (a panic in its task included).
+    pub fn join(&self, channel: &str, info: ClientInfo) -> PresenceGuard {
         let info = Arc::new(info);
-        self.inner
-            .presence
-            .write()
-            .entry(channel.to_string())
-            .or_default()
-            .insert(info.client.clone(), info.clone());
-        self.notify(channel, info, true);
-    }
-
-    /// Removes a client from a channel's presence and delivers a leave.
-    pub fn leave(&self, channel: &str, client: &str) {
-        let info = {
-            let mut p = self.inner.presence.write();
-            let info = p.get_mut(channel).and_then(|m| m.remove(client));
-            if p.get(channel).is_some_and(HashMap::is_empty) {
-                p.remove(channel);
-            }
-            info
-        };
-        if let Some(info) = info {
-            self.notify(channel, info, false);
+        self.inner.presence.add(channel, info.clone());
+        announce(&self.inner, channel, info.clone(), true);
+        PresenceGuard {
+            inner: self.inner.clone(),
+            channel: channel.into(),
+            client: info.client.as_str().into(),
         }
     }
 
-    fn notify(&self, channel: &str, info: Arc<ClientInfo>, join: bool) {
-        notify(&self.inner, channel, info, join);
+    /// The clients present in a channel (on every node, in a cluster).
+    pub async fn presence(&self, channel: &str) -> Result<Vec<ClientInfo>, HubError> {
+        Ok(self.inner.presence.list(channel).await?)
     }
 
-    /// Clients present in a channel on this node.
-    pub fn presence(&self, channel: &str) -> Vec<ClientInfo> {
-        let p = self.inner.presence.read();
-        let mut v: Vec<ClientInfo> = p
-            .get(channel)
-            .map(|m| m.values().map(|i| ClientInfo::clone(i)).collect())
-            .unwrap_or_default();
-        v.sort_by(|a, b| a.client.cmp(&b.client));
-        v
+    /// Where control messages for live connections go (the Centrifugo face registers its connection
+    /// registry): called on every node for a message sent with [`Hub::control`].
+    pub fn on_control(&self, sink: impl Fn(&str, Option<&str>, &[u8]) + Send + Sync + 'static) {
+        let _ = self.inner.control_sink.set(Box::new(sink));
+    }
+
+    /// Sends a control message to the live connections of `user` (or one `client`) wherever they are: on
+    /// this node, or through the engine to every node of a cluster.
+    pub async fn control(
+        &self,
+        user: &str,
+        client: Option<&str>,
+        payload: Bytes,
+    ) -> Result<(), HubError> {
+        if self.inner.clustered {
+            self.inner
+                .engine
+                .control(user.to_string(), client.map(str::to_string), payload)
+                .await?;
+        } else if let Some(sink) = self.inner.control_sink.get() {
+            sink(user, client, &payload);
+        }
+        Ok(())
     }
 
     /// Channels with at least one exact subscriber, with their subscriber counts.
@@ -651,6 +675,16 @@ impl Hub {
             self.inner.engine.close().await?;
         }
         Ok(())
+    }
+}
+
+/// A join or leave: delivered on this node, or, in a cluster, sent through the engine to every node's feed
+/// (this one's included), where [`notify`] delivers it.
+fn announce(inner: &Inner, channel: &str, info: Arc<ClientInfo>, joined: bool) {
+    if inner.clustered {
+        inner.engine.announce(channel, &info, joined);
+    } else {
+        notify(inner, channel, info, joined);
     }
 }
 
@@ -799,6 +833,15 @@ async fn dispatch_feed(inner: Arc<Inner>, mut feed: Feed) {
                 info,
                 joined,
             } => notify(&inner, &channel, Arc::new(info), joined),
+            FeedEvent::Control {
+                user,
+                client,
+                payload,
+            } => {
+                if let Some(sink) = inner.control_sink.get() {
+                    sink(&user, client.as_deref(), &payload);
+                }
+            }
             FeedEvent::Lost(why) => {
                 tracing::warn!(
                     why,
@@ -1038,13 +1081,32 @@ mod tests {
             conn_info: None,
             chan_info: None,
         };
-        hub.join("room", info.clone());
-        assert_eq!(hub.presence("room"), vec![info.clone()]);
+        let present = hub.join("room", info.clone());
+        assert_eq!(hub.presence("room").await.unwrap(), vec![info.clone()]);
         assert!(matches!(rx.try_recv().unwrap(), Delivery::Join { info: i, .. } if *i == info));
-        hub.leave("room", "c1");
-        assert!(hub.presence("room").is_empty());
+        drop(present);
+        assert!(hub.presence("room").await.unwrap().is_empty());
         assert!(matches!(rx.try_recv().unwrap(), Delivery::Leave { .. }));
         assert_eq!(hub.channels(), vec![("room".to_string(), 1)]);
+    }
+
+    /// A connection task that panics still leaves: its presence is a guard, dropped while unwinding.
+    #[tokio::test]
+    async fn a_panicking_task_leaves_its_presence() {
+        let hub = hub(16).await;
+        let info = ClientInfo {
+            client: "c1".into(),
+            user: "42".into(),
+            conn_info: None,
+            chan_info: None,
+        };
+        let h = hub.clone();
+        let task = tokio::spawn(async move {
+            let _present = h.join("room", info);
+            panic!("injected: the connection task panics");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert!(hub.presence("room").await.unwrap().is_empty());
     }
 
     #[tokio::test]

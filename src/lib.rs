@@ -31,6 +31,7 @@ pub mod hub;
 pub mod log;
 pub mod mercure;
 pub mod metrics;
+pub mod presence;
 pub mod queue;
 pub mod server;
 pub mod state;

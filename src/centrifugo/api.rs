@@ -292,17 +292,13 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, Refusa
                 channel: channel.to_string(),
                 info: p.get("info").cloned(),
             };
-            st.clients
-                .send(str_param(&p, "user")?, client_param(&p), ctl);
-            Ok(json!({}))
+            control(st, &p, ctl).await
         }
         "unsubscribe" => {
             let ctl = Control::Unsubscribe {
                 channel: str_param(&p, "channel")?.to_string(),
             };
-            st.clients
-                .send(str_param(&p, "user")?, client_param(&p), ctl);
-            Ok(json!({}))
+            control(st, &p, ctl).await
         }
         "disconnect" => {
             let d = p.get("disconnect");
@@ -316,12 +312,7 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, Refusa
                 .and_then(Value::as_str)
                 .unwrap_or("force disconnect")
                 .to_string();
-            st.clients.send(
-                str_param(&p, "user")?,
-                client_param(&p),
-                Control::Disconnect { code, reason },
-            );
-            Ok(json!({}))
+            control(st, &p, Control::Disconnect { code, reason }).await
         }
         "refresh" => {
             let ctl = Control::Refresh {
@@ -329,9 +320,7 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, Refusa
                 expired: p.get("expired").and_then(Value::as_bool).unwrap_or(false),
                 info: p.get("info").cloned(),
             };
-            st.clients
-                .send(str_param(&p, "user")?, client_param(&p), ctl);
-            Ok(json!({}))
+            control(st, &p, ctl).await
         }
         "presence" | "presence_stats" => {
             let channel = str_param(&p, "channel")?;
@@ -346,9 +335,9 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, Refusa
                 ));
             }
             if method == "presence" {
-                to_json(&presence_result(st, channel))
+                to_json(&presence_result(st, channel).await?)
             } else {
-                to_json(&presence_stats_result(st, channel))
+                to_json(&presence_stats_result(st, channel).await?)
             }
         }
         "history" => {
@@ -414,6 +403,16 @@ fn str_param<'a>(p: &'a Value, name: &str) -> Result<&'a str, Refusal> {
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| Refusal::new(107, format!("{name} is required")))
+}
+
+/// Sends `ctl` to the live connections of the `user` (and `client`) of `p`, on whichever node they are.
+async fn control(st: &AppState, p: &Value, ctl: Control) -> Result<Value, Refusal> {
+    let payload = serde_json::to_vec(&ctl).map_err(|e| Refusal::new(100, e.to_string()))?;
+    st.hub
+        .control(str_param(p, "user")?, client_param(p), payload.into())
+        .await
+        .map_err(|e| Refusal::new(100, e.to_string()))?;
+    Ok(json!({}))
 }
 
 fn client_param(p: &Value) -> Option<&str> {

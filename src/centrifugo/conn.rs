@@ -25,14 +25,15 @@ use bytes::Bytes;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::Control;
+use super::{Control, Registration};
 use crate::access::{ChannelError, Identity};
 use crate::auth::{unix_now, Claims, Role};
 use crate::error::ApiError;
 use crate::frame::centrifugo::codec::{Codec, PROTOBUF_SUBPROTOCOL};
 use crate::frame::centrifugo::{proto, publication};
 use crate::hub::{
-    ClientInfo, ConnectionGuard, Delivery, NewPublication, Outbox, SubscribeSpec, Subscription,
+    ClientInfo, ConnectionGuard, Delivery, NewPublication, Outbox, PresenceGuard, SubscribeSpec,
+    Subscription,
 };
 use crate::state::AppState;
 use crate::topic::Selector;
@@ -182,7 +183,8 @@ fn close(code: u16, reason: &str) -> Exit {
 struct ChanSub {
     channel: String,
     sub: Subscription,
-    presence: bool,
+    /// The client's presence in the channel, where the namespace has presence; dropping it is the leave.
+    _presence: Option<PresenceGuard>,
     exp: Option<u64>,
 }
 
@@ -209,10 +211,13 @@ struct Conn {
     socket: WebSocket,
     rx: crate::queue::Receiver<Delivery>,
     ctl_rx: crate::queue::Receiver<Control>,
-    ticks: tokio::sync::watch::Receiver<()>,
     outbox: Outbox,
     ctl: crate::queue::Sender<Control>,
     _guard: ConnectionGuard,
+    /// The connection's place in the registry of connections by user; dropping it removes it.
+    registration: Option<Registration>,
+    /// When the deadline clock will next wake this connection, if it is set to.
+    scheduled: Option<Instant>,
     client: String,
     /// Who this connection is, from its connection token; what it may read is decided by `access` from it.
     who: Arc<Identity>,
@@ -230,10 +235,6 @@ struct Conn {
 
 /// Pushes waiting in the outbox are joined into one frame up to this many bytes.
 const JOIN_LIMIT: usize = 16 * 1024;
-
-/// How often deadlines are checked: connect timeout, pings and pongs, token expiry and shutdown of a
-/// connection that has no subscription (one with subscriptions learns of it through its outbox at once).
-const TICK: Duration = Duration::from_millis(250);
 
 fn reply(id: u32) -> proto::Reply {
     proto::Reply {
@@ -283,10 +284,11 @@ impl Conn {
             socket,
             rx,
             ctl_rx,
-            ticks: st.clients.ticks(TICK),
             outbox,
             ctl,
             _guard: guard,
+            registration: None,
+            scheduled: None,
             client: uuid::Uuid::new_v4().to_string(),
             who: Identity::anonymous(),
             conn_info: None,
@@ -306,12 +308,16 @@ impl Conn {
     /// The connection's life: serve until something ends it, say why in a close frame, unregister.
     /// Boxed: an async fn keeps its argument twice (as given and as moved in), which for the connection
     /// state would be a second copy of it in every idle task.
+    ///
+    /// Everything the connection registered (its subscriptions, presence, its place in the registry by
+    /// user, its connection count) is held by guards in this struct, so it is released when the struct is
+    /// dropped, however the task ends: returning, or unwinding from a panic.
     async fn run(mut self: Box<Self>) {
+        self.reschedule();
         let exit = self.serve().await;
         if let Exit::Close(code, reason) = exit {
             Box::pin(self.close(code, reason)).await;
         }
-        self.cleanup();
     }
 
     async fn close(&mut self, code: u16, reason: String) {
@@ -355,12 +361,9 @@ impl Conn {
                     None => Err(self.closed_exit()),
                 },
                 c = self.ctl_rx.recv() => match c {
+                    Some(Control::Deadline) => Box::pin(self.check_deadlines()).await,
                     Some(c) => Box::pin(self.control(c)).await,
                     None => Ok(()),
-                },
-                t = self.ticks.changed() => match t {
-                    Ok(()) => Box::pin(self.check_deadlines()).await,
-                    Err(_) => Err(close(3001, "shutdown")), // the server is being torn down
                 },
             };
             if let Err(exit) = step {
@@ -393,6 +396,8 @@ impl Conn {
                 replies.push(self.codec.encode(&r));
             }
         }
+        // A command may have moved a deadline (connect, refresh, a subscription token's expiry).
+        self.reschedule();
         if replies.is_empty() {
             return Ok(());
         }
@@ -481,7 +486,50 @@ impl Conn {
         self.subs.iter().find(|s| s.channel == channel)
     }
 
+    /// The earliest of this connection's deadlines: the connect timeout, the next ping, the pong deadline,
+    /// and the token expiries (connection and subscriptions, plus the refresh grace).
+    fn next_deadline(&self) -> Option<Instant> {
+        let cfg = &self.st.config.centrifugo;
+        let now = Instant::now();
+        let unix = unix_now();
+        let grace = cfg.refresh_grace.as_secs();
+        let expiry = |exp: u64| now + Duration::from_secs((exp + grace).saturating_sub(unix) + 1);
+        let connect = (!self.connected).then(|| self.opened + cfg.connect_timeout);
+        connect
+            .into_iter()
+            .chain(self.next_ping)
+            .chain(self.pong_deadline)
+            .chain(self.exp.map(expiry))
+            .chain(self.subs.iter().filter_map(|s| s.exp).map(expiry))
+            .min()
+    }
+
+    /// Asks the deadline clock to wake this connection at its next deadline, unless it already will by then.
+    fn reschedule(&mut self) {
+        let Some(next) = self.next_deadline() else {
+            return;
+        };
+        if self.scheduled.is_some_and(|at| at <= next) {
+            return;
+        }
+        self.scheduled = Some(next);
+        self.st
+            .clients
+            .deadlines(&self.st.hub.shutdown_token())
+            .schedule(next, self.ctl.clone());
+    }
+
+    /// Woken by the deadline clock: acts on what is due, then sets the next wake-up.
     async fn check_deadlines(&mut self) -> Result<(), Exit> {
+        if self.scheduled.is_some_and(|at| at <= Instant::now()) {
+            self.scheduled = None;
+        }
+        self.act_on_deadlines().await?;
+        self.reschedule();
+        Ok(())
+    }
+
+    async fn act_on_deadlines(&mut self) -> Result<(), Exit> {
         let cfg = &self.st.config.centrifugo;
         if self.st.hub.is_shutting_down() {
             return Err(close(3001, "shutdown"));
@@ -586,10 +634,20 @@ impl Conn {
                 .await
                 .map(|()| r.publish = Some(proto::PublishResult {}))
         } else if let Some(req) = cmd.presence {
-            self.presence(&req.channel).map(|v| r.presence = Some(v))
+            // `self` is not shared across the await (a connection is not Sync): only its state is.
+            match self.check_presence(&req.channel) {
+                Ok(()) => presence_result(&self.st, &req.channel)
+                    .await
+                    .map(|v| r.presence = Some(v)),
+                Err(e) => Err(e),
+            }
         } else if let Some(req) = cmd.presence_stats {
-            self.presence_stats(&req.channel)
-                .map(|v| r.presence_stats = Some(v))
+            match self.check_presence(&req.channel) {
+                Ok(()) => presence_stats_result(&self.st, &req.channel)
+                    .await
+                    .map(|v| r.presence_stats = Some(v)),
+                Err(e) => Err(e),
+            }
         } else if let Some(req) = cmd.history {
             self.history(req).await.map(|v| r.history = Some(v))
         } else if let Some(req) = cmd.refresh {
@@ -644,9 +702,11 @@ impl Conn {
         }
         self.connected = true;
         self.next_ping = Some(Instant::now() + self.st.config.centrifugo.ping);
-        self.st
-            .clients
-            .add(&self.who.user, &self.client, self.ctl.clone());
+        self.registration = Some(self.st.clients.add(
+            &self.who.user,
+            &self.client,
+            self.ctl.clone(),
+        ));
 
         if self.st.config.centrifugo.subscribe_to_personal {
             if let Some(p) = self.st.access.personal_channel(&self.who.user) {
@@ -874,25 +934,23 @@ impl Conn {
             result.expires = true;
             result.ttl = ttl(exp);
         }
-        if ns.presence {
-            self.st.hub.join(&name, self.info(grant.chan_info));
-        }
+        let presence = ns
+            .presence
+            .then(|| self.st.hub.join(&name, self.info(grant.chan_info)));
         self.subs.reserve_exact(1); // most connections hold one or two; a vector's default growth is 4
         self.subs.push(ChanSub {
             channel: name,
             sub,
-            presence: ns.presence,
+            _presence: presence,
             exp: grant.exp,
         });
         Ok(result)
     }
 
+    /// Ends a subscription: dropping it unregisters it from the hub and ends its presence.
     fn remove_sub(&mut self, channel: &str) {
         if let Some(i) = self.subs.iter().position(|s| s.channel == channel) {
-            let s = self.subs.swap_remove(i);
-            if s.presence {
-                self.st.hub.leave(channel, &self.client);
-            }
+            self.subs.swap_remove(i);
         }
     }
 
@@ -947,16 +1005,6 @@ impl Conn {
             ));
         }
         Ok(())
-    }
-
-    fn presence(&self, channel_name: &str) -> Result<proto::PresenceResult, Refusal> {
-        self.check_presence(channel_name)?;
-        Ok(presence_result(&self.st, channel_name))
-    }
-
-    fn presence_stats(&self, channel_name: &str) -> Result<proto::PresenceStatsResult, Refusal> {
-        self.check_presence(channel_name)?;
-        Ok(presence_stats_result(&self.st, channel_name))
     }
 
     /// History is for subscribers of the channel, filtered by what their subscription may read.
@@ -1047,6 +1095,13 @@ impl Conn {
     }
 
     async fn control(&mut self, c: Control) -> Result<(), Exit> {
+        let r = self.apply_control(c).await;
+        // A server-side subscribe or refresh may have moved a deadline.
+        self.reschedule();
+        r
+    }
+
+    async fn apply_control(&mut self, c: Control) -> Result<(), Exit> {
         match c {
             Control::Subscribe { channel, info } => {
                 let req = proto::SubscribeRequest {
@@ -1093,6 +1148,7 @@ impl Conn {
                 }
             }
             Control::Disconnect { code, reason } => Err(Exit::Close(code, reason)),
+            Control::Deadline => self.check_deadlines().await,
             Control::Refresh {
                 expire_at,
                 expired,
@@ -1112,16 +1168,6 @@ impl Conn {
                 let r = push("", |p| p.refresh = Some(refresh));
                 self.write_reply(&r).await
             }
-        }
-    }
-
-    fn cleanup(&mut self) {
-        let channels: Vec<String> = self.subs.iter().map(|s| s.channel.clone()).collect();
-        for ch in channels {
-            self.remove_sub(&ch);
-        }
-        if self.connected {
-            self.st.clients.remove(&self.who.user, &self.client);
         }
     }
 }
@@ -1149,25 +1195,38 @@ fn error_reply(id: u32, r: &Refusal, temporary: bool) -> proto::Reply {
 }
 
 /// A `PresenceResult` for the client protocol and the server API alike.
-pub(super) fn presence_result(st: &AppState, channel: &str) -> proto::PresenceResult {
-    proto::PresenceResult {
-        presence: st
-            .hub
-            .presence(channel)
+pub(super) async fn presence_result(
+    st: &AppState,
+    channel: &str,
+) -> Result<proto::PresenceResult, Refusal> {
+    let clients = st
+        .hub
+        .presence(channel)
+        .await
+        .map_err(|e| Refusal::new(100, e.to_string()))?;
+    Ok(proto::PresenceResult {
+        presence: clients
             .iter()
             .map(|c| (c.client.clone(), client_info(c)))
             .collect(),
-    }
+    })
 }
 
 /// A `PresenceStatsResult` for the client protocol and the server API alike.
-pub(super) fn presence_stats_result(st: &AppState, channel: &str) -> proto::PresenceStatsResult {
-    let clients = st.hub.presence(channel);
+pub(super) async fn presence_stats_result(
+    st: &AppState,
+    channel: &str,
+) -> Result<proto::PresenceStatsResult, Refusal> {
+    let clients = st
+        .hub
+        .presence(channel)
+        .await
+        .map_err(|e| Refusal::new(100, e.to_string()))?;
     let users: std::collections::HashSet<&str> = clients.iter().map(|c| c.user.as_str()).collect();
-    proto::PresenceStatsResult {
+    Ok(proto::PresenceStatsResult {
         num_clients: u32::try_from(clients.len()).unwrap_or(u32::MAX),
         num_users: u32::try_from(users.len()).unwrap_or(u32::MAX),
-    }
+    })
 }
 
 /// Most records one history request looks at while skipping those its reader may not see: a bound on the

@@ -37,6 +37,27 @@ pub trait Engine: Send + Sync + 'static {
         Box::pin(async { Ok(()) })
     }
 
+    /// A cluster-wide presence store, if the engine keeps one; `None`: the hub keeps presence in memory.
+    fn presence(&self) -> Option<std::sync::Arc<dyn crate::presence::PresenceStore>> {
+        None
+    }
+
+    /// Sends a join or leave to every node's feed (cluster engines; never waits).
+    fn announce(&self, channel: &str, info: &ClientInfo, joined: bool) {
+        let _ = (channel, info, joined);
+    }
+
+    /// Sends a control message for the connections of `user` (or one `client`) to every node's feed.
+    fn control(
+        &self,
+        user: String,
+        client: Option<String>,
+        payload: bytes::Bytes,
+    ) -> BoxFuture<'_, Result<(), LogError>> {
+        let _ = (user, client, payload);
+        Box::pin(async { Ok(()) })
+    }
+
     /// The feed of what every node committed, in seq order, for a cluster engine; `None` for an engine
     /// whose appends stay on this node (the hub dispatches them itself). Taken once, by the hub.
     fn feed(&self) -> Option<Feed> {
@@ -109,6 +130,12 @@ pub enum FeedEvent {
         channel: String,
         info: ClientInfo,
         joined: bool,
+    },
+    /// A control message for live connections (server API: subscribe, unsubscribe, disconnect, refresh).
+    Control {
+        user: String,
+        client: Option<String>,
+        payload: bytes::Bytes,
     },
     /// The engine lost publications for this node (its connection dropped): subscribers must reconnect
     /// and resume from the log.

@@ -109,13 +109,16 @@ pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
     };
     let origins = crate::cors::OriginList::parse(&config.cors.allowed_origins)
         .map_err(ConfigError::Invalid)?;
+    let clients = Arc::new(crate::centrifugo::Clients::default());
+    let sink = clients.clone();
+    hub.on_control(move |user, client, payload| sink.deliver(user, client, payload));
     let state = AppState {
         hub,
         auth: Arc::new(auth),
         access: Arc::new(crate::access::Access::new(&config.centrifugo)),
         config: Arc::new(config),
         origins: Arc::new(origins),
-        clients: Arc::new(crate::centrifugo::Clients::default()),
+        clients,
         idempotency: Arc::new(crate::centrifugo::Idempotency::default()),
     };
     Ok(Router::new()
