@@ -197,7 +197,9 @@ async def test_presence_and_presence_stats(api, peers, codec):
     b = peers(token(bob))
     for peer in (a1, a2, b):
         await peer.connect()
-        await peer.subscribe(channel)
+    _, watch = await a1.subscribe(channel, join_leave=True)
+    await a2.subscribe(channel)
+    await b.subscribe(channel)
 
     presence = await api.presence(PresenceRequest(channel=channel))
     assert sorted(c.user for c in presence.presence.values()) == sorted([alice, alice, bob])
@@ -207,6 +209,7 @@ async def test_presence_and_presence_stats(api, peers, codec):
     assert (stats.num_clients, stats.num_users) == (3, 2)
 
     await b.close()
+    await watch.first("leave", lambda e: e.info.user == bob)  # the server has seen it go
     stats = await api.presence_stats(PresenceStatsRequest(channel=channel))
     assert (stats.num_clients, stats.num_users) == (2, 1), "a closed connection leaves presence"
 
