@@ -165,15 +165,22 @@ async def test_recovery_after_a_disconnect(herald, peers, api, codec):
 
 
 async def test_token_refresh_without_reconnecting(peers, api, codec):
-    """The SDK calls get_token before the connection token expires and refreshes it in place; a client
-    without get_token is closed at exp + refresh_grace (1 s), which shows the deadline was real."""
+    """The SDK calls get_token before the connection token expires and refreshes it in place (`refresh`);
+    likewise a subscription token (`sub_refresh`). A client without get_token is closed at exp +
+    refresh_grace (1 s), which shows the deadline was real."""
     user = unique("u-")
     exp = int(time.time()) + 2
     calls = []
+    sub_calls = []
 
     async def get_token() -> str:
         calls.append(time.time())
         return token(user, 600)
+
+    async def get_sub_token(ch: str) -> str:
+        sub_calls.append(time.time())
+        ttl_exp = exp if len(sub_calls) == 1 else int(time.time()) + 600
+        return sign({"sub": user, "channel": ch, "exp": ttl_exp}, KEY)
 
     peer = peers(sign({"sub": user, "exp": exp}, KEY), get_token=get_token)
     control = peers(sign({"sub": user, "exp": exp}, KEY))
@@ -181,8 +188,13 @@ async def test_token_refresh_without_reconnecting(peers, api, codec):
     await control.connect()
     channel = unique("news:refresh-")
     _, rec = await peer.subscribe(channel)
+    secret = unique("secret:refresh-")
+    _, secret_rec = await peer.subscribe(secret, get_token=get_sub_token)
+    # The same with a static subscription token: ended at exp + grace (2501), and then refused as expired.
+    static = unique("secret:static-")
+    _, static_rec = await peer.subscribe(static, token=sign({"sub": user, "channel": static, "exp": exp}, KEY))
 
-    await until(lambda: calls, "get_token to be called", timeout=8)
+    await until(lambda: calls and len(sub_calls) == 2, "get_token to be called for both tokens", timeout=8)
     closed = await control.events.first("connecting", lambda c: c.code != 0, timeout=8)
     assert (closed.code, closed.reason) == (3005, "connection expired")
     await until_time(exp + 2.5)  # past exp + grace, on the server's whole-second clock
@@ -193,6 +205,19 @@ async def test_token_refresh_without_reconnecting(peers, api, codec):
     assert [c.code for c in peer.events["connecting"]] == [0], "never reconnected"
     assert peer.events["disconnected"] == []
     assert peer.client.client_id == first.client
+
+    await api.publish(PublishRequest(channel=secret, data={"sub": "refreshed"}))
+    assert codec.dec((await secret_rec.first("publication")).pub.data) == {"sub": "refreshed"}
+    assert len(sub_calls) == 2 and sub_calls[1] < exp + 1, f"subscription token refreshed once, in time: {sub_calls}"
+    assert [c.code for c in secret_rec["subscribing"]] == [0], "the subscription was never ended and redone"
+    assert len(secret_rec["subscribed"]) == 1
+
+    ended = await static_rec.first("subscribing", lambda c: c.code != 0)
+    assert (ended.code, ended.reason) == (2501, "subscription expired")
+    # The SDK resubscribes with the same token, Herald answers 109 (expired), and with no get_token the SDK
+    # gives up: "unauthorized" (its client-side code 1).
+    gone = await static_rec.first("unsubscribed")
+    assert (gone.code, gone.reason) == (1, "unauthorized"), gone
 
 
 async def test_connect_with_an_expired_token_gets_a_new_one(peers, codec):
