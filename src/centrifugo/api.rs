@@ -178,11 +178,11 @@ impl Payload {
     fn bytes(&self) -> Result<bytes::Bytes, Refusal> {
         match (&self.data, &self.b64data) {
             (Some(d), None) => Ok(bytes::Bytes::from(d.to_string())),
-            (None, Some(b)) => base64::engine::general_purpose::STANDARD
+            // Centrifugo takes b64data when both are given (SDKs such as cent always send `data`).
+            (_, Some(b)) => base64::engine::general_purpose::STANDARD
                 .decode(b)
                 .map(bytes::Bytes::from)
                 .map_err(|e| Refusal::new(107, format!("b64data is not base64: {e}"))),
-            (Some(_), Some(_)) => Err(Refusal::new(107, "data and b64data are exclusive")),
             (None, None) => Err(Refusal::new(107, "data or b64data is required")),
         }
     }
@@ -288,15 +288,29 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, Refusa
         "subscribe" => {
             let channel = str_param(&p, "channel")?;
             check_channel(st, channel)?;
+            let info = match (p.get("info"), p.get("b64info").and_then(Value::as_str)) {
+                (_, Some(b64)) => Some(decode_b64("b64info", b64)?),
+                (Some(info), None) => Some(info.to_string().into_bytes()),
+                (None, None) => None,
+            };
+            let data = match (p.get("data"), p.get("b64data").and_then(Value::as_str)) {
+                (_, Some(b64)) => Some(decode_b64("b64data", b64)?),
+                (Some(data), None) => Some(data.to_string().into_bytes()),
+                (None, None) => None,
+            };
             let ctl = Control::Subscribe {
                 channel: channel.to_string(),
-                info: p.get("info").cloned(),
+                info,
+                data,
+                expire_at: p.get("expire_at").and_then(Value::as_u64),
             };
             control(st, &p, ctl).await
         }
         "unsubscribe" => {
+            let channel = str_param(&p, "channel")?;
+            check_channel(st, channel)?;
             let ctl = Control::Unsubscribe {
-                channel: str_param(&p, "channel")?.to_string(),
+                channel: channel.to_string(),
             };
             control(st, &p, ctl).await
         }
@@ -312,7 +326,21 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, Refusa
                 .and_then(Value::as_str)
                 .unwrap_or("force disconnect")
                 .to_string();
-            control(st, &p, Control::Disconnect { code, reason }).await
+            let whitelist = p
+                .get("whitelist")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|c| c.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let ctl = Control::Disconnect {
+                code,
+                reason,
+                whitelist,
+            };
+            control(st, &p, ctl).await
         }
         "refresh" => {
             let ctl = Control::Refresh {
@@ -363,6 +391,7 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, Refusa
         }
         "history_remove" => {
             let channel = str_param(&p, "channel")?.to_string();
+            check_channel(st, &channel)?;
             st.hub
                 .engine()
                 .remove_channel(channel)
@@ -396,6 +425,12 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, Refusa
         }
         _ => Err(Refusal::new(104, format!("no method {method:?}"))),
     }
+}
+
+fn decode_b64(name: &str, b64: &str) -> Result<Vec<u8>, Refusal> {
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| Refusal::new(107, format!("{name} is not base64: {e}")))
 }
 
 fn str_param<'a>(p: &'a Value, name: &str) -> Result<&'a str, Refusal> {

@@ -197,8 +197,8 @@ struct Grant {
     exp: Option<u64>,
     /// The channel as granted by the server (server-side subscriptions) or a subscription token.
     channel: Option<String>,
-    /// Data for the subscribe result (a `subs` claim's `data`).
-    data: Option<Value>,
+    /// Data for the subscribe result (a `subs` claim's `data`, the server API's `data`/`b64data`).
+    data: Option<Bytes>,
     /// Subscribed by the server: join/leave are pushed only when the namespace forces them.
     server_side: bool,
 }
@@ -694,7 +694,7 @@ impl Conn {
             for (ch, options) in c.subs {
                 let grant = Grant {
                     chan_info: options.get("info").cloned(),
-                    data: options.get("data").cloned(),
+                    data: options.get("data").map(|d| Bytes::from(d.to_string())),
                     ..Default::default()
                 };
                 server_side.push((ch, grant));
@@ -915,7 +915,7 @@ impl Conn {
             .map_err(|e| Refusal::new(100, e.to_string()))?;
 
         let mut result = proto::SubscribeResult {
-            data: json_bytes(&grant.data),
+            data: grant.data.unwrap_or_default(),
             ..Default::default()
         };
         if ns.recovery {
@@ -1103,16 +1103,22 @@ impl Conn {
 
     async fn apply_control(&mut self, c: Control) -> Result<(), Exit> {
         match c {
-            Control::Subscribe { channel, info } => {
+            Control::Subscribe {
+                channel,
+                info,
+                data,
+                expire_at,
+            } => {
                 let req = proto::SubscribeRequest {
                     channel: channel.clone(),
                     ..Default::default()
                 };
                 let grant = Grant {
-                    chan_info: info,
+                    chan_info: info.and_then(|i| serde_json::from_slice(&i).ok()),
+                    data: data.map(Bytes::from),
+                    exp: expire_at,
                     channel: Some(channel.clone()),
                     server_side: true,
-                    ..Default::default()
                 };
                 match self.subscribe(req, grant).await {
                     Ok(result) => {
@@ -1147,7 +1153,7 @@ impl Conn {
                     Ok(())
                 }
             }
-            Control::Disconnect { code, reason } => Err(Exit::Close(code, reason)),
+            Control::Disconnect { code, reason, .. } => Err(Exit::Close(code, reason)),
             Control::Deadline => self.check_deadlines().await,
             Control::Refresh {
                 expire_at,

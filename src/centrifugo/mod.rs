@@ -37,7 +37,12 @@ pub fn routes() -> Router<AppState> {
 pub enum Control {
     Subscribe {
         channel: String,
-        info: Option<serde_json::Value>,
+        /// Presence info of the subscription (JSON bytes).
+        info: Option<Vec<u8>>,
+        /// Sent to the client with the subscribe push.
+        data: Option<Vec<u8>>,
+        /// When the subscription expires (Unix seconds), if it does.
+        expire_at: Option<u64>,
     },
     Unsubscribe {
         channel: String,
@@ -45,6 +50,9 @@ pub enum Control {
     Disconnect {
         code: u16,
         reason: String,
+        /// Client ids of the user that stay connected.
+        #[serde(default)]
+        whitelist: Vec<String>,
     },
     Refresh {
         expire_at: Option<u64>,
@@ -112,20 +120,25 @@ impl Clients {
 
     /// Hands `ctl` to the user's connections on this node (or only `client`); returns how many took it.
     pub fn send(&self, user: &str, client: Option<&str>, ctl: Control) -> usize {
-        let targets: Vec<crate::queue::Sender<Control>> = self
+        let targets: Vec<(String, crate::queue::Sender<Control>)> = self
             .by_user
             .read()
             .get(user)
             .map(|m| {
                 m.iter()
                     .filter(|(c, _)| client.is_none_or(|want| want == c.as_str()))
-                    .map(|(_, tx)| tx.clone())
+                    .map(|(c, tx)| (c.clone(), tx.clone()))
                     .collect()
             })
             .unwrap_or_default();
+        let spared = |c: &str| match &ctl {
+            Control::Disconnect { whitelist, .. } => whitelist.iter().any(|w| w == c),
+            _ => false,
+        };
         targets
             .iter()
-            .filter(|tx| tx.try_send(ctl.clone()).is_ok())
+            .filter(|(c, _)| !spared(c))
+            .filter(|(_, tx)| tx.try_send(ctl.clone()).is_ok())
             .count()
     }
 
