@@ -39,6 +39,8 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     pub log: LogConfig,
+    /// Where publications are stored and how they reach the other nodes of a cluster.
+    pub engine: EngineConfig,
     pub auth: AuthConfig,
     pub cors: CorsConfig,
     pub mercure: MercureConfig,
@@ -53,6 +55,46 @@ pub struct Config {
 pub enum LogBackend {
     Sqlite,
     Memory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// This node only: the `[log]` backend (SQLite or memory) on this machine.
+    Local,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    pub kind: EngineKind,
+    /// The cluster engine's server(s), e.g. `redis://127.0.0.1:6379` or `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// Prefix of every key, stream and subject Herald uses, so several clusters can share one server.
+    pub prefix: String,
+    /// How long start-up waits for the engine before giving up with a clear message.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long one engine operation (a publish, a read) may take before it fails.
+    #[serde(with = "humantime_serde")]
+    pub op_timeout: Duration,
+    /// How long a node's presence entries live without being refreshed (a node that dies takes its
+    /// clients out of presence after this).
+    #[serde(with = "humantime_serde")]
+    pub presence_ttl: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            kind: EngineKind::Local,
+            url: String::new(),
+            prefix: "herald".into(),
+            connect_timeout: Duration::from_secs(5),
+            op_timeout: Duration::from_secs(5),
+            presence_ttl: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -278,6 +320,7 @@ impl Default for Config {
             data_dir: PathBuf::from("herald-data"),
             shutdown_timeout: Duration::from_secs(10),
             log: LogConfig::default(),
+            engine: EngineConfig::default(),
             auth: AuthConfig::default(),
             cors: CorsConfig::default(),
             mercure: MercureConfig::default(),
@@ -536,6 +579,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "data_dir",
     "shutdown_timeout",
     "log",
+    "engine",
     "auth",
     "cors",
     "mercure",

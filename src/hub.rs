@@ -352,7 +352,7 @@ impl Hub {
     pub async fn new(engine: Arc<dyn Engine>, opts: HubOptions) -> Result<Hub, HubError> {
         let (jobs, rx) = mpsc::channel(opts.max_batch.max(1) * 4);
         let last = engine.last().await?;
-        let feed = engine.feed();
+        let feed = engine.feed(last.as_ref().map(|r| r.seq).unwrap_or(0));
         let engine_presence = engine.presence();
         let inner = Arc::new(Inner {
             dispatched: AtomicU64::new(last.as_ref().map(|r| r.seq).unwrap_or(0)),

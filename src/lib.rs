@@ -6,7 +6,7 @@
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
 //! let config = herald::Config::default();
-//! let hub = herald::Hub::new(herald::server::open_engine(&config)?, herald::server::hub_options(&config)).await?;
+//! let hub = herald::Hub::new(herald::server::open_engine(&config).await?, herald::server::hub_options(&config)).await?;
 //! let app = axum::Router::new().merge(herald::router(hub, config)?);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
 //! axum::serve(listener, app).await?;

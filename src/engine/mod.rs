@@ -59,8 +59,11 @@ pub trait Engine: Send + Sync + 'static {
     }
 
     /// The feed of what every node committed, in seq order, for a cluster engine; `None` for an engine
-    /// whose appends stay on this node (the hub dispatches them itself). Taken once, by the hub.
-    fn feed(&self) -> Option<Feed> {
+    /// whose appends stay on this node (the hub dispatches them itself). Taken once, by the hub, with the
+    /// seq it has seen up to (`last()` at start): the feed delivers every publication after it exactly once
+    /// and in order, filling any gap from the log; when it cannot, it sends [`FeedEvent::Lost`].
+    fn feed(&self, after: u64) -> Option<Feed> {
+        let _ = after;
         None
     }
 

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::auth::Auth;
-use crate::config::{Config, ConfigError, LogBackend};
+use crate::config::{Config, ConfigError, EngineKind, LogBackend};
 use crate::engine::{Engine, LocalEngine};
 use crate::error::ApiError;
 use crate::hub::{Hub, HubOptions};
@@ -86,13 +86,16 @@ pub fn open_log(c: &Config) -> Result<Arc<dyn Log>, crate::log::LogError> {
     })
 }
 
-/// Opens the configured engine: the local log with its writer thread and retention.
-pub fn open_engine(c: &Config) -> Result<Arc<dyn Engine>, crate::log::LogError> {
-    Ok(Arc::new(LocalEngine::new(
-        open_log(c)?,
-        retention(c),
-        c.log.prune_interval,
-    )))
+/// Opens the configured engine: the local log with its writer thread and retention, or a cluster engine
+/// (which connects, and fails with a clear message when its server cannot be reached).
+pub async fn open_engine(c: &Config) -> Result<Arc<dyn Engine>, crate::log::LogError> {
+    match c.engine.kind {
+        EngineKind::Local => Ok(Arc::new(LocalEngine::new(
+            open_log(c)?,
+            retention(c),
+            c.log.prune_interval,
+        ))),
+    }
 }
 
 /// The whole HTTP surface of Herald as an `axum::Router`, ready to mount in any axum app.
@@ -213,7 +216,7 @@ impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         let addr = config.listen_addr()?;
         refuse_dev_key_on_network(&config, addr)?;
-        let engine = open_engine(&config)?;
+        let engine = open_engine(&config).await?;
         Server::bind_with(config, engine).await
     }
 

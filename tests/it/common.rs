@@ -64,7 +64,7 @@ impl TestServer {
         ) -> std::sync::Arc<dyn herald::engine::Engine>,
     ) -> TestServer {
         let config = config(dir, overrides).expect("config");
-        let engine = wrap(herald::server::open_engine(&config).expect("engine"));
+        let engine = wrap(herald::server::open_engine(&config).await.expect("engine"));
         let server = Server::bind_with(config, engine).await.expect("bind");
         let addr = server.local_addr().expect("addr");
         let hub = server.hub().clone();
