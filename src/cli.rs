@@ -187,12 +187,32 @@ pub async fn run() -> anyhow::Result<()> {
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG_LEVEL")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A filter that does not parse is an error, not a silent fallback: the operator asked for something.
+    let filter = match std::env::var("HERALD_LOG_LEVEL") {
+        // A lone word that is not a level would parse as a target name and silence everything.
+        Ok(spec)
+            if !spec.contains(['=', ',', ':'])
+                && spec.trim().parse::<tracing::level_filters::LevelFilter>().is_err() =>
+        {
+            anyhow::bail!(
+                "HERALD_LOG_LEVEL={spec:?} is not a level: use error, warn, info, debug, trace or off \
+                 (or directives like herald=debug,info)"
+            )
+        }
+        Ok(spec) => tracing_subscriber::EnvFilter::try_new(&spec).map_err(|e| {
+            anyhow::anyhow!(
+                "HERALD_LOG_LEVEL={spec:?} is not a log filter ({e}); use a level (error, warn, info, \
+                 debug, trace) or directives like herald=debug,info"
+            )
+        })?,
+        Err(_) => tracing_subscriber::EnvFilter::new("info"),
+    };
     // Logs go to stderr; stdout carries only the `listening on` line, which scripts and tests read to find
-    // the port when listening on :0.
+    // the port when listening on :0. Colours only on a terminal, never into files and pipes.
+    use std::io::IsTerminal;
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if a.log_json {
         fmt.json().init();

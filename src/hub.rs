@@ -262,6 +262,8 @@ struct Inner {
     fanouts: AtomicU64,
     last_id: Mutex<Option<String>>,
     connections: AtomicUsize,
+    /// Notified when the last connection ends (shutdown waits for it).
+    no_connections: tokio::sync::Notify,
     next_id: AtomicU64,
     shutdown: CancellationToken,
     sequencer: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -324,7 +326,9 @@ pub struct ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.inner.connections.fetch_sub(1, Ordering::AcqRel);
+        if self.inner.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.no_connections.notify_waiters();
+        }
         metrics::gauge!("herald_connections").decrement(1.0);
     }
 }
@@ -362,6 +366,7 @@ impl Hub {
             opts,
             registry: RwLock::new(Registry::default()),
             connections: AtomicUsize::new(0),
+            no_connections: tokio::sync::Notify::new(),
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             sequencer: Mutex::new(None),
@@ -495,6 +500,19 @@ impl Hub {
 
     pub fn connection_count(&self) -> usize {
         self.inner.connections.load(Ordering::Acquire)
+    }
+
+    /// Resolves when no client connection is left: at shutdown, the server waits for this so that every
+    /// connection has written its goodbye (a WebSocket's close frame 3001, the end of an SSE stream) before
+    /// the process exits.
+    pub async fn connections_closed(&self) {
+        loop {
+            let notified = self.inner.no_connections.notified();
+            if self.connection_count() == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// A new outbox for one client connection, with its receiving end.

@@ -133,6 +133,7 @@ pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(tower::util::option_layer(cors))
+        .layer(axum::middleware::from_fn(crate::error::log_refusals))
         .with_state(state))
 }
 
@@ -336,11 +337,20 @@ impl Server {
         drop(listener);
         tracing::info!("shutting down: ending streams and flushing the log");
         hub.shutdown().await?;
-        if tokio::time::timeout(shutdown_timeout, graceful.shutdown())
+        // hyper's connections, then the upgraded WebSockets and streams it no longer tracks: each writes its
+        // close frame or end of stream before the process may exit.
+        let drained = async {
+            graceful.shutdown().await;
+            hub.connections_closed().await;
+        };
+        if tokio::time::timeout(shutdown_timeout, drained)
             .await
             .is_err()
         {
-            tracing::warn!("connections still open after {shutdown_timeout:?}; cutting them");
+            tracing::warn!(
+                open = hub.connection_count(),
+                "connections still open after {shutdown_timeout:?}; cutting them"
+            );
         }
         tracing::info!("shutdown complete");
         Ok(())

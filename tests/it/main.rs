@@ -8,6 +8,7 @@ mod auth;
 mod cors;
 mod engine;
 mod keys;
+mod lifecycle;
 mod limits;
 mod matrix;
 mod mercure;
