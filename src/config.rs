@@ -535,6 +535,18 @@ impl Config {
             .ok_or_else(|| invalid("it resolves to no address".into()))
     }
 
+    /// Where history goes, in words, for the start-up log.
+    pub fn history_location(&self) -> String {
+        match (self.engine.kind, self.log.backend) {
+            (EngineKind::Local, LogBackend::Memory) => "memory only (lost on restart)".into(),
+            (EngineKind::Local, LogBackend::Sqlite) => {
+                let path = self.log_path();
+                let shown = std::path::absolute(&path).unwrap_or(path);
+                format!("{} (SQLite)", shown.display())
+            }
+        }
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.log
             .path

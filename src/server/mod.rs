@@ -231,7 +231,18 @@ impl Server {
         let shutdown_timeout = config.shutdown_timeout;
         let limits = config.limits.clone();
         let router = router(hub.clone(), config)?;
-        let listener = listen(addr)?;
+        let listener = listen(addr).map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::AddrInUse => {
+                    " (another process, perhaps another herald, listens there: stop it or choose another \
+                     address with --listen)"
+                }
+                std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
+                std::io::ErrorKind::AddrNotAvailable => " (no interface of this machine has that address)",
+                _ => "",
+            };
+            anyhow::anyhow!("cannot listen on {addr}: {e}{hint}")
+        })?;
         let fds = admission::raise_fd_limit();
         let max_sockets = admission::socket_limit(limits.max_sockets, limits.max_connections, fds);
         if limits.max_sockets > max_sockets {
