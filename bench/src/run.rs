@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::rss;
 use crate::stats::{histogram, now_us, Sharded, Tracker};
 use crate::sub::{self, Shared, SubState};
-use crate::target::{channel_name, Payload, Target, Transport};
+use crate::target::{channel_name, Payload, ServerKind, Target, Transport};
 
 #[derive(Debug, Clone)]
 pub struct Workload {
@@ -97,6 +97,8 @@ pub struct Report {
     pub first_publish_error: Option<String>,
     pub expected_deliveries: u64,
     pub delivered: u64,
+    /// WebSocket message bytes received per delivered publication (pushes, plus pings and replies).
+    pub ws_bytes_per_delivery: Option<f64>,
     pub lost: u64,
     pub duplicated: u64,
     pub reordered: u64,
@@ -164,6 +166,7 @@ impl Report {
             "first_publish_error": self.first_publish_error,
             "expected_deliveries": self.expected_deliveries,
             "delivered": self.delivered,
+            "ws_bytes_per_delivery": self.ws_bytes_per_delivery,
             "lost": self.lost,
             "duplicated": self.duplicated,
             "reordered": self.reordered,
@@ -269,6 +272,9 @@ impl Report {
         if let Some(e) = &self.first_end_reason {
             println!("  first early end: {e}");
         }
+        if let Some(b) = self.ws_bytes_per_delivery {
+            println!("WebSocket bytes received per delivery: {b:.1}");
+        }
         let l = &j["latency_ms"];
         println!(
             "latency ms: p50 {} p90 {} p99 {} p99.9 {} max {}",
@@ -315,6 +321,9 @@ fn per_channel(m: usize, channels: usize, c: usize) -> u64 {
 }
 
 pub async fn run(w: Workload) -> anyhow::Result<Report> {
+    if w.transport == Transport::WsProtobuf && w.target.kind != ServerKind::Herald {
+        anyhow::bail!("ws-protobuf is the Centrifugo protocol's Protobuf codec: Herald only");
+    }
     let _ = now_us();
     let channels = w.channels.max(1);
     let names: Vec<String> = (0..channels).map(|c| channel_name(&w.run_id, c)).collect();
@@ -332,6 +341,7 @@ pub async fn run(w: Workload) -> anyhow::Result<Report> {
         channels,
         warm: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
+        ws_bytes: AtomicU64::new(0),
         stop: CancellationToken::new(),
     });
 
@@ -575,10 +585,14 @@ pub async fn run(w: Workload) -> anyhow::Result<Report> {
         }
         _ => 0.0,
     };
+    let ws_bytes = shared.ws_bytes.load(Ordering::Relaxed);
+    let ws_bytes_per_delivery =
+        (ws_bytes > 0 && delivered > 0).then(|| ws_bytes as f64 / delivered as f64);
     let publish_ack = acks.lock().clone();
     let latency = shared.latency.merged();
     let first_publish_error = first_publish_error.lock().take();
     Ok(Report {
+        ws_bytes_per_delivery,
         connected,
         connect_errors,
         first_connect_error,

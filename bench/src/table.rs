@@ -100,6 +100,14 @@ const METRICS: &[Metric] = &[
         decimals: 2,
     },
     Metric {
+        name: "WebSocket bytes received per delivery",
+        get: |v| f(v, &["ws_bytes_per_delivery"]),
+        applies: |v| {
+            has_deliveries(v) && v.get("ws_bytes_per_delivery").is_some_and(|b| !b.is_null())
+        },
+        decimals: 1,
+    },
+    Metric {
         name: "publishes/s (acked)",
         get: |v| f(v, &["publishes_per_sec"]),
         applies: has_publishes,
