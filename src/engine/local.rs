@@ -29,7 +29,8 @@ const WRITER_QUEUE: usize = 1024;
 
 enum Job {
     Append(Vec<Record>, oneshot::Sender<Result<Vec<Record>, LogError>>),
-    Remove(String, oneshot::Sender<Result<u64, LogError>>),
+    /// Trim a channel up to a seq (`u64::MAX`: remove its history).
+    Trim(String, u64, oneshot::Sender<Result<u64, LogError>>),
     /// Answered at once: proves the writer thread is alive and not stuck.
     Ping(oneshot::Sender<()>),
     Close(oneshot::Sender<Result<(), LogError>>),
@@ -177,7 +178,20 @@ impl Engine for LocalEngine {
     }
 
     fn remove_channel(&self, channel: String) -> BoxFuture<'_, Result<u64, LogError>> {
-        Box::pin(async move { self.write(|tx| Job::Remove(channel, tx)).await? })
+        self.trim_channel(channel, u64::MAX)
+    }
+
+    fn trim_channel(&self, channel: String, upto: u64) -> BoxFuture<'_, Result<u64, LogError>> {
+        Box::pin(async move { self.write(|tx| Job::Trim(channel, upto, tx)).await? })
+    }
+
+    fn channels(
+        &self,
+        prefix: String,
+        after: String,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<String>, LogError>> {
+        Box::pin(self.read(move |log| log.channels(&prefix, &after, limit)))
     }
 
     fn epoch(&self) -> String {
@@ -270,8 +284,8 @@ impl WriterState {
                 self.note(result.as_ref().err());
                 let _ = done.send(result);
             }
-            Job::Remove(channel, done) => {
-                let result = self.log.remove_channel(&channel);
+            Job::Trim(channel, upto, done) => {
+                let result = self.log.trim_channel(&channel, upto);
                 self.note(result.as_ref().err());
                 let _ = done.send(result);
             }
@@ -371,8 +385,11 @@ mod tests {
         ) -> Result<(u64, Option<String>), LogError> {
             self.inner.prune_step(r, now, after, max)
         }
-        fn remove_channel(&self, c: &str) -> Result<u64, LogError> {
-            self.inner.remove_channel(c)
+        fn trim_channel(&self, c: &str, upto: u64) -> Result<u64, LogError> {
+            self.inner.trim_channel(c, upto)
+        }
+        fn channels(&self, p: &str, a: &str, l: usize) -> Result<Vec<String>, LogError> {
+            self.inner.channels(p, a, l)
         }
         fn epoch(&self) -> String {
             self.inner.epoch()

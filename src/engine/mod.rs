@@ -113,6 +113,26 @@ pub trait Engine: Send + Sync + 'static {
     /// Deletes a channel's history, keeping its position.
     fn remove_channel(&self, channel: String) -> BoxFuture<'_, Result<u64, LogError>>;
 
+    /// Deletes a channel's records with `seq <= upto`, keeping its position (a compacted document drops
+    /// the updates its snapshot holds). An engine that cannot trims nothing and returns 0: callers must
+    /// stay correct with the records still there.
+    fn trim_channel(&self, channel: String, upto: u64) -> BoxFuture<'_, Result<u64, LogError>> {
+        let _ = (channel, upto);
+        Box::pin(async { Ok(0) })
+    }
+
+    /// Channels that have records and whose names start with `prefix`, sorted, after `after`, at most
+    /// `limit`. An engine that cannot list says so with an error.
+    fn channels(
+        &self,
+        prefix: String,
+        after: String,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<String>, LogError>> {
+        let _ = (prefix, after, limit);
+        Box::pin(async { Err(LogError::Storage("this engine cannot list channels".into())) })
+    }
+
     /// This history's incarnation: it changes when history is lost.
     fn epoch(&self) -> String;
 

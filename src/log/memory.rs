@@ -229,21 +229,34 @@ impl Log for MemoryLog {
         Ok(((before - inner.records.len()) as u64, resume))
     }
 
-    fn remove_channel(&self, channel: &str) -> Result<u64, LogError> {
+    fn trim_channel(&self, channel: &str, upto: u64) -> Result<u64, LogError> {
         let mut inner = self.inner.write();
         let before = inner.records.len();
         if let Some(top) = inner
             .records
             .iter()
-            .filter(|r| r.channel() == channel)
+            .filter(|r| r.channel() == channel && r.seq <= upto)
             .map(|r| r.seq)
             .max()
         {
             let p = inner.pruned.entry(channel.to_string()).or_default();
             *p = (*p).max(top);
         }
-        inner.records.retain(|r| r.channel() != channel);
+        inner
+            .records
+            .retain(|r| r.channel() != channel || r.seq > upto);
         Ok((before - inner.records.len()) as u64)
+    }
+
+    fn channels(&self, prefix: &str, after: &str, limit: usize) -> Result<Vec<String>, LogError> {
+        let inner = self.inner.read();
+        let set: std::collections::BTreeSet<&str> = inner
+            .records
+            .iter()
+            .map(Record::channel)
+            .filter(|c| c.starts_with(prefix) && *c > after)
+            .collect();
+        Ok(set.into_iter().take(limit).map(str::to_string).collect())
     }
 
     fn epoch(&self) -> String {

@@ -189,8 +189,18 @@ pub trait Log: Send + Sync + 'static {
         }
     }
 
+    /// Removes a channel's records with `seq <= upto` (a document compacted into a snapshot drops the
+    /// updates the snapshot holds); the channel keeps its position. Returns how many were removed.
+    fn trim_channel(&self, channel: &str, upto: u64) -> Result<u64, LogError>;
+
     /// Removes a channel's history.
-    fn remove_channel(&self, channel: &str) -> Result<u64, LogError>;
+    fn remove_channel(&self, channel: &str) -> Result<u64, LogError> {
+        self.trim_channel(channel, u64::MAX)
+    }
+
+    /// Names of channels that have records and start with `prefix`, sorted, after `after`, at most
+    /// `limit` (listing documents, by their storage channels).
+    fn channels(&self, prefix: &str, after: &str, limit: usize) -> Result<Vec<String>, LogError>;
 
     /// Identifies this log's incarnation: it changes when history is lost (a memory log restarts, a database
     /// file is replaced), so a client holding positions from another incarnation can be told so.
@@ -385,6 +395,26 @@ pub(crate) mod contract {
             assert_eq!(log.read_channel(&ch, 0, u64::MAX, 10).unwrap().len(), 1);
             log.remove_channel(&ch).unwrap();
         }
+        // Trimming keeps what is after the cut, and the position.
+        let mut t: Vec<Record> = (0..3)
+            .map(|i| rec("trim", &format!("t{i}"), "d", 0))
+            .collect();
+        log.append(&mut t).unwrap();
+        assert_eq!(log.trim_channel("trim", t[1].seq).unwrap(), 2);
+        let kept = log.read_channel("trim", 0, u64::MAX, 10).unwrap();
+        assert_eq!(
+            kept.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["t2"]
+        );
+        assert_eq!(log.channel_pruned_upto("trim").unwrap(), t[1].seq);
+        assert_eq!(
+            log.channels("tr", "", 10).unwrap(),
+            ["trim"],
+            "channels by prefix"
+        );
+        assert_eq!(log.channels("chat:", "", 10).unwrap(), ["chat:1"]);
+        assert!(log.channels("chat:", "chat:1", 10).unwrap().is_empty());
+        log.remove_channel("trim").unwrap();
         assert_eq!(log.remove_channel("chat:1").unwrap(), 4);
         assert_eq!(log.channel_pruned_upto("chat:1").unwrap(), chat[3].seq);
         assert_eq!(

@@ -486,18 +486,54 @@ impl Log for SqliteLog {
         })
     }
 
-    fn remove_channel(&self, channel: &str) -> Result<u64, LogError> {
+    fn trim_channel(&self, channel: &str, upto: u64) -> Result<u64, LogError> {
         self.with_writer(|conn| {
             let tx = conn.transaction()?;
             note_pruned(
                 &tx,
                 channel,
-                "SELECT MAX(seq) FROM records WHERE channel = ?1",
-                params![channel],
+                "SELECT MAX(seq) FROM records WHERE channel = ?1 AND seq <= ?2",
+                params![channel, to_i64(upto)],
             )?;
-            let n = tx.execute("DELETE FROM records WHERE channel = ?1", [channel])? as u64;
+            let n = tx.execute(
+                "DELETE FROM records WHERE channel = ?1 AND seq <= ?2",
+                params![channel, to_i64(upto)],
+            )? as u64;
             tx.commit()?;
             Ok(n)
+        })
+    }
+
+    fn channels(&self, prefix: &str, after: &str, limit: usize) -> Result<Vec<String>, LogError> {
+        self.with_reader(|conn| {
+            // One index seek per channel, as retention walks them.
+            let mut out = Vec::new();
+            let mut cursor = if after < prefix {
+                prefix.to_string()
+            } else {
+                after.to_string()
+            };
+            let mut first = after < prefix;
+            while out.len() < limit {
+                let sql = if first {
+                    "SELECT channel FROM records WHERE channel >= ?1 ORDER BY channel LIMIT 1"
+                } else {
+                    "SELECT channel FROM records WHERE channel > ?1 ORDER BY channel LIMIT 1"
+                };
+                first = false;
+                let next: Option<String> = conn
+                    .prepare_cached(sql)?
+                    .query_row([&cursor], |r| r.get(0))
+                    .optional()?;
+                match next {
+                    Some(c) if c.starts_with(prefix) => {
+                        out.push(c.clone());
+                        cursor = c;
+                    }
+                    _ => break,
+                }
+            }
+            Ok(out)
         })
     }
 

@@ -68,6 +68,12 @@ pub async fn publish(
             "add at least one `topic` field",
         ));
     }
+    if let Some(t) = update.topics.iter().find(|t| crate::access::is_reserved(t)) {
+        return Err(ApiError::forbidden(
+            "topic_reserved",
+            format!("topics starting with $ are Herald's own: {t:?} cannot be published to"),
+        ));
+    }
     if let Some(t) = update
         .topics
         .iter()
