@@ -15,6 +15,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+use herald::engine::redis::{RedisEngine, RedisOptions};
+use herald::engine::{Engine, Feed, FeedEvent};
+use herald::log::Record;
+
 use crate::common::*;
 use crate::process;
 use crate::wsclient::{self, Ws, API_KEY};
@@ -65,7 +69,14 @@ impl Redis {
     async fn spawn(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
             .arg("--dir")
             .arg(self.dir.path())
             .stdin(Stdio::null())
@@ -197,7 +208,12 @@ impl Node {
     /// Mercure publish that must be acknowledged; the id.
     async fn publish(&self, fields: &[(&str, &str)]) -> String {
         let resp = self.post(fields).await;
-        assert_eq!(resp.status(), 200, "publish refused: {:?}", resp.text().await);
+        assert_eq!(
+            resp.status(),
+            200,
+            "publish refused: {:?}",
+            resp.text().await
+        );
         resp.text().await.expect("body")
     }
 
@@ -293,7 +309,9 @@ async fn a_publish_on_one_node_reaches_every_node_with_one_identity() {
     }
     assert_eq!(epochs[0], epochs[1], "one epoch for the cluster");
 
-    let id = a.publish(&[("topic", "news"), ("data", r#"{"n":1}"#)]).await;
+    let id = a
+        .publish(&[("topic", "news"), ("data", r#"{"n":1}"#)])
+        .await;
     let (epoch, seq) = herald::log::parse_generated_id(&id).expect("a generated id");
     assert_eq!(epoch, epochs[0]);
     let r = a
@@ -305,7 +323,10 @@ async fn a_publish_on_one_node_reaches_every_node_with_one_identity() {
 
     for s in &mut sse {
         let e = s.next_event().await.expect("event");
-        assert_eq!((e.id.as_deref(), e.data.as_str()), (Some(id.as_str()), r#"{"n":1}"#));
+        assert_eq!(
+            (e.id.as_deref(), e.data.as_str()),
+            (Some(id.as_str()), r#"{"n":1}"#)
+        );
         let e = s.next_event().await.expect("event");
         assert_eq!(
             e.id.as_deref(),
@@ -358,7 +379,10 @@ async fn a_client_cut_from_one_node_resumes_on_another() {
         );
     }
     let mut resumed = b.sse(&["feed"], Some(&last)).await;
-    assert_eq!(resumed.header("last-event-id").as_deref(), Some(last.as_str()));
+    assert_eq!(
+        resumed.header("last-event-id").as_deref(),
+        Some(last.as_str())
+    );
     for (i, id) in missed.iter().enumerate() {
         let e = resumed.next_event().await.expect("replayed event");
         assert_eq!(e.id.as_deref(), Some(id.as_str()));
@@ -429,7 +453,7 @@ async fn history_presence_join_leave_and_disconnect_across_nodes() {
     let p = prefix();
     let opts = [
         "--set",
-        "engine.presence_ttl=\"2s\"",
+        "engine.presence_ttl=\"3s\"",
         "--set",
         r#"centrifugo.namespaces=[{name = "", join_leave = true, force_push_join_leave = true}]"#,
     ];
@@ -506,7 +530,7 @@ async fn history_presence_join_leave_and_disconnect_across_nodes() {
     }
     assert_eq!(left.as_deref(), Some("u2"));
 
-    // C dies without a word: its client drops out of presence once the TTL (2s) has passed.
+    // C dies without a word: its client drops out of presence once the TTL (3s) has passed.
     c.kill9().await;
     drop(u3);
     let killed_at = Instant::now();
@@ -516,9 +540,11 @@ async fn history_presence_join_leave_and_disconnect_across_nodes() {
         ["u1", "u3"],
         "u3 stays until its entry expires"
     );
-    until(Duration::from_secs(10), "u3 drops out of presence", || async {
-        users(&a.api("presence", json!({"channel": "room"})).await) == ["u1"]
-    })
+    until(
+        Duration::from_secs(10),
+        "u3 drops out of presence",
+        || async { users(&a.api("presence", json!({"channel": "room"})).await) == ["u1"] },
+    )
     .await;
     assert!(
         killed_at.elapsed() >= Duration::from_millis(500),
@@ -628,7 +654,10 @@ async fn a_redis_restart_loses_nothing_acknowledged() {
     let mut sub = b.sse(&["t"], None).await;
     let mut acked = Vec::new();
     for i in 0..5 {
-        acked.push(a.publish(&[("topic", "t"), ("data", &format!("a{i}"))]).await);
+        acked.push(
+            a.publish(&[("topic", "t"), ("data", &format!("a{i}"))])
+                .await,
+        );
     }
 
     redis.stop().await;
@@ -651,7 +680,10 @@ async fn a_redis_restart_loses_nothing_acknowledged() {
     })
     .await;
     for i in 0..5 {
-        acked.push(b.publish(&[("topic", "t"), ("data", &format!("b{i}"))]).await);
+        acked.push(
+            b.publish(&[("topic", "t"), ("data", &format!("b{i}"))])
+                .await,
+        );
     }
     assert_eq!(
         a.api("info", json!({})).await["nodes"][0]["uid"],
@@ -700,4 +732,216 @@ async fn startup_without_redis_fails_fast_naming_the_url() {
     assert!(stderr.contains(&url), "{stderr}");
     assert!(stderr.contains("cannot reach Redis"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+fn engine_options(redis: &Redis, prefix: &str, retention: herald::log::Retention) -> RedisOptions {
+    RedisOptions {
+        url: redis.url(),
+        prefix: prefix.into(),
+        connect_timeout: Duration::from_secs(2),
+        op_timeout: Duration::from_secs(2),
+        presence_ttl: Duration::from_secs(5),
+        retention,
+        prune_interval: Duration::from_secs(3600),
+    }
+}
+
+fn rec(topics: &[&str], id: &str) -> Record {
+    Record {
+        id: id.into(),
+        topics: topics.iter().map(|t| t.to_string()).collect(),
+        data: bytes::Bytes::from_static(b"d"),
+        time_ms: 1,
+        ..Default::default()
+    }
+}
+
+async fn next_event(feed: &mut Feed) -> FeedEvent {
+    tokio::time::timeout(WAIT, feed.recv())
+        .await
+        .expect("a feed event in time")
+        .expect("the feed is open")
+}
+
+async fn next_seq(feed: &mut Feed) -> u64 {
+    match next_event(feed).await {
+        FeedEvent::Publication(r) => r.seq,
+        other => panic!("expected a publication, got {other:?}"),
+    }
+}
+
+/// The engine on its own: reads, ids, count retention and removal keep the log's contract; the feed fills
+/// what was appended before it started, skips a hole (a seq no record holds), reports a loss when a missing
+/// seq may have been removed by retention, and reports one when Redis loses its data (new epoch, positions
+/// never given twice).
+#[tokio::test]
+async fn the_engine_keeps_the_contract_and_its_feed_fills_skips_and_reports_losses() {
+    let redis = Redis::start().await;
+    let p = prefix();
+    let retention = herald::log::Retention {
+        rules: vec![herald::log::RetentionRule {
+            selector: herald::topic::Selector::parse("short:{x}"),
+            max_count: Some(2),
+            max_age: None,
+        }],
+    };
+    let e = RedisEngine::open(engine_options(&redis, &p, retention))
+        .await
+        .expect("open");
+    let epoch = e.epoch();
+
+    let first = e
+        .append(vec![rec(&["a"], ""), rec(&["b", "a", "alt"], "pub-1")])
+        .await
+        .unwrap();
+    assert_eq!(first[0].id, herald::log::generated_id(&epoch, first[0].seq));
+    assert_eq!(first[1].seq, first[0].seq + 1);
+    assert_eq!(e.find_id("pub-1".into()).await.unwrap(), Some(first[1].seq));
+    assert_eq!(
+        e.find_id(first[0].id.clone()).await.unwrap(),
+        Some(first[0].seq)
+    );
+    assert_eq!(e.find_id("#other-1".into()).await.unwrap(), None);
+    let alt = e
+        .read_range(0, u64::MAX, 10, Some(vec!["alt".into()]))
+        .await
+        .unwrap();
+    assert_eq!(alt, vec![first[1].clone()], "an alternate topic counts");
+    let a = e
+        .read_range(0, u64::MAX, 10, Some(vec!["a".into()]))
+        .await
+        .unwrap();
+    assert_eq!(a.len(), 2, "canonical and alternate, once each");
+    assert_eq!(e.last().await.unwrap().map(|r| r.seq), Some(first[1].seq));
+
+    // The feed starts after the first record: it fills the second from the log, then goes live.
+    let mut feed = e.feed(first[0].seq).expect("a cluster engine has a feed");
+    assert_eq!(next_seq(&mut feed).await, first[1].seq);
+
+    // Count retention at append: two kept, the older removed everywhere but the position stays.
+    let short: Vec<u64> = e
+        .append(
+            (0..4)
+                .map(|i| rec(&["short:1"], &format!("s{i}")))
+                .collect(),
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    for &seq in &short {
+        assert_eq!(
+            next_seq(&mut feed).await,
+            seq,
+            "live, removed from history or not"
+        );
+    }
+    let kept = e
+        .read_channel("short:1".into(), 0, u64::MAX, 10)
+        .await
+        .unwrap();
+    assert_eq!(kept.iter().map(|r| r.seq).collect::<Vec<_>>(), short[2..]);
+    assert_eq!(
+        e.channel_pruned_upto("short:1".into()).await.unwrap(),
+        short[1]
+    );
+    assert_eq!(
+        e.find_id("s0".into()).await.unwrap(),
+        None,
+        "its id went too"
+    );
+    let back = e
+        .read_channel_back("short:1".into(), short[3], 10)
+        .await
+        .unwrap();
+    assert_eq!(back.iter().map(|r| r.seq).collect::<Vec<_>>(), [short[2]]);
+    assert_eq!(e.remove_channel("short:1".into()).await.unwrap(), 2);
+    assert_eq!(
+        e.channel_top("short:1".into(), u64::MAX).await.unwrap(),
+        Some(short[3]),
+        "removing history keeps the position"
+    );
+    assert!(e
+        .read_channel("short:1".into(), 0, u64::MAX, 10)
+        .await
+        .unwrap()
+        .is_empty());
+
+    let live = e.append(vec![rec(&["a"], "")]).await.unwrap()[0].seq;
+    assert_eq!(next_seq(&mut feed).await, live);
+
+    // A hole (a seq taken by a script that failed) is skipped without a loss.
+    assert!(redis
+        .command(&format!("INCR {p}:seq"))
+        .await
+        .starts_with(':'));
+    let after_hole = e.append(vec![rec(&["a"], "")]).await.unwrap()[0].seq;
+    assert_eq!(after_hole, live + 2);
+    assert_eq!(next_seq(&mut feed).await, after_hole);
+
+    // A missing seq that retention may have removed is a loss, reported before what follows it.
+    assert!(redis
+        .command(&format!("INCR {p}:seq"))
+        .await
+        .starts_with(':'));
+    redis
+        .command(&format!("SET {p}:pruned_max {}", after_hole + 1))
+        .await;
+    let after_loss = e.append(vec![rec(&["a"], "")]).await.unwrap()[0].seq;
+    assert!(matches!(next_event(&mut feed).await, FeedEvent::Lost(_)));
+    assert_eq!(next_seq(&mut feed).await, after_loss);
+
+    // Redis loses everything: a new epoch, a loss, and positions continue above what was given.
+    assert_eq!(redis.command("FLUSHALL").await, "+OK");
+    let reborn = e.append(vec![rec(&["a"], "")]).await.unwrap()[0].clone();
+    assert_ne!(e.epoch(), epoch, "a new epoch");
+    assert!(reborn.seq > after_loss, "a position is never given twice");
+    assert_eq!(reborn.id, herald::log::generated_id(&e.epoch(), reborn.seq));
+    assert_eq!(
+        e.find_id(first[0].id.clone()).await.unwrap(),
+        None,
+        "positions of the old epoch are unknown"
+    );
+    let lost = loop {
+        match next_event(&mut feed).await {
+            FeedEvent::Lost(why) => break why,
+            FeedEvent::Publication(r) => panic!("publication {} before the loss", r.seq),
+            _ => {}
+        }
+    };
+    assert!(lost.contains("epoch"), "{lost}");
+    assert_eq!(next_seq(&mut feed).await, reborn.seq);
+
+    // Age retention: a node whose rules give `old:{x}` one second removes old records in its pass.
+    let old = e.append(vec![rec(&["old:1"], "o1")]).await.unwrap()[0].seq;
+    assert_eq!(next_seq(&mut feed).await, old);
+    let aging = RedisEngine::open(RedisOptions {
+        prune_interval: Duration::from_millis(100),
+        ..engine_options(
+            &redis,
+            &p,
+            herald::log::Retention {
+                rules: vec![herald::log::RetentionRule {
+                    selector: herald::topic::Selector::parse("old:{x}"),
+                    max_count: None,
+                    max_age: Some(Duration::from_secs(1)),
+                }],
+            },
+        )
+    })
+    .await
+    .expect("open");
+    until(WAIT, "the old record is removed", || async {
+        aging.channel_pruned_upto("old:1".into()).await.unwrap() == old
+    })
+    .await;
+    assert!(e
+        .read_channel("old:1".into(), 0, u64::MAX, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(e.find_id("o1".into()).await.unwrap(), None);
+    aging.close().await.unwrap();
+    e.close().await.unwrap();
 }
