@@ -181,6 +181,20 @@ impl Node {
         node
     }
 
+    /// A counter or gauge from `/metrics` (the sum of its series).
+    async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     async fn readyz(&self) -> u16 {
         match reqwest::get(format!("{}/readyz", self.url)).await {
             Ok(r) => r.status().as_u16(),
@@ -632,6 +646,48 @@ async fn acknowledged_publishes_survive_a_node_killed_mid_run() {
             ),
         }
     }
+}
+
+/// Pub/sub is at most once: a node whose subscription Redis drops (here at every message, through a
+/// one-byte output buffer limit for pub/sub clients and messages larger than a client's 16 KiB static reply
+/// buffer, which the limit does not count) still delivers every publication, once and in order, read from
+/// the log.
+#[tokio::test]
+async fn a_node_that_misses_pubsub_messages_fills_them_from_the_log() {
+    let redis = Redis::start().await;
+    let p = prefix();
+    let a = Node::start(&redis, &p, &[]).await;
+    let b = Node::start(&redis, &p, &[]).await;
+    let mut sub = b.sse(&["gap"], None).await;
+    let mut ws = b.ws("u").await;
+    subscribe(&mut ws, 2, json!({"channel": "gap"})).await;
+
+    assert_eq!(
+        redis
+            .command(r#"CONFIG SET client-output-buffer-limit "pubsub 1 1 0""#)
+            .await,
+        "+OK"
+    );
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        let data = format!("{i}{}", "x".repeat(20_000));
+        acked.push(a.publish(&[("topic", "gap"), ("data", &data)]).await);
+    }
+    for id in &acked {
+        let e = sub.next_event().await.expect("event");
+        assert_eq!(e.id.as_ref(), Some(id));
+        let (_, seq) = herald::log::parse_generated_id(id).expect("generated id");
+        assert_eq!(next_pub(&mut ws).await["pub"]["offset"], seq);
+    }
+    assert_eq!(
+        redis
+            .command(r#"CONFIG SET client-output-buffer-limit "pubsub 33554432 8388608 60""#)
+            .await,
+        "+OK"
+    );
+    sub.assert_quiet(Duration::from_millis(300)).await;
+    assert!(b.metric("herald_engine_feed_gaps_total").await >= 1.0);
+    assert!(b.metric("herald_engine_reconnects_total").await >= 1.0);
 }
 
 /// 5. Redis stopped and restarted (AOF on, same directory) during a run: `/readyz` goes 503 and back to
