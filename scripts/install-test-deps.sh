@@ -50,3 +50,10 @@ if ! cmp -s "$py_req" "$py_venv/.requirements.installed"; then
   "$py_venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$py_req"
   cp "$py_req" "$py_venv/.requirements.installed"
 fi
+
+# redis-server for the Redis engine's cluster tests (tests/it/cluster_redis.rs): each test runs its own on a
+# free port with a temporary directory, never a shared instance.
+if ! command -v redis-server >/dev/null; then
+  echo "== installing redis-server"
+  apt_install redis-server
+fi

@@ -75,6 +75,8 @@ pub enum LogBackend {
 pub enum EngineKind {
     /// This node only: the `[log]` backend (SQLite or memory) on this machine.
     Local,
+    /// Several nodes on one Redis (`engine.url`): history, positions, presence and the feed are shared.
+    Redis,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -18,6 +18,7 @@ use crate::hub::ClientInfo;
 use crate::log::{LogError, Record};
 
 pub mod local;
+pub mod redis;
 
 pub use local::LocalEngine;
 
