@@ -546,6 +546,11 @@ impl Config {
                 let shown = std::path::absolute(&path).unwrap_or(path);
                 format!("{} (SQLite)", shown.display())
             }
+            (EngineKind::Redis, _) => format!(
+                "Redis at {} (keys {}:*), shared by every node",
+                redact_url(&self.engine.url),
+                self.engine.prefix
+            ),
         }
     }
 
@@ -613,6 +618,14 @@ impl Config {
             }
         }
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// `url` without its password, for logs.
+fn redact_url(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, host))) => format!("{scheme}://***@{host}"),
+        _ => url.to_string(),
     }
 }
 
