@@ -113,6 +113,8 @@ pub struct Report {
     pub reach_all: Histogram<u64>,
     pub reach_all_incomplete: usize,
     pub publish_ack: Histogram<u64>,
+    /// Server CPU (percent of one core) while every connection was open and idle (the settle window).
+    pub idle_cpu_percent: Option<f64>,
     pub rss_idle_kib: Option<u64>,
     pub rss_conns_kib: Option<u64>,
     pub rss_load_kib: Option<u64>,
@@ -195,6 +197,7 @@ impl Report {
                 "idle": self.rss_idle_kib, "conns": self.rss_conns_kib, "load": self.rss_load_kib,
             },
             "rss_per_conn_bytes": self.rss_per_conn_bytes(),
+            "idle_cpu_percent": self.idle_cpu_percent,
             "rate_search": self.rate_search_json(),
         })
     }
@@ -271,6 +274,12 @@ impl Report {
         );
         if let Some(e) = &self.first_end_reason {
             println!("  first early end: {e}");
+        }
+        if let Some(c) = self.idle_cpu_percent {
+            println!(
+                "server CPU with every connection idle ({:.0} s): {c:.2}% of a core",
+                self.w.settle.as_secs_f64()
+            );
         }
         if let Some(b) = self.ws_bytes_per_delivery {
             println!("WebSocket bytes received per delivery: {b:.1}");
@@ -408,7 +417,18 @@ pub async fn run(w: Workload) -> anyhow::Result<Report> {
     let ramp_secs = ramp_start.elapsed().as_secs_f64();
     let connected = w.subscribers - connect_errors;
 
+    // The settle is also the idle window: what the server burns with every connection open and nothing
+    // to send (timers, pings, wake-ups) is its CPU time over it.
+    let cpu_before = rss::total_cpu_ticks(&w.server_pids);
+    let settle_start = Instant::now();
     tokio::time::sleep(w.settle).await;
+    let idle_cpu_percent = match (cpu_before, rss::total_cpu_ticks(&w.server_pids)) {
+        (Some(a), Some(b)) if connected > 0 => Some(
+            (b.saturating_sub(a) as f64 / rss::CLOCK_TICKS) / settle_start.elapsed().as_secs_f64()
+                * 100.0,
+        ),
+        _ => None,
+    };
     let rss_conns_kib = rss::total_kib(&w.server_pids);
 
     // Warm-up: one marker per channel, repeated until every connected subscriber saw its own, so the
@@ -592,6 +612,7 @@ pub async fn run(w: Workload) -> anyhow::Result<Report> {
     let latency = shared.latency.merged();
     let first_publish_error = first_publish_error.lock().take();
     Ok(Report {
+        idle_cpu_percent,
         ws_bytes_per_delivery,
         connected,
         connect_errors,

@@ -126,6 +126,12 @@ const METRICS: &[Metric] = &[
         decimals: 0,
     },
     Metric {
+        name: "server CPU while idle, % of a core",
+        get: |v| f(v, &["idle_cpu_percent"]),
+        applies: |v| has_conns(v) && v.get("idle_cpu_percent").is_some_and(|c| !c.is_null()),
+        decimals: 2,
+    },
+    Metric {
         name: "RSS under load MiB",
         get: |v| f(v, &["rss_kib", "load"]).map(|k| k / 1024.0),
         applies: has_conns,
