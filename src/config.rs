@@ -62,6 +62,8 @@ pub enum LogBackend {
 pub enum EngineKind {
     /// This node only: the `[log]` backend (SQLite or memory) on this machine.
     Local,
+    /// A cluster on NATS JetStream (`engine.url`): every node shares history, presence and delivery.
+    Nats,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
