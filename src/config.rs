@@ -474,6 +474,11 @@ impl Config {
                     .into(),
             ));
         }
+        if self.engine.kind == EngineKind::Nats && self.engine.url.trim().is_empty() {
+            return Err(ConfigError::Invalid(
+                "engine.kind = \"nats\" needs engine.url, e.g. \"nats://127.0.0.1:4222\"".into(),
+            ));
+        }
         crate::auth::Auth::from_config(&self.auth)
             .and_then(|a| a.with_api_key(self.centrifugo.api_key.as_deref()))
             .map_err(ConfigError::Invalid)?;

@@ -570,8 +570,21 @@ impl Shared {
     async fn health(&self) -> Result<(), LogError> {
         self.connected()?;
         if !self.writes_ok.load(Ordering::Acquire) {
-            let e = self.last_error.lock().clone().unwrap_or_default();
-            return Err(LogError::Storage(format!("the last write failed: {e}")));
+            // A node that is not ready gets no publishes from its load balancer, so it must find out by
+            // itself when writes work again: a probe write to the (file-stored) id bucket.
+            let probe = within(
+                self.op_timeout,
+                "probe write",
+                self.ids.put("_probe", bytes::Bytes::from_static(b"0")),
+            )
+            .await;
+            if let Err(probe) = probe {
+                let e = self.last_error.lock().clone().unwrap_or_default();
+                return Err(LogError::Storage(format!(
+                    "the last write failed: {e} (and a probe write: {probe})"
+                )));
+            }
+            self.note(None);
         }
         // A JetStream round trip proves the server answers for the stream, not just the socket.
         self.stream_state().await.map(|_| ())
