@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::future::IntoFuture;
+use std::time::Duration;
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer::DeliverPolicy;
@@ -17,8 +18,8 @@ use futures_util::TryStreamExt;
 use super::{codec, storage, within, Shared};
 use crate::log::LogError;
 
-/// Channels whose retention one pass applies, at most.
-const CHANNELS_PER_PASS: usize = 512;
+/// Channels one pass works on (reads or purges), at most.
+const WORK_PER_PASS: usize = 256;
 const LEASE_KEY: &str = "retention";
 
 /// Whether any rule needs the pass: a count, or an age the stream's limit does not already apply.
@@ -62,8 +63,8 @@ pub(crate) async fn run(shared: Arc<Shared>, lease: kv::Store) {
     }
 }
 
-/// One pass over at most [`CHANNELS_PER_PASS`] channels after `after` (by token); returns where the next
-/// pass resumes (`""`: from the start).
+/// One pass over the channels after `after` (by token), working on at most [`WORK_PER_PASS`] of them;
+/// returns where the next pass resumes (`""`: from the start).
 async fn pass(shared: &Shared, after: &str) -> Result<String, LogError> {
     let stream = within(
         shared.op_timeout,
@@ -86,28 +87,54 @@ async fn pass(shared: &Shared, after: &str) -> Result<String, LogError> {
             *counts.entry(t.to_string()).or_default() += n as u64;
         }
     }
-    let mut last = String::new();
+    // Looking at a channel is free (its count is in the listing); the work is bounded instead: at most
+    // WORK_PER_PASS channels that need a look at the server, then the next pass resumes after the last.
     let mut removed = 0u64;
-    let step: Vec<(String, u64)> = counts
-        .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
-        .take(CHANNELS_PER_PASS)
-        .map(|(t, n)| (t.clone(), *n))
-        .collect();
-    let complete = step.len() < CHANNELS_PER_PASS;
-    for (token, count) in step {
-        last = token.clone();
-        removed += channel(shared, &token, count).await?;
+    let mut work = 0usize;
+    let mut last = after.to_string(); // the last channel looked at
+    let range = (std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded);
+    for (token, &count) in counts.range::<str, _>(range) {
+        if work >= WORK_PER_PASS {
+            if removed > 0 {
+                tracing::debug!(removed, "nats: retention applied");
+            }
+            return Ok(last);
+        }
+        last.clone_from(token);
+        let name = codec::untoken(token);
+        if let Some(name) = &name {
+            let Some(rule) = shared.retention.rule_for(name) else {
+                continue;
+            };
+            let by_count = rule.max_count.is_some_and(|max| count > max);
+            if !by_count && age_for(shared, rule).is_none() {
+                continue;
+            }
+        }
+        work += 1;
+        removed += channel(shared, token, name, count).await?;
     }
     if removed > 0 {
         tracing::debug!(removed, "nats: retention applied");
     }
-    Ok(if complete { String::new() } else { last })
+    Ok(String::new())
+}
+
+/// The age the pass applies for `rule` (one the stream's own limit does not already apply).
+fn age_for(shared: &Shared, rule: &crate::log::RetentionRule) -> Option<Duration> {
+    rule.max_age
+        .filter(|a| shared.stream_max_age.is_zero() || *a < shared.stream_max_age)
 }
 
 /// Applies its rule to one channel; returns how many records it removed.
-async fn channel(shared: &Shared, token: &str, count: u64) -> Result<u64, LogError> {
+async fn channel(
+    shared: &Shared,
+    token: &str,
+    name: Option<String>,
+    count: u64,
+) -> Result<u64, LogError> {
     let filter = format!("{}.pub.{token}.*", shared.names.prefix);
-    let name = match codec::untoken(token) {
+    let name = match name {
         Some(n) => n,
         // A hashed name: the channel's own records say what it is.
         None => match shared.first_from(&filter, 1).await? {

@@ -10,7 +10,6 @@ use bytes::Bytes;
 use super::*;
 use crate::engine::FeedEvent;
 use crate::log::RetentionRule;
-use crate::presence::PresenceStore;
 use crate::topic::Selector;
 
 struct NatsServer {
