@@ -8,8 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::future::IntoFuture;
-use std::time::Duration;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::kv;

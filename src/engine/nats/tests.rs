@@ -325,3 +325,48 @@ async fn unreachable_nats_fails_fast_naming_the_url() {
     assert!(err.to_string().contains(&url), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// Publications removed before a node's feed delivered them are reported, not skipped silently; a stream
+/// deleted and created again is another epoch, also reported.
+#[tokio::test]
+async fn the_feed_reports_what_it_cannot_deliver() {
+    let nats = server_or_skip!();
+    let e = NatsEngine::connect(options(&nats.url, Retention::default()))
+        .await
+        .unwrap();
+    e.append(vec![rec(&["g"], "g1", "1"), rec(&["g"], "g2", "2")])
+        .await
+        .unwrap();
+    e.remove_channel("g".into()).await.unwrap();
+    e.append(vec![rec(&["h"], "h3", "3")]).await.unwrap();
+    let mut feed = e.feed(0).unwrap();
+    assert!(matches!(next_event(&mut feed).await, FeedEvent::Lost(why) if why.contains("1..2")));
+    assert!(matches!(next_event(&mut feed).await, FeedEvent::Publication(r) if r.id == "h3"));
+
+    let before = e.epoch();
+    e.shared
+        .js
+        .delete_stream(&e.shared.names.stream)
+        .await
+        .unwrap();
+    assert!(
+        matches!(next_event(&mut feed).await, FeedEvent::Lost(why) if why.contains("recreated")),
+        "a recreated stream is a loss"
+    );
+    assert_ne!(e.epoch(), before, "and another epoch");
+    let again = e.append(vec![rec(&["h"], "", "new")]).await.unwrap();
+    assert_eq!(
+        again[0].id,
+        crate::log::generated_id(&e.epoch(), again[0].seq)
+    );
+    assert!(
+        matches!(next_event(&mut feed).await, FeedEvent::Publication(r) if r.data_text() == "new")
+    );
+}
+
+async fn next_event(feed: &mut Feed) -> FeedEvent {
+    tokio::time::timeout(Duration::from_secs(10), feed.recv())
+        .await
+        .expect("a feed event in time")
+        .unwrap()
+}
