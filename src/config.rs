@@ -77,6 +77,8 @@ pub enum EngineKind {
     Local,
     /// Several nodes on one Redis (`engine.url`): history, positions, presence and the feed are shared.
     Redis,
+    /// A cluster on NATS JetStream (`engine.url`): every node shares history, presence and delivery.
+    Nats,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -505,6 +507,11 @@ impl Config {
                     .into(),
             ));
         }
+        if self.engine.kind == EngineKind::Nats && self.engine.url.trim().is_empty() {
+            return Err(ConfigError::Invalid(
+                "engine.kind = \"nats\" needs engine.url, e.g. \"nats://127.0.0.1:4222\"".into(),
+            ));
+        }
         crate::auth::Auth::from_config(&self.auth)
             .and_then(|a| a.with_api_key(self.centrifugo.api_key.as_deref()))
             .map_err(ConfigError::Invalid)?;
@@ -548,6 +555,11 @@ impl Config {
             }
             (EngineKind::Redis, _) => format!(
                 "Redis at {} (keys {}:*), shared by every node",
+                redact_url(&self.engine.url),
+                self.engine.prefix
+            ),
+            (EngineKind::Nats, _) => format!(
+                "NATS JetStream at {} (stream {}-log), shared by every node",
                 redact_url(&self.engine.url),
                 self.engine.prefix
             ),

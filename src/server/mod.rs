@@ -107,6 +107,18 @@ pub async fn open_engine(c: &Config) -> Result<Arc<dyn Engine>, crate::log::LogE
             })
             .await?,
         )),
+        EngineKind::Nats => Ok(Arc::new(
+            crate::engine::NatsEngine::connect(crate::engine::nats::NatsOptions {
+                url: c.engine.url.clone(),
+                prefix: c.engine.prefix.clone(),
+                connect_timeout: c.engine.connect_timeout,
+                op_timeout: c.engine.op_timeout,
+                presence_ttl: c.engine.presence_ttl,
+                retention: retention(c),
+                prune_interval: c.log.prune_interval,
+            })
+            .await?,
+        )),
     }
 }
 

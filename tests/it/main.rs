@@ -5,6 +5,7 @@ mod common;
 mod access;
 mod admission;
 mod auth;
+mod cluster_nats;
 mod cluster_redis;
 mod cors;
 mod engine;
