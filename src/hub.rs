@@ -875,6 +875,18 @@ async fn dispatch_feed(inner: Arc<Inner>, mut feed: Feed) {
                     metrics::gauge!("herald_subscriptions").decrement(1.0);
                     kill(s, DisconnectReason::EngineLost);
                 }
+                // The engine may have lost its data (a new epoch, positions starting over): the registration
+                // boundary of the next subscriptions is where the log ends now, not where it ended before.
+                match inner.engine.last().await {
+                    Ok(last) => {
+                        let _reg = inner.registry.write();
+                        inner
+                            .dispatched
+                            .store(last.as_ref().map_or(0, |r| r.seq), Ordering::Release);
+                        *inner.last_id.lock() = last.map(|r| r.id);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot read the log's end after a loss"),
+                }
             }
         }
     }
