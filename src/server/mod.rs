@@ -408,7 +408,9 @@ fn hyper_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> 
     builder
 }
 
-/// One client connection, until it ends or the hub pulls its kill switch. Requests that subscribe are served
+/// One client connection, until it ends or the hub pulls its kill switch. Every request it serves carries
+/// the [`ConnKill`] and the peer's address as axum's `ConnectInfo<SocketAddr>` extension (what
+/// `into_make_service_with_connect_info` would set), which the transports record for listings. Requests that subscribe are served
 /// the lean way ([`lean`]); from the first one that is not, the connection is hyper's. `permit` is the
 /// socket's place under the socket limit; it goes wherever the socket goes.
 ///
@@ -482,8 +484,13 @@ fn hyper_connection(
     watcher: hyper_util::server::graceful::Watcher,
     kill: ConnKill,
 ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>> {
+    let peer = io.peer_addr().ok();
     let svc = router.map_request(move |mut req: Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(kill.clone());
+        if let Some(peer) = peer {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+        }
         req
     });
     let conn = builder
