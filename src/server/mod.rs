@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, HeaderValue, Request, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -112,6 +112,7 @@ pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
     };
     let origins = crate::cors::OriginList::parse(&config.cors.allowed_origins)
         .map_err(ConfigError::Invalid)?;
+    let console = crate::console::Console::from_config(&config)?;
     let clients = Arc::new(crate::centrifugo::Clients::default());
     let sink = clients.clone();
     hub.on_control(move |user, client, payload| sink.deliver(user, client, payload));
@@ -123,11 +124,12 @@ pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
         origins: Arc::new(origins),
         clients,
         idempotency: Arc::new(crate::centrifugo::Idempotency::default()),
+        console: Arc::new(console),
     };
     Ok(Router::new()
         .merge(crate::mercure::routes())
         .merge(crate::centrifugo::routes())
-        .route("/", get(index))
+        .merge(crate::console::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -135,10 +137,6 @@ pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
         .layer(tower::util::option_layer(cors))
         .layer(axum::middleware::from_fn(crate::error::log_refusals))
         .with_state(state))
-}
-
-async fn index() -> Html<&'static str> {
-    Html(include_str!("../../ui/index.html"))
 }
 
 async fn healthz() -> Json<serde_json::Value> {
