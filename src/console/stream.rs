@@ -87,7 +87,8 @@ async fn snapshot(st: &AppState) -> Snapshot {
         engine: EngineState {
             kind,
             history: st.config.history_location(),
-            durable: st.config.log.durable,
+            durable: st.config.log.durable
+                && st.config.log.backend == crate::config::LogBackend::Sqlite,
             ready: ready.is_ok(),
             error: ready.err(),
         },
