@@ -5,6 +5,7 @@ mod common;
 mod access;
 mod admission;
 mod auth;
+mod console;
 mod cors;
 mod engine;
 mod keys;
