@@ -1221,6 +1221,15 @@ mod tests {
         assert!(slow.outbox.tx.is_closed());
         assert!(!fast.outbox.tx.is_closed());
         assert_eq!(hub.subscriptions().len(), 1);
+        let stats = hub.stats();
+        assert_eq!(stats.publications, 5);
+        assert_eq!(
+            stats.deliveries,
+            5 + 2,
+            "the fast one got 5, the slow one 2 before it was full"
+        );
+        assert_eq!(stats.disconnects["slow_consumer"], 1);
+        assert_eq!((stats.subscriptions, stats.channels), (1, 1));
     }
 
     #[tokio::test]
