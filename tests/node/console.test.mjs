@@ -211,3 +211,28 @@ test('every view at 390x844 fits the phone', async () => {
   }
   assert.deepEqual(pageErrors, []);
 });
+
+test('with a password the console asks for it, says why when refused, and then works', async () => {
+  const guarded = await startHerald({ config: '[log]\nbackend = "memory"\n[console]\npassword = "open sesame"\n' });
+  try {
+    const page = await openPage(1280, 800);
+    await page.goto(guarded.url);
+    await page.locator('#login-form').waitFor({ timeout: 10000 });
+    await page.fill('#login-password', 'wrong');
+    await page.click('#login-form button');
+    await page.locator('#login-error', { hasText: 'wrong_password' }).waitFor({ timeout: 10000 });
+    await shot(page, 'login-1280');
+    await page.fill('#login-password', 'open sesame');
+    await page.click('#login-form button');
+    await page.locator('#engine-state', { hasText: 'ready' }).waitFor({ timeout: 10000 });
+    // A token the server no longer accepts sends the console back to the login, with the reason.
+    await page.evaluate(() => sessionStorage.setItem('herald-console-token', 'not-a-token'));
+    await page.click('#nav-connections');
+    await page.locator('#login-error', { hasText: 'admin_token_invalid' }).waitFor({ timeout: 10000 });
+    // Chromium logs the refused requests (401) as errors: the ones asked for here; nothing else.
+    assert.deepEqual(pageErrors.filter((e) => !e.includes('status of 401')), []);
+  } finally {
+    await guarded.stop();
+    guarded.cleanup();
+  }
+});

@@ -398,6 +398,9 @@ function login(message) {
     } catch (err) { $('#login-error').textContent = errorText(err); $('#login-error').className = 'bad'; }
   });
   $('#nav').hidden = true;
+  $('#logout').hidden = true;
+  $('#live-dot').className = 'dot';
+  $('#live-text').textContent = 'not logged in';
   view().replaceChildren(h('h1', {}, 'Log in'), form);
   form.querySelector('input').focus();
 }
