@@ -21,6 +21,4 @@ pub struct AppState {
     pub clients: Arc<Clients>,
     /// Results of server API publishes made with an idempotency key.
     pub idempotency: Arc<crate::centrifugo::Idempotency>,
-    /// The web console's mode and keys.
-    pub console: Arc<crate::console::Console>,
 }

@@ -15,13 +15,14 @@
 //!   loopback peer, a loopback `Host` so a DNS-rebinding page is refused, and no foreign `Origin`).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, FromRequestParts, State};
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -41,8 +42,9 @@ const AUDIENCE: &str = "herald-console";
 /// Wrong passwords accepted per minute (for the whole server) before logins are refused for a while.
 const MAX_FAILURES_PER_MINUTE: u32 = 10;
 
-/// The UI and the console API.
-pub fn routes() -> Router<AppState> {
+/// The UI and the console API. The console's state travels as a request extension of these routes only,
+/// not in [`AppState`], which every WebSocket connection keeps a copy of.
+pub fn routes(console: Arc<Console>) -> Router<AppState> {
     Router::new()
         .route("/", get(assets::index))
         .route("/console/{*file}", get(assets::file))
@@ -62,6 +64,7 @@ pub fn routes() -> Router<AppState> {
             "/console/api/{*rest}",
             get(api_not_found).post(api_not_found),
         )
+        .layer(Extension(console))
 }
 
 enum Mode {
@@ -278,14 +281,19 @@ pub struct Admin;
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        st.console.authorize(parts).map(|()| Admin)
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, ApiError> {
+        match parts.extensions.get::<Arc<Console>>() {
+            Some(c) => c.authorize(parts).map(|()| Admin),
+            None => Err(disabled()),
+        }
     }
 }
 
 /// `GET /console/api/session`: whether a login is needed, and whether this request is already allowed.
-async fn session(State(st): State<AppState>, parts: Parts) -> Result<Json<Value>, ApiError> {
-    let c = &st.console;
+async fn session(
+    Extension(c): Extension<Arc<Console>>,
+    parts: Parts,
+) -> Result<Json<Value>, ApiError> {
     if matches!(c.mode, Mode::Off) {
         return Err(disabled());
     }
@@ -307,10 +315,9 @@ struct Login {
 
 /// `POST /console/api/login {"password": …}` → `{"token", "expires_at"}`.
 async fn login(
-    State(st): State<AppState>,
+    Extension(c): Extension<Arc<Console>>,
     Json(body): Json<Login>,
 ) -> Result<Json<Value>, ApiError> {
-    let c = &st.console;
     let expected = match &c.mode {
         Mode::Off => return Err(disabled()),
         Mode::Local => {

@@ -124,12 +124,11 @@ pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
         origins: Arc::new(origins),
         clients,
         idempotency: Arc::new(crate::centrifugo::Idempotency::default()),
-        console: Arc::new(console),
     };
     Ok(Router::new()
         .merge(crate::mercure::routes())
         .merge(crate::centrifugo::routes())
-        .merge(crate::console::routes())
+        .merge(crate::console::routes(Arc::new(console)))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
