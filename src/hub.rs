@@ -15,7 +15,7 @@
 //! switch) and will resume from the log when it reconnects.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -99,11 +99,24 @@ pub enum Transport {
 #[derive(Debug)]
 pub struct ConnMeta {
     counts: Arc<ConnCounts>,
-    pub transport: Transport,
-    /// The peer's address, when the server knows it (requests served by [`crate::Server`]).
-    pub remote: Option<SocketAddr>,
     /// When the connection was counted (Unix milliseconds).
     pub opened_ms: i64,
+    /// The peer's IP, IPv4 as IPv4-mapped IPv6: 17 bytes where an `Option<SocketAddr>` takes 32.
+    ip: Option<Ipv6Addr>,
+    port: u16,
+    pub transport: Transport,
+}
+
+impl ConnMeta {
+    /// The peer's address, when the server knew it (requests served by [`crate::Server`]).
+    pub fn remote(&self) -> Option<SocketAddr> {
+        let ip = self.ip?;
+        let ip = match ip.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(ip),
+        };
+        Some(SocketAddr::new(ip, self.port))
+    }
 }
 
 /// Open connections, in total and per transport: plain atomics, so they can be read back ([`Hub::stats`]).
@@ -248,8 +261,9 @@ pub struct SubscribeSpec {
     pub filter: ReadFilter,
     /// Stable identifier of the subscriber (an IRI), shared by all its subscriptions.
     pub subscriber: String,
-    /// Opaque data attached by the token (`mercure.payload`), shown in subscription listings.
-    pub payload: Option<serde_json::Value>,
+    /// Opaque data attached by the token (`mercure.payload`), shown in subscription listings. Boxed: rare,
+    /// and a `Value` would take 32 bytes of every subscription.
+    pub payload: Option<Box<serde_json::Value>>,
     /// Receive join/leave deliveries for the (exact) channels subscribed.
     pub join_leave: bool,
     /// The connection this subscription belongs to (see [`ConnectionGuard::meta`]), for listings.
@@ -602,9 +616,13 @@ impl Hub {
         Ok(ConnectionGuard {
             meta: Arc::new(ConnMeta {
                 counts: counts.clone(),
-                transport,
-                remote,
                 opened_ms: now_ms(),
+                ip: remote.map(|r| match r.ip() {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                }),
+                port: remote.map_or(0, |r| r.port()),
+                transport,
             }),
         })
     }
@@ -726,7 +744,7 @@ impl Hub {
                     .iter()
                     .map(|x| x.as_str().to_string())
                     .collect(),
-                payload: s.spec.payload.clone(),
+                payload: s.spec.payload.as_deref().cloned(),
                 conn: s.spec.conn.clone(),
             })
             .collect();
@@ -1312,6 +1330,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn connections_keep_their_peer_address_compactly() {
+        let hub = hub(16).await;
+        for peer in ["127.0.0.1:4242", "[::1]:80", "[2001:db8::7]:65535"] {
+            let peer: SocketAddr = peer.parse().unwrap();
+            let c = hub.connect(Transport::WebSocket, Some(peer)).unwrap();
+            assert_eq!(c.meta().remote(), Some(peer));
+        }
+        let c = hub.connect(Transport::Sse, None).unwrap();
+        assert_eq!(c.meta().remote(), None);
+        assert_eq!(hub.stats().sse_connections, 1);
+        assert_eq!(hub.stats().websocket_connections, 0, "the guards dropped");
+    }
+
+    #[tokio::test]
     async fn limits_and_validation() {
         let hub = Hub::new(
             memory(),
@@ -1324,7 +1356,9 @@ mod tests {
         )
         .await
         .unwrap();
-        let _c = hub.connect(Transport::Sse, None).unwrap();
+        let peer: SocketAddr = "127.0.0.1:4242".parse().unwrap();
+        let c = hub.connect(Transport::Sse, Some(peer)).unwrap();
+        assert_eq!(c.meta().remote(), Some(peer));
         assert_eq!(hub.stats().sse_connections, 1);
         assert!(matches!(
             hub.connect(Transport::WebSocket, None),

@@ -46,7 +46,7 @@ pub fn publication_json(r: &Record) -> Value {
 fn conn_json(m: &ConnMeta, now_ms: i64) -> Value {
     json!({
         "transport": m.transport,
-        "remote": m.remote.map(|r| r.to_string()),
+        "remote": m.remote().map(|r| r.to_string()),
         "opened_ms": m.opened_ms,
         "age_s": (now_ms - m.opened_ms).max(0) / 1000,
     })

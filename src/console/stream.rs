@@ -185,7 +185,7 @@ pub async fn tail(
         admin,
         format!("urn:herald:console:{}", uuid::Uuid::new_v4()),
     );
-    spec.payload = Some(Value::String("console tail".into()));
+    spec.payload = Some(Box::new(Value::String("console tail".into())));
     let (outbox, rx) = st.hub.outbox(kill.map(|k| k.0 .0.clone()));
     let sub = st.hub.subscribe(spec, &outbox)?;
     drop(outbox);

@@ -86,7 +86,7 @@ pub async fn subscribe(
         selectors,
         filter,
         subscriber: subscriber.clone(),
-        payload: payload.clone(),
+        payload: payload.clone().map(Box::new),
         join_leave: false,
         conn: Some(guard.meta().clone()),
     };
