@@ -7,6 +7,7 @@ mod admission;
 mod auth;
 mod cluster_nats;
 mod cluster_redis;
+mod console;
 mod cors;
 mod engine;
 mod keys;
