@@ -5,6 +5,9 @@
 import * as api from './api.js';
 import { LineChart, formatNumber } from './chart.js';
 
+/** `1 client`, `2 clients`. */
+const plural = (n, word) => `${n} ${word}${n === 1 ? '' : 's'}`;
+
 const WINDOW_S = 120;
 
 /** Builds an element: h('div', {class: 'x', onclick: f}, child, 'text', …). Text is never parsed as HTML. */
@@ -64,7 +67,7 @@ function startStats() {
     const r = snap.rates ?? { publications: 0, deliveries: 0 };
     live.points.push({ t: snap.time_ms, values: [snap.hub.sse_connections, snap.hub.websocket_connections, r.publications, r.deliveries] });
     while (live.points.length > WINDOW_S + 5) live.points.shift();
-    $('#live-text').textContent = `${snap.hub.connections} connections`;
+    $('#live-text').textContent = plural(snap.hub.connections, 'connection');
     for (const f of live.listeners) f(snap);
   }, (state, err) => {
     $('#live-dot').className = `dot ${state}`;
@@ -113,8 +116,8 @@ function overview() {
   const render = (s) => {
     const r = s.rates;
     set('stat-sse', formatNumber(s.hub.sse_connections));
-    set('stat-ws', formatNumber(s.hub.websocket_connections), `${s.websocket.clients} clients, ${s.websocket.users} users`);
-    set('stat-channels', formatNumber(s.hub.channels), `${s.hub.subscriptions} subscriptions`);
+    set('stat-ws', formatNumber(s.hub.websocket_connections), `${plural(s.websocket.clients, 'client')}, ${plural(s.websocket.users, 'user')}`);
+    set('stat-channels', formatNumber(s.hub.channels), plural(s.hub.subscriptions, 'subscription'));
     set('stat-pubrate', r ? formatNumber(r.publications) : '–', `${formatNumber(s.hub.publications)} since start`);
     set('stat-delrate', r ? formatNumber(r.deliveries) : '–', `${formatNumber(s.hub.deliveries)} since start`);
     set('stat-slow', formatNumber(s.hub.disconnects.slow_consumer ?? 0),
