@@ -406,13 +406,14 @@ type ControlSink = Box<dyn Fn(&str, Option<&str>, &[u8]) + Send + Sync>;
 /// A client's presence in a channel; dropping it is the leave. See [`Hub::join`].
 pub struct PresenceGuard {
     inner: Arc<Inner>,
-    channel: Box<str>,
-    client: Box<str>,
+    /// Shared with the connection's own record of the subscription: no copy per guard.
+    channel: Arc<str>,
+    info: Arc<ClientInfo>,
 }
 
 impl Drop for PresenceGuard {
     fn drop(&mut self) {
-        if let Some(info) = self.inner.presence.remove(&self.channel, &self.client) {
+        if let Some(info) = self.inner.presence.remove(&self.channel, &self.info.client) {
             announce(&self.inner, &self.channel, info, false);
         }
     }
@@ -755,14 +756,14 @@ impl Hub {
     /// Adds a client to a channel's presence and delivers a join to the subscribers that asked for it (on
     /// every node, in a cluster). Presence lasts as long as the returned guard: dropping it is the leave,
     /// however the connection ends (a panic in its task included).
-    pub fn join(&self, channel: &str, info: ClientInfo) -> PresenceGuard {
+    pub fn join(&self, channel: Arc<str>, info: ClientInfo) -> PresenceGuard {
         let info = Arc::new(info);
-        self.inner.presence.add(channel, info.clone());
-        announce(&self.inner, channel, info.clone(), true);
+        self.inner.presence.add(&channel, info.clone());
+        announce(&self.inner, &channel, info.clone(), true);
         PresenceGuard {
             inner: self.inner.clone(),
-            channel: channel.into(),
-            client: info.client.as_str().into(),
+            channel,
+            info,
         }
     }
 
@@ -1298,7 +1299,7 @@ mod tests {
             conn_info: None,
             chan_info: None,
         };
-        let present = hub.join("room", info.clone());
+        let present = hub.join("room".into(), info.clone());
         assert_eq!(hub.presence("room").await.unwrap(), vec![info.clone()]);
         assert!(matches!(rx.try_recv().unwrap(), Delivery::Join { info: i, .. } if *i == info));
         drop(present);
@@ -1319,7 +1320,7 @@ mod tests {
         };
         let h = hub.clone();
         let task = tokio::spawn(async move {
-            let _present = h.join("room", info);
+            let _present = h.join("room".into(), info);
             panic!("injected: the connection task panics");
         });
         assert!(task.await.unwrap_err().is_panic());

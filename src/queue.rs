@@ -28,6 +28,8 @@ struct Shared<T> {
 struct State<T> {
     items: VecDeque<T>,
     capacity: usize,
+    /// A drained buffer of more than this many items is released.
+    keep: usize,
     senders: usize,
     receiver: bool,
     /// Closed by a sender: the receiver gets nothing more (the hub has disconnected this client).
@@ -47,10 +49,18 @@ pub struct Receiver<T>(Arc<Shared<T>>);
 
 /// A queue holding at most `capacity` items (at least 1).
 pub fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
+    channel_keeping(capacity, KEEP_CAPACITY)
+}
+
+/// A queue that gives its buffer back as soon as it holds more than `keep` items' room and is drained:
+/// `keep = 0` for a queue that is rarely used (a connection's control queue, woken once per ping
+/// interval), whose first delivery would otherwise pin a buffer of large items for the connection's life.
+pub fn channel_keeping<T>(capacity: usize, keep: usize) -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             items: VecDeque::new(),
             capacity: capacity.max(1),
+            keep,
             senders: 1,
             receiver: true,
             closed: false,
@@ -165,7 +175,7 @@ impl<T> Drop for Receiver<T> {
 
 fn pop<T>(st: &mut State<T>) -> Option<T> {
     let item = st.items.pop_front();
-    if st.items.is_empty() && st.items.capacity() > KEEP_CAPACITY {
+    if st.items.is_empty() && st.items.capacity() > st.keep {
         st.items = VecDeque::new();
     }
     item
@@ -252,6 +262,15 @@ mod tests {
         assert!(
             rx.0.state.lock().items.capacity() <= KEEP_CAPACITY,
             "small buffers stay"
+        );
+        let (tx, mut rx) = channel_keeping::<u64>(64, 0);
+        tx.try_send(1).unwrap();
+        assert!(rx.0.state.lock().items.capacity() > 0);
+        rx.try_recv();
+        assert_eq!(
+            rx.0.state.lock().items.capacity(),
+            0,
+            "a rarely used queue keeps nothing"
         );
     }
 }

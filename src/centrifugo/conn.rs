@@ -185,7 +185,7 @@ fn close(code: u16, reason: &str) -> Exit {
 /// A subscription of this connection. A connection holds few, so they live in a vector: a map would
 /// allocate a table of several slots for the one channel most connections have.
 struct ChanSub {
-    channel: String,
+    channel: Arc<str>,
     sub: Subscription,
     /// The client's presence in the channel, where the namespace has presence; dropping it is the leave.
     _presence: Option<PresenceGuard>,
@@ -222,7 +222,8 @@ struct Conn {
     registration: Option<Registration>,
     /// When the deadline clock will next wake this connection, if it is set to.
     scheduled: Option<Instant>,
-    client: String,
+    /// The client id, shared with the registry entry (no copy per connection).
+    client: Arc<str>,
     /// Who this connection is, from its connection token; what it may read is decided by `access` from it.
     who: Arc<Identity>,
     conn_info: Option<Value>,
@@ -283,7 +284,8 @@ fn ttl(exp: u64) -> u32 {
 impl Conn {
     fn new(st: AppState, guard: ConnectionGuard, socket: WebSocket, codec: Codec) -> Conn {
         let (outbox, rx) = st.hub.outbox(None);
-        let (ctl, ctl_rx) = crate::queue::channel(64);
+        // Controls and deadline wake-ups are rare: the queue keeps no buffer between them.
+        let (ctl, ctl_rx) = crate::queue::channel_keeping(64, 0);
         Conn {
             socket,
             rx,
@@ -293,7 +295,7 @@ impl Conn {
             guard,
             registration: None,
             scheduled: None,
-            client: uuid::Uuid::new_v4().to_string(),
+            client: uuid::Uuid::new_v4().to_string().into(),
             who: Identity::anonymous(),
             conn_info: None,
             codec,
@@ -487,7 +489,7 @@ impl Conn {
     }
 
     fn sub(&self, channel: &str) -> Option<&ChanSub> {
-        self.subs.iter().find(|s| s.channel == channel)
+        self.subs.iter().find(|s| &*s.channel == channel)
     }
 
     /// The earliest of this connection's deadlines: the connect timeout, the next ping, the pong deadline,
@@ -563,7 +565,7 @@ impl Conn {
             .subs
             .iter()
             .filter(|s| s.exp.is_some_and(|exp| unix > exp + grace))
-            .map(|s| s.channel.clone())
+            .map(|s| s.channel.to_string())
             .collect();
         for ch in expired {
             self.remove_sub(&ch);
@@ -707,8 +709,8 @@ impl Conn {
         self.connected = true;
         self.next_ping = Some(Instant::now() + self.st.config.centrifugo.ping);
         self.registration = Some(self.st.clients.add(
-            &self.who.user,
-            &self.client,
+            self.who.clone(),
+            self.client.clone(),
             self.ctl.clone(),
             self.guard.meta().clone(),
         ));
@@ -743,7 +745,7 @@ impl Conn {
         }
         let cfg = &self.st.config.centrifugo;
         let mut result = proto::ConnectResult {
-            client: self.client.clone(),
+            client: self.client.to_string(),
             version: VERSION.into(),
             ping: u32::try_from(cfg.ping.as_secs().max(1)).unwrap_or(u32::MAX),
             pong: true,
@@ -782,7 +784,7 @@ impl Conn {
 
     fn info(&self, chan_info: Option<Value>) -> ClientInfo {
         ClientInfo {
-            client: self.client.clone(),
+            client: self.client.to_string(),
             user: self.who.user.clone(),
             conn_info: self.conn_info.clone(),
             chan_info,
@@ -883,7 +885,7 @@ impl Conn {
         let spec = SubscribeSpec {
             selectors,
             filter,
-            subscriber: self.client.clone(),
+            subscriber: self.client.to_string(),
             payload: None,
             join_leave: ns.join_leave && (asked || ns.force_push_join_leave),
             conn: Some(self.guard.meta().clone()),
@@ -940,12 +942,16 @@ impl Conn {
             result.expires = true;
             result.ttl = ttl(exp);
         }
-        let presence = ns
-            .presence
-            .then(|| self.st.hub.join(&name, self.info(grant.chan_info)));
+        // One allocation for the name, shared by this record and the presence guard.
+        let channel: Arc<str> = name.as_str().into();
+        let presence = ns.presence.then(|| {
+            self.st
+                .hub
+                .join(channel.clone(), self.info(grant.chan_info))
+        });
         self.subs.reserve_exact(1); // most connections hold one or two; a vector's default growth is 4
         self.subs.push(ChanSub {
-            channel: name,
+            channel,
             sub,
             _presence: presence,
             exp: grant.exp,
@@ -955,7 +961,7 @@ impl Conn {
 
     /// Ends a subscription: dropping it unregisters it from the hub and ends its presence.
     fn remove_sub(&mut self, channel: &str) {
-        if let Some(i) = self.subs.iter().position(|s| s.channel == channel) {
+        if let Some(i) = self.subs.iter().position(|s| &*s.channel == channel) {
             self.subs.swap_remove(i);
         }
     }
@@ -1062,7 +1068,7 @@ impl Conn {
             self.conn_info = claims.info;
         }
         let mut result = proto::RefreshResult {
-            client: self.client.clone(),
+            client: self.client.to_string(),
             version: VERSION.into(),
             ..Default::default()
         };
@@ -1089,7 +1095,7 @@ impl Conn {
             Ok(c) => c,
             Err(r) => return Ok(Err(r)),
         };
-        if let Some(s) = self.subs.iter_mut().find(|s| s.channel == req.channel) {
+        if let Some(s) = self.subs.iter_mut().find(|s| *s.channel == *req.channel) {
             s.exp = claims.exp;
         }
         let mut result = proto::SubRefreshResult::default();

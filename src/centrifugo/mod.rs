@@ -69,7 +69,8 @@ pub enum Control {
 /// the one clock their deadlines share.
 #[derive(Default)]
 pub struct Clients {
-    by_user: RwLock<HashMap<String, HashMap<String, Entry>>>,
+    /// user -> client id -> entry; the client id is the connection's own, shared, not a copy.
+    by_user: RwLock<HashMap<String, HashMap<Arc<str>, Entry>>>,
     deadlines: OnceLock<Arc<Deadlines>>,
 }
 
@@ -87,20 +88,21 @@ pub struct ClientListing {
     pub meta: Arc<ConnMeta>,
 }
 
-/// A connection's place in [`Clients`]; dropping it removes it, however the connection ends.
+/// A connection's place in [`Clients`]; dropping it removes it, however the connection ends. It shares the
+/// connection's user and client id rather than copying them: an idle connection pays for every byte.
 pub struct Registration {
     clients: Arc<Clients>,
-    user: Box<str>,
-    client: Box<str>,
+    who: Arc<crate::access::Identity>,
+    client: Arc<str>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut m = self.clients.by_user.write();
-        if let Some(c) = m.get_mut(&*self.user) {
+        if let Some(c) = m.get_mut(self.who.user.as_str()) {
             c.remove(&*self.client);
             if c.is_empty() {
-                m.remove(&*self.user);
+                m.remove(self.who.user.as_str());
             }
         }
     }
@@ -117,32 +119,32 @@ impl Clients {
 
     pub fn add(
         self: &Arc<Self>,
-        user: &str,
-        client: &str,
+        who: Arc<crate::access::Identity>,
+        client: Arc<str>,
         tx: crate::queue::Sender<Control>,
         meta: Arc<ConnMeta>,
     ) -> Registration {
         self.by_user
             .write()
-            .entry(user.to_string())
+            .entry(who.user.clone())
             .or_default()
-            .insert(client.to_string(), Entry { tx, meta });
+            .insert(client.clone(), Entry { tx, meta });
         Registration {
             clients: self.clone(),
-            user: user.into(),
-            client: client.into(),
+            who,
+            client,
         }
     }
 
     /// Hands `ctl` to the user's connections on this node (or only `client`); returns how many took it.
     pub fn send(&self, user: &str, client: Option<&str>, ctl: Control) -> usize {
-        let targets: Vec<(String, crate::queue::Sender<Control>)> = self
+        let targets: Vec<(Arc<str>, crate::queue::Sender<Control>)> = self
             .by_user
             .read()
             .get(user)
             .map(|m| {
                 m.iter()
-                    .filter(|(c, _)| client.is_none_or(|want| want == c.as_str()))
+                    .filter(|(c, _)| client.is_none_or(|want| want == &***c))
                     .map(|(c, e)| (c.clone(), e.tx.clone()))
                     .collect()
             })
@@ -181,7 +183,7 @@ impl Clients {
             .flat_map(|(user, clients)| {
                 clients.iter().map(|(client, e)| ClientListing {
                     user: user.clone(),
-                    client: client.clone(),
+                    client: client.to_string(),
                     meta: e.meta.clone(),
                 })
             })
@@ -310,7 +312,11 @@ mod tests {
         let guard = hub.connect(crate::hub::Transport::WebSocket, None).unwrap();
         let c = clients.clone();
         let task = tokio::spawn(async move {
-            let _registered = c.add("u", "c1", tx, guard.meta().clone());
+            let who = Arc::new(crate::access::Identity {
+                user: "u".into(),
+                ..Default::default()
+            });
+            let _registered = c.add(who, "c1".into(), tx, guard.meta().clone());
             assert_eq!(c.counts(), (1, 1));
             panic!("injected: the connection task panics");
         });
