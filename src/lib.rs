@@ -26,6 +26,8 @@ pub mod config;
 pub mod cors;
 pub mod error;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hub;
 pub mod log;
 pub mod mercure;

@@ -91,7 +91,7 @@ fn check_origin(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-struct Command {
+pub(crate) struct Command {
     id: u32,
     connect: Option<ConnectRequest>,
     subscribe: Option<SubscribeRequest>,
@@ -166,6 +166,14 @@ struct SubRefreshRequest {
     token: String,
 }
 
+/// The commands of one frame: one JSON object per non-blank line.
+pub(crate) fn commands(text: &str) -> impl Iterator<Item = serde_json::Result<Command>> + '_ {
+    text.split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(serde_json::from_str)
+}
+
 /// A protocol error reply (`{"error":{"code":…,"message":…}}`). The message clients see is Centrifugo's
 /// own for the code (SDKs and apps match on them); the detail goes to the log.
 #[derive(Debug)]
@@ -206,10 +214,10 @@ impl Refusal {
 /// The longest close reason a WebSocket close frame can carry: 125 bytes of payload minus the 2-byte code.
 /// A longer one makes clients (the `ws` package, browsers) drop the frame and see 1006 instead, so the
 /// SDK retries forever instead of stopping on a terminal code.
-pub(super) const MAX_CLOSE_REASON: usize = 123;
+pub(crate) const MAX_CLOSE_REASON: usize = 123;
 
 /// `reason` cut to [`MAX_CLOSE_REASON`] bytes on a character boundary.
-pub(super) fn fit_close_reason(reason: &str) -> &str {
+pub(crate) fn fit_close_reason(reason: &str) -> &str {
     if reason.len() <= MAX_CLOSE_REASON {
         return reason;
     }
@@ -516,9 +524,8 @@ impl Conn {
 
     async fn handle_frame(&mut self, text: &str) -> Result<Vec<String>, Exit> {
         let mut replies = Vec::new();
-        for line in text.split('\n').map(str::trim).filter(|l| !l.is_empty()) {
-            let cmd: Command = serde_json::from_str(line)
-                .map_err(|e| close(3501, &format!("bad request: {e}")))?;
+        for cmd in commands(text) {
+            let cmd = cmd.map_err(|e| close(3501, &format!("bad request: {e}")))?;
             if let Some(reply) = self.handle(cmd).await? {
                 replies.push(reply);
             }

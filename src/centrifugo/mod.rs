@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::state::AppState;
 
 mod api;
-mod conn;
+pub(crate) mod conn;
 
 pub const WS_PATH: &str = "/connection/websocket";
 
