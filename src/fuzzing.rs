@@ -20,6 +20,9 @@ use crate::topic::Selector;
 /// What a wrapper found wrong; `Ok` for every input the parser handled as it should, accepted or refused.
 pub type Checked = Result<(), String>;
 
+/// A wrapper: the input of one fuzz target in, its verdict out.
+pub type Target = fn(&[u8]) -> Checked;
+
 /// The HS256 secret the `token` target verifies with; its seed tokens are signed with it.
 pub const TOKEN_KEY: &str = "herald-fuzz-key";
 
@@ -254,7 +257,7 @@ fn verify(auth: &Auth, token: &str) -> Result<bool, String> {
 }
 
 /// Every wrapper by the name of its fuzz target (and corpus directory).
-pub const TARGETS: &[(&str, fn(&[u8]) -> Checked)] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("lean_request", lean_request),
     ("hub_query", hub_query),
     ("uri_template", uri_template),
@@ -288,6 +291,31 @@ mod tests {
             Ok(())
         );
         assert_eq!(centrifugo_command(&[b'{'; 300]), Ok(()));
+    }
+
+    /// Replays every committed input of every fuzz target (`fuzz/corpus/<target>/`, minimized) and every
+    /// crash reproducer kept after its fix (`fuzz/regressions/<target>/`) through the target's wrapper: the
+    /// short fuzzing run of CI.
+    #[test]
+    fn fuzz_corpora_replay() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+        for (target, run) in TARGETS {
+            let mut files = 0;
+            for dir in ["corpus", "regressions"] {
+                let Ok(entries) = std::fs::read_dir(root.join(dir).join(target)) else {
+                    continue;
+                };
+                for entry in entries {
+                    let path = entry.unwrap().path();
+                    let data = std::fs::read(&path).unwrap();
+                    if let Err(e) = run(&data) {
+                        panic!("{}: {e}", path.display());
+                    }
+                    files += 1;
+                }
+            }
+            assert!(files > 0, "no corpus for {target} under {}", root.display());
+        }
     }
 
     #[test]
