@@ -116,9 +116,11 @@ if [ "$QUICK" = 1 ]; then
     "1k SSE, highest rate with p99 < 100 ms|sse|200|1|20000|100|32|--max-p99 100ms --phase 2s"
     "10k SSE, 1 channel|sse|1000|1|100|0|16"
     "10k WS, 1 channel|ws|1000|1|100|0|16"
+    "10k WS Protobuf, 1 channel|ws-protobuf|1000|1|100|0|16"
     "1k channels x 10 SSE|sse|1000|100|1000|0|16"
     "10k idle SSE (memory)|sse|1000|1|0|0|1"
     "10k idle WS (memory)|ws|1000|1|0|0|1"
+    "10k idle WS Protobuf (memory)|ws-protobuf|1000|1|0|0|1"
     "durable publish, no subscribers|sse|0|1|1000|0|32"
     "durable publish, 1k subscribers|sse|200|1|1000|0|32"
   )
@@ -130,9 +132,11 @@ else
     "1k SSE, highest rate with p99 < 100 ms|sse|1000|1|60000|100|32|--max-p99 100ms --phase 2s"
     "10k SSE, 1 channel|sse|10000|1|300|0|16"
     "10k WS, 1 channel|ws|10000|1|300|0|16"
+    "10k WS Protobuf, 1 channel|ws-protobuf|10000|1|300|0|16"
     "1k channels x 10 SSE|sse|10000|1000|10000|0|16"
     "10k idle SSE (memory)|sse|10000|1|0|0|1"
     "10k idle WS (memory)|ws|10000|1|0|0|1"
+    "10k idle WS Protobuf (memory)|ws-protobuf|10000|1|0|0|1"
     "durable publish, no subscribers|sse|0|1|5000|0|32"
     "durable publish, 1k subscribers|sse|1000|1|5000|0|32"
   )
@@ -155,6 +159,8 @@ for round in $(seq 1 "$ROUNDS"); do
     if [ -n "$ONLY" ] && [[ "$name" != *"$ONLY"* ]]; then continue; fi
     # Alternate which server goes first, so neither always runs on a warmer machine.
     if [ $((round % 2)) = 1 ]; then order="herald nchan"; else order="nchan herald"; fi
+    # nchan has no Protobuf codec: those rows are Herald's, to compare with its JSON rows.
+    if [ "$transport" = ws-protobuf ]; then order="herald"; fi
     for server in $order; do
       run_one "$server" "$name" "$transport" "$n" "$ch" "$m" "$rate" "$conc" "$round" "$extra"
     done

@@ -29,3 +29,31 @@ if [ ! -d tests/node/node_modules ] || [ tests/node/package-lock.json -nt tests/
   echo "== npm ci (tests/node)"
   (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
 fi
+
+# Python tests (tests/python): a virtualenv with the pinned packages of requirements.txt, installed again only
+# when that file changes.
+py_venv=tests/python/.venv
+py_req=tests/python/requirements.txt
+command -v python3 >/dev/null || apt_install python3 python3-venv
+if [ ! -x "$py_venv/bin/python" ] || ! "$py_venv/bin/python" -c '' 2>/dev/null; then
+  echo "== python venv (tests/python/.venv)"
+  rm -rf "$py_venv"
+  # Debian's python3 needs python3-venv (ensurepip) for this.
+  if ! python3 -m venv "$py_venv" >/dev/null 2>&1; then
+    rm -rf "$py_venv"
+    apt_install python3-venv
+    python3 -m venv "$py_venv"
+  fi
+fi
+if ! cmp -s "$py_req" "$py_venv/.requirements.installed"; then
+  echo "== pip install (tests/python)"
+  "$py_venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$py_req"
+  cp "$py_req" "$py_venv/.requirements.installed"
+fi
+
+# redis-server for the Redis engine's cluster tests (tests/it/cluster_redis.rs): each test runs its own on a
+# free port with a temporary directory, never a shared instance.
+if ! command -v redis-server >/dev/null; then
+  echo "== installing redis-server"
+  apt_install redis-server
+fi

@@ -84,6 +84,10 @@ pub enum Denied {
         "the channel's namespace needs a subscription token or a grant of the channel in the token"
     )]
     NeedsGrant,
+    #[error(
+        "channels starting with $ are Herald's own (documents' storage), read through their protocol only"
+    )]
+    Reserved,
     #[error("clients may not publish into this channel")]
     PublishOff,
     #[error("only subscribers may publish into this channel")]
@@ -95,6 +99,12 @@ pub enum Denied {
 pub enum ChannelError {
     Invalid,
     UnknownNamespace,
+}
+
+/// Channels whose names start with `$` are Herald's own (a document's updates, snapshots and awareness):
+/// no client reads them over SSE or the Centrifugo protocol, and no publisher writes into them.
+pub fn is_reserved(name: &str) -> bool {
+    name.starts_with('$')
 }
 
 /// The channel rules of the config, resolved once.
@@ -151,6 +161,9 @@ impl Access {
         name: &str,
         extra: Option<&str>,
     ) -> Result<(), Denied> {
+        if is_reserved(name) {
+            return Err(Denied::Reserved);
+        }
         let Some(ns) = self.namespace(name) else {
             return Ok(());
         };
@@ -290,12 +303,13 @@ mod tests {
             seq: 1,
             id: "x".into(),
             topics: topics.iter().map(|t| t.to_string()).collect(),
-            data: String::new(),
+            data: Default::default(),
             private,
             event_type: None,
             retry: None,
             time_ms: 0,
             info: None,
+            tags: Default::default(),
         }
     }
 
@@ -357,6 +371,11 @@ mod tests {
             ChannelError::UnknownNamespace
         );
         assert_eq!(a.channel("").unwrap_err(), ChannelError::Invalid);
+        assert_eq!(
+            a.check_read(&who("u", &["*"]), "$yjs:doc", None),
+            Err(Denied::Reserved),
+            "reserved for Herald, whatever the grants"
+        );
         assert!(a.channel("personal:#1").is_ok() && a.channel("plain").is_ok());
     }
 

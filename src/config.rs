@@ -22,6 +22,19 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The file does not parse or holds a wrong key or value; the message has the line and the key.
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    /// A `HERALD_*` variable's value does not fit its setting.
+    #[error("environment variable {var} (the setting {key}): {message}")]
+    Env {
+        var: String,
+        key: String,
+        message: String,
+    },
+    /// A command-line setting's value does not fit it.
+    #[error("setting {key} (from the command line): {message}")]
+    Flag { key: String, message: String },
     #[error("invalid config: {0}")]
     Parse(String),
     #[error("invalid config: {0}")]
@@ -39,6 +52,8 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     pub log: LogConfig,
+    /// Where publications are stored and how they reach the other nodes of a cluster.
+    pub engine: EngineConfig,
     pub auth: AuthConfig,
     pub cors: CorsConfig,
     pub mercure: MercureConfig,
@@ -53,6 +68,48 @@ pub struct Config {
 pub enum LogBackend {
     Sqlite,
     Memory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// This node only: the `[log]` backend (SQLite or memory) on this machine.
+    Local,
+    /// Several nodes on one Redis (`engine.url`): history, positions, presence and the feed are shared.
+    Redis,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    pub kind: EngineKind,
+    /// The cluster engine's server(s), e.g. `redis://127.0.0.1:6379` or `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// Prefix of every key, stream and subject Herald uses, so several clusters can share one server.
+    pub prefix: String,
+    /// How long start-up waits for the engine before giving up with a clear message.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long one engine operation (a publish, a read) may take before it fails.
+    #[serde(with = "humantime_serde")]
+    pub op_timeout: Duration,
+    /// How long a node's presence entries live without being refreshed (a node that dies takes its
+    /// clients out of presence after this).
+    #[serde(with = "humantime_serde")]
+    pub presence_ttl: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            kind: EngineKind::Local,
+            url: String::new(),
+            prefix: "herald".into(),
+            connect_timeout: Duration::from_secs(5),
+            op_timeout: Duration::from_secs(5),
+            presence_ttl: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -181,7 +238,11 @@ pub struct NamespaceConfig {
     pub subscribe: SubscribePolicy,
     pub publish: PublishPolicy,
     pub presence: bool,
+    /// Join/leave are generated for this namespace's channels; they reach the subscribers that asked for
+    /// them (the SDK's `joinLeave` option) unless `force_push_join_leave`.
     pub join_leave: bool,
+    /// Push join/leave to every subscriber, whether it asked or not.
+    pub force_push_join_leave: bool,
     /// Clients may call `history` on channels they are subscribed to.
     pub history: bool,
     /// Subscriptions are recoverable (offset + epoch).
@@ -200,6 +261,7 @@ impl Default for NamespaceConfig {
             publish: PublishPolicy::None,
             presence: true,
             join_leave: false,
+            force_push_join_leave: false,
             history: true,
             recovery: true,
             history_size: None,
@@ -273,6 +335,7 @@ impl Default for Config {
             data_dir: PathBuf::from("herald-data"),
             shutdown_timeout: Duration::from_secs(10),
             log: LogConfig::default(),
+            engine: EngineConfig::default(),
             auth: AuthConfig::default(),
             cors: CorsConfig::default(),
             mercure: MercureConfig::default(),
@@ -366,24 +429,44 @@ impl Config {
             .find(|(k, _)| k == "HERALD_CONFIG")
             .map(|(_, v)| PathBuf::from(v));
         let file = file.map(Path::to_path_buf).or(env_file);
+        let defaults = toml::Table::try_from(Config::default()).unwrap_or_default();
         let mut table = match &file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.clone(),
                     source,
                 })?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?
+                // Parsed whole first, so a wrong key or value is reported with its line and column.
+                toml::from_str::<Config>(&text).map_err(|e| ConfigError::File {
+                    path: path.clone(),
+                    message: e.to_string().trim_end().to_string(),
+                })?;
+                text.parse::<toml::Table>().map_err(|e| ConfigError::File {
+                    path: path.clone(),
+                    message: e.to_string().trim_end().to_string(),
+                })?
             }
             None => toml::Table::new(),
         };
+        // Each variable and flag is checked as it is applied, so an error names the one at fault.
         for (name, value) in &env {
             if let Some(key) = env_key(name) {
-                set_key(&mut table, &key, value)?;
+                set_key(&mut table, &key, value, &defaults)
+                    .and_then(|()| check(&table))
+                    .map_err(|message| ConfigError::Env {
+                        var: name.clone(),
+                        key: key.clone(),
+                        message,
+                    })?;
             }
         }
         for (key, value) in overrides {
-            set_key(&mut table, key, value)?;
+            set_key(&mut table, key, value, &defaults)
+                .and_then(|()| check(&table))
+                .map_err(|message| ConfigError::Flag {
+                    key: key.clone(),
+                    message,
+                })?;
         }
         let config: Config = toml::Value::Table(table)
             .try_into()
@@ -393,9 +476,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.listen.parse::<SocketAddr>().map_err(|e| {
-            ConfigError::Invalid(format!("listen = {:?} is not an address: {e}", self.listen))
-        })?;
+        self.listen_addr()?;
         if self.cors.allow_credentials && self.cors.allowed_origins.iter().any(|o| o == "*") {
             return Err(ConfigError::Invalid(
                 "cors.allowed_origins contains \"*\" while cors.allow_credentials is true: browsers \
@@ -430,10 +511,47 @@ impl Config {
         Ok(())
     }
 
+    /// The address to listen on: an IP and port, or a host name and port (`localhost:8083`) resolved here.
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.listen
-            .parse()
-            .map_err(|e| ConfigError::Invalid(format!("listen: {e}")))
+        use std::net::ToSocketAddrs;
+        if let Ok(addr) = self.listen.parse() {
+            return Ok(addr);
+        }
+        let invalid = |why: String| {
+            ConfigError::Invalid(format!(
+                "listen = {:?} is not an address: {why} (use host:port, e.g. 127.0.0.1:8080 or \
+                 localhost:8080)",
+                self.listen
+            ))
+        };
+        let mut addrs = self
+            .listen
+            .to_socket_addrs()
+            .map_err(|e| invalid(e.to_string()))?
+            .collect::<Vec<_>>();
+        // localhost resolves to ::1 and 127.0.0.1: take IPv4 first, as clients most often try it.
+        addrs.sort_by_key(|a| !a.is_ipv4());
+        addrs
+            .into_iter()
+            .next()
+            .ok_or_else(|| invalid("it resolves to no address".into()))
+    }
+
+    /// Where history goes, in words, for the start-up log.
+    pub fn history_location(&self) -> String {
+        match (self.engine.kind, self.log.backend) {
+            (EngineKind::Local, LogBackend::Memory) => "memory only (lost on restart)".into(),
+            (EngineKind::Local, LogBackend::Sqlite) => {
+                let path = self.log_path();
+                let shown = std::path::absolute(&path).unwrap_or(path);
+                format!("{} (SQLite)", shown.display())
+            }
+            (EngineKind::Redis, _) => format!(
+                "Redis at {} (keys {}:*), shared by every node",
+                redact_url(&self.engine.url),
+                self.engine.prefix
+            ),
+        }
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -503,6 +621,14 @@ impl Config {
     }
 }
 
+/// `url` without its password, for logs.
+fn redact_url(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, host))) => format!("{scheme}://***@{host}"),
+        _ => url.to_string(),
+    }
+}
+
 /// `HERALD_CORS__ALLOWED_ORIGINS` -> `cors.allowed_origins`; a few short aliases for the common ones.
 fn env_key(name: &str) -> Option<String> {
     let rest = name.strip_prefix("HERALD_")?;
@@ -531,6 +657,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "data_dir",
     "shutdown_timeout",
     "log",
+    "engine",
     "auth",
     "cors",
     "mercure",
@@ -539,12 +666,45 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "retention",
 ];
 
+/// Whether the table converts to a `Config`; the message says why not.
+fn check(table: &toml::Table) -> Result<(), String> {
+    toml::Value::Table(table.clone())
+        .try_into::<Config>()
+        .map(|_| ())
+        .map_err(|e| e.message().to_string())
+}
+
+/// The default value at a dotted key, if the key is a setting with a plain value.
+fn default_at<'a>(defaults: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
+    let mut parts = key.split('.');
+    let mut cur = defaults.get(parts.next()?)?;
+    for p in parts {
+        cur = cur.as_table()?.get(p)?;
+    }
+    Some(cur)
+}
+
 /// Sets a dotted key. The value is read as a TOML literal when it is one (`true`, `25`, `["a","b"]`),
-/// otherwise as a string; a comma list is accepted for the `*origins` lists.
-fn set_key(table: &mut toml::Table, key: &str, raw: &str) -> Result<(), ConfigError> {
-    let value = match format!("v = {raw}").parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.into())),
-        Err(_) => toml::Value::String(raw.into()),
+/// otherwise as a string; a comma list is accepted for the `*origins` lists; a boolean setting also
+/// takes `1`/`0`, `yes`/`no`, `on`/`off`, as environment variables usually spell them.
+fn set_key(
+    table: &mut toml::Table,
+    key: &str,
+    raw: &str,
+    defaults: &toml::Table,
+) -> Result<(), String> {
+    let boolean = matches!(default_at(defaults, key), Some(toml::Value::Boolean(_)));
+    let lenient_bool = match raw.trim().to_ascii_lowercase().as_str() {
+        "1" | "yes" | "on" | "true" => Some(true),
+        "0" | "no" | "off" | "false" => Some(false),
+        _ => None,
+    };
+    let value = match (boolean, lenient_bool) {
+        (true, Some(b)) => toml::Value::Boolean(b),
+        _ => match format!("v = {raw}").parse::<toml::Table>() {
+            Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.into())),
+            Err(_) => toml::Value::String(raw.into()),
+        },
     };
     let value = match value {
         toml::Value::String(s) if key.ends_with("origins") => toml::Value::Array(
@@ -560,7 +720,7 @@ fn set_key(table: &mut toml::Table, key: &str, raw: &str) -> Result<(), ConfigEr
     let last = parts
         .pop()
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| ConfigError::Invalid(format!("empty config key in {key:?}")))?;
+        .ok_or_else(|| format!("empty config key in {key:?}"))?;
     let mut cur = table;
     for p in parts {
         let entry = cur
@@ -568,7 +728,7 @@ fn set_key(table: &mut toml::Table, key: &str, raw: &str) -> Result<(), ConfigEr
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         cur = entry
             .as_table_mut()
-            .ok_or_else(|| ConfigError::Invalid(format!("{key}: {p} is not a section")))?;
+            .ok_or_else(|| format!("{key}: {p} is not a section"))?;
     }
     cur.insert(last.to_string(), value);
     Ok(())
@@ -653,6 +813,40 @@ mod tests {
         let err =
             Config::load(None, vec![], &[("limits.max_socket".into(), "1".into())]).unwrap_err();
         assert!(err.to_string().contains("max_socket"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_their_source_and_booleans_are_lenient() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("h.toml");
+        std::fs::write(&file, "[mercure]\nheartbeat = \"5s\"\nhartbeat = 1\n").unwrap();
+        let e = Config::load(Some(&file), vec![], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("h.toml") && e.contains("line 3") && e.contains("hartbeat"),
+            "{e}"
+        );
+        let env = vec![(
+            "HERALD_LIMITS__MAX_CONNECTIONS".to_string(),
+            "lots".to_string(),
+        )];
+        let e = Config::load(None, env, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("HERALD_LIMITS__MAX_CONNECTIONS") && e.contains("limits.max_connections"),
+            "{e}"
+        );
+        for (raw, want) in [("yes", true), ("1", true), ("off", false), ("0", false)] {
+            let env = vec![("HERALD_ALLOW_ANONYMOUS".to_string(), raw.to_string())];
+            assert_eq!(
+                Config::load(None, env, &[]).unwrap().auth.allow_anonymous,
+                want
+            );
+        }
+        let flags = vec![("listen".to_string(), "\"localhost:8083\"".to_string())];
+        let c = Config::load(None, vec![], &flags).unwrap();
+        let addr = c.listen_addr().unwrap();
+        assert!(addr.ip().is_loopback() && addr.port() == 8083, "{addr}");
     }
 
     #[test]

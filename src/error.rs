@@ -51,8 +51,32 @@ impl IntoResponse for ApiError {
                 axum::http::HeaderValue::from_static("Bearer"),
             );
         }
+        // For the access log (`log_refusals`), which knows the request this answers.
+        resp.extensions_mut().insert(self);
         resp
     }
+}
+
+/// Logs every refused request with its method, path, status, code and message: an operator must be able
+/// to see why clients get 401s and 403s without asking them. Auth and permission refusals (and other
+/// 4xx that point at a client bug) at info, server-side failures at warn, plain 404s at debug.
+pub async fn log_refusals(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    if let Some(e) = resp.extensions().get::<ApiError>() {
+        let (status, code, message) = (e.status.as_u16(), e.code, e.message.as_str());
+        match e.status {
+            s if s.is_server_error() => {
+                tracing::warn!(%method, path, status, code, message, "request failed")
+            }
+            StatusCode::NOT_FOUND => {
+                tracing::debug!(%method, path, status, code, message, "request refused")
+            }
+            _ => tracing::info!(%method, path, status, code, message, "request refused"),
+        }
+    }
+    resp
 }
 
 impl From<crate::hub::HubError> for ApiError {

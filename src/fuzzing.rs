@@ -9,10 +9,11 @@ use std::sync::OnceLock;
 
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Version};
 use jsonwebtoken::{Algorithm, EncodingKey};
+use prost::Message as _;
 
 use crate::auth::{Auth, Role, TokenSource};
-use crate::centrifugo::conn;
 use crate::config::{AuthConfig, LimitsConfig};
+use crate::frame::centrifugo::codec::Codec;
 use crate::mercure::{publish, subscribe, HUB_PATH};
 use crate::server::lean::{self, Head};
 use crate::topic::Selector;
@@ -144,23 +145,23 @@ pub fn publish_body(body: &[u8]) -> Checked {
     Ok(())
 }
 
-/// One WebSocket text frame of the Centrifugo client protocol, decoded into commands as a connection does;
-/// a command that does not decode ends the frame with the close reason the client would get.
+/// One WebSocket frame of the Centrifugo client protocol decoded into commands with each codec, as a
+/// connection does (a text frame with JSON, a binary one with Protobuf); no connection. Every command
+/// decoded must survive a Protobuf round trip unchanged: the two codecs share one model.
 pub fn centrifugo_command(frame: &[u8]) -> Checked {
-    let text = String::from_utf8_lossy(frame);
-    for cmd in conn::commands(&text) {
-        match cmd {
-            Ok(cmd) => {
-                let _ = format!("{cmd:?}");
+    for codec in [Codec::Json, Codec::Protobuf] {
+        let Ok(commands) = codec.decode(frame) else {
+            continue; // the connection closes with 3501
+        };
+        let mut encoded = Vec::new();
+        for cmd in &commands {
+            if cmd.encode_length_delimited(&mut encoded).is_err() {
+                return Err(format!("{codec:?}: cannot re-encode {cmd:?}"));
             }
-            Err(e) => {
-                let reason = format!("bad request: {e}");
-                let fitted = conn::fit_close_reason(&reason);
-                if fitted.len() > conn::MAX_CLOSE_REASON || !reason.starts_with(fitted) {
-                    return Err(format!("close reason {fitted:?} from {reason:?}"));
-                }
-                break;
-            }
+        }
+        match Codec::Protobuf.decode(&encoded) {
+            Ok(again) if again == commands => {}
+            again => return Err(format!("{codec:?}: {commands:?} round-trips to {again:?}")),
         }
     }
     Ok(())

@@ -14,18 +14,21 @@
 //! disconnected (its outbox is closed, and the connection is killed if the transport registered a kill
 //! switch) and will resume from the log when it reconnects.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{Identity, ReadFilter};
+use crate::engine::{Engine, Feed, FeedEvent};
 use crate::frame::Publication;
-use crate::log::{Log, LogError, Record, Retention};
+use crate::log::{LogError, Record};
+use crate::presence::{LocalPresence, PresenceStore};
 use crate::queue;
 use crate::topic::Selector;
 
@@ -54,6 +57,8 @@ pub enum DisconnectReason {
     TokenExpired,
     Shutdown,
     Server,
+    /// A cluster engine lost publications for this node.
+    EngineLost,
 }
 
 impl DisconnectReason {
@@ -63,6 +68,7 @@ impl DisconnectReason {
             DisconnectReason::TokenExpired => "token_expired",
             DisconnectReason::Shutdown => "shutdown",
             DisconnectReason::Server => "server",
+            DisconnectReason::EngineLost => "engine_lost",
         }
     }
 }
@@ -74,8 +80,6 @@ pub struct HubOptions {
     pub max_connections: usize,
     pub max_topics_per_subscription: usize,
     pub max_message_size: usize,
-    pub retention: Retention,
-    pub prune_interval: Duration,
     /// Most publications committed in one transaction.
     pub max_batch: usize,
 }
@@ -87,8 +91,6 @@ impl Default for HubOptions {
             max_connections: 10_000,
             max_topics_per_subscription: 64,
             max_message_size: 64 * 1024,
-            retention: Retention::default(),
-            prune_interval: Duration::from_secs(60),
             max_batch: 512,
         }
     }
@@ -101,12 +103,17 @@ pub struct NewPublication {
     /// break.
     pub id: Option<String>,
     pub topics: Vec<String>,
-    pub data: String,
+    pub data: Bytes,
     pub private: bool,
     pub event_type: Option<String>,
     pub retry: Option<u64>,
     /// Publisher's `ClientInfo` as JSON, for client publications.
     pub info: Option<String>,
+    /// Centrifugo publication tags.
+    pub tags: BTreeMap<String, String>,
+    /// Deliver to live subscribers without appending to the log (Centrifugo's `skip_history`): no
+    /// position, no id, nothing to resume; it still takes its place in the publication order.
+    pub skip_history: bool,
 }
 
 /// Who a client is, as presence and join/leave report it (Centrifugo `ClientInfo`).
@@ -171,7 +178,8 @@ struct Sub {
     spec: Arc<SubscribeSpec>,
     outbox: Outbox,
     /// Dedupe within one fan-out: a subscriber reachable through several topics gets a publication once.
-    last_seq: AtomicU64,
+    /// Counted in fan-outs, not seqs: a publication kept out of history has no seq.
+    last_fanout: AtomicU64,
 }
 
 impl SubscribeSpec {
@@ -241,22 +249,30 @@ impl Registry {
 
 struct Job {
     record: Record,
+    skip_history: bool,
     ack: oneshot::Sender<Result<Arc<Publication>, HubError>>,
 }
 
 struct Inner {
-    log: Arc<dyn Log>,
+    engine: Arc<dyn Engine>,
     opts: HubOptions,
     registry: RwLock<Registry>,
     dispatched: AtomicU64,
+    /// Fan-outs so far: the dedupe mark of each.
+    fanouts: AtomicU64,
     last_id: Mutex<Option<String>>,
     connections: AtomicUsize,
+    /// Notified when the last connection ends (shutdown waits for it).
+    no_connections: tokio::sync::Notify,
     next_id: AtomicU64,
     shutdown: CancellationToken,
     sequencer: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// channel -> client id -> info. Local to this node.
-    /// Shared with the join/leave deliveries: one copy per present client, not one per use.
-    presence: RwLock<HashMap<String, HashMap<String, Arc<ClientInfo>>>>,
+    /// The engine has a feed: publications are dispatched from it, not after the append.
+    clustered: bool,
+    /// Who is in which channel: in memory for one node, the engine's store for a cluster.
+    presence: Arc<dyn PresenceStore>,
+    /// Where control messages for live connections are handed over (see [`Hub::on_control`]).
+    control_sink: OnceLock<ControlSink>,
 }
 
 /// Cheap to clone; all clones share one hub.
@@ -285,6 +301,24 @@ impl Drop for Subscription {
     }
 }
 
+/// A control message handler, see [`Hub::on_control`].
+type ControlSink = Box<dyn Fn(&str, Option<&str>, &[u8]) + Send + Sync>;
+
+/// A client's presence in a channel; dropping it is the leave. See [`Hub::join`].
+pub struct PresenceGuard {
+    inner: Arc<Inner>,
+    channel: Box<str>,
+    client: Box<str>,
+}
+
+impl Drop for PresenceGuard {
+    fn drop(&mut self) {
+        if let Some(info) = self.inner.presence.remove(&self.channel, &self.client) {
+            announce(&self.inner, &self.channel, info, false);
+        }
+    }
+}
+
 /// Held by a transport for the life of one client connection; counts towards `max_connections`.
 pub struct ConnectionGuard {
     inner: Arc<Inner>,
@@ -292,7 +326,9 @@ pub struct ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.inner.connections.fetch_sub(1, Ordering::AcqRel);
+        if self.inner.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.no_connections.notify_waiters();
+        }
         metrics::gauge!("herald_connections").decrement(1.0);
     }
 }
@@ -306,7 +342,7 @@ pub struct SubscriptionInfo {
     pub payload: Option<serde_json::Value>,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -314,39 +350,70 @@ fn now_ms() -> i64 {
 }
 
 impl Hub {
-    /// Creates the hub and starts its sequencer and retention tasks. Must be called inside a Tokio runtime.
-    pub fn new(log: Arc<dyn Log>, opts: HubOptions) -> Hub {
+    /// Creates the hub on `engine` and starts its sequencer (and, for a cluster engine, the task that
+    /// dispatches the engine's feed). Async because the hub must know where the log ends before it serves
+    /// anyone: that position is the registration boundary of the first subscriptions.
+    pub async fn new(engine: Arc<dyn Engine>, opts: HubOptions) -> Result<Hub, HubError> {
         let (jobs, rx) = mpsc::channel(opts.max_batch.max(1) * 4);
-        let last = log.last().ok().flatten();
+        let last = engine.last().await?;
+        let feed = engine.feed(last.as_ref().map(|r| r.seq).unwrap_or(0));
+        let engine_presence = engine.presence();
         let inner = Arc::new(Inner {
             dispatched: AtomicU64::new(last.as_ref().map(|r| r.seq).unwrap_or(0)),
+            fanouts: AtomicU64::new(0),
             last_id: Mutex::new(last.map(|r| r.id)),
-            log,
+            engine,
             opts,
             registry: RwLock::new(Registry::default()),
             connections: AtomicUsize::new(0),
+            no_connections: tokio::sync::Notify::new(),
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             sequencer: Mutex::new(None),
-            presence: RwLock::new(HashMap::new()),
+            clustered: feed.is_some(),
+            presence: engine_presence.unwrap_or_else(|| Arc::new(LocalPresence::default())),
+            control_sink: OnceLock::new(),
         });
         let handle = tokio::spawn(sequencer(inner.clone(), rx));
         *inner.sequencer.lock() = Some(handle);
-        tokio::spawn(pruner(
-            inner.log.clone(),
-            inner.opts.retention.clone(),
-            inner.opts.prune_interval,
-            inner.shutdown.clone(),
-        ));
-        Hub { inner, jobs }
+        if let Some(feed) = feed {
+            tokio::spawn(dispatch_feed(inner.clone(), feed));
+        }
+        Ok(Hub { inner, jobs })
     }
 
     pub fn options(&self) -> &HubOptions {
         &self.inner.opts
     }
 
-    pub fn log(&self) -> &Arc<dyn Log> {
-        &self.inner.log
+    /// The engine publications are stored in.
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.inner.engine
+    }
+
+    /// The history's incarnation (the WebSocket epoch; part of generated SSE ids).
+    pub fn epoch(&self) -> String {
+        self.inner.engine.epoch()
+    }
+
+    /// Whether the hub can take publications now: not shutting down, its sequencer alive, the engine
+    /// accepting writes.
+    pub async fn ready(&self) -> Result<(), HubError> {
+        if self.is_shutting_down() {
+            return Err(HubError::ShuttingDown);
+        }
+        let alive = self
+            .inner
+            .sequencer
+            .lock()
+            .as_ref()
+            .is_some_and(|h| !h.is_finished());
+        if !alive {
+            return Err(HubError::Log(LogError::Storage(
+                "the sequencer has stopped".into(),
+            )));
+        }
+        Ok(self.inner.engine.health().await?)
     }
 
     /// Cancelled when shutdown starts; transports end their streams on it.
@@ -404,10 +471,15 @@ impl Hub {
             retry: p.retry,
             time_ms: now_ms(),
             info: p.info,
+            tags: p.tags,
         };
         let (ack, done) = oneshot::channel();
         self.jobs
-            .send(Job { record, ack })
+            .send(Job {
+                record,
+                skip_history: p.skip_history,
+                ack,
+            })
             .await
             .map_err(|_| HubError::ShuttingDown)?;
         done.await.map_err(|_| HubError::ShuttingDown)?
@@ -428,6 +500,19 @@ impl Hub {
 
     pub fn connection_count(&self) -> usize {
         self.inner.connections.load(Ordering::Acquire)
+    }
+
+    /// Resolves when no client connection is left: at shutdown, the server waits for this so that every
+    /// connection has written its goodbye (a WebSocket's close frame 3001, the end of an SSE stream) before
+    /// the process exits.
+    pub async fn connections_closed(&self) {
+        loop {
+            let notified = self.inner.no_connections.notified();
+            if self.connection_count() == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// A new outbox for one client connection, with its receiving end.
@@ -458,7 +543,7 @@ impl Hub {
             id,
             spec: spec.clone(),
             outbox: outbox.clone(),
-            last_seq: AtomicU64::new(0),
+            last_fanout: AtomicU64::new(0),
         });
         let registered_at = {
             let mut reg = self.inner.registry.write();
@@ -505,77 +590,48 @@ impl Hub {
         out
     }
 
-    /// Adds a client to a channel's presence and, for subscribers that asked, delivers a join.
-    pub fn join(&self, channel: &str, info: ClientInfo) {
+    /// Adds a client to a channel's presence and delivers a join to the subscribers that asked for it (on
+    /// every node, in a cluster). Presence lasts as long as the returned guard: dropping it is the leave,
+    /// however the connection ends (a panic in its task included).
+    pub fn join(&self, channel: &str, info: ClientInfo) -> PresenceGuard {
         let info = Arc::new(info);
-        self.inner
-            .presence
-            .write()
-            .entry(channel.to_string())
-            .or_default()
-            .insert(info.client.clone(), info.clone());
-        self.notify(channel, info, true);
-    }
-
-    /// Removes a client from a channel's presence and delivers a leave.
-    pub fn leave(&self, channel: &str, client: &str) {
-        let info = {
-            let mut p = self.inner.presence.write();
-            let info = p.get_mut(channel).and_then(|m| m.remove(client));
-            if p.get(channel).is_some_and(HashMap::is_empty) {
-                p.remove(channel);
-            }
-            info
-        };
-        if let Some(info) = info {
-            self.notify(channel, info, false);
+        self.inner.presence.add(channel, info.clone());
+        announce(&self.inner, channel, info.clone(), true);
+        PresenceGuard {
+            inner: self.inner.clone(),
+            channel: channel.into(),
+            client: info.client.as_str().into(),
         }
     }
 
-    fn notify(&self, channel: &str, info: Arc<ClientInfo>, join: bool) {
-        let channel: Arc<str> = channel.into();
-        let mut slow = Vec::new();
-        {
-            let reg = self.inner.registry.read();
-            for sub in reg
-                .exact
-                .get(&*channel)
-                .into_iter()
-                .flat_map(|m| m.values())
-            {
-                if !sub.spec.join_leave {
-                    continue;
-                }
-                let d = if join {
-                    Delivery::Join {
-                        sub: sub.id,
-                        channel: channel.clone(),
-                        info: info.clone(),
-                    }
-                } else {
-                    Delivery::Leave {
-                        sub: sub.id,
-                        channel: channel.clone(),
-                        info: info.clone(),
-                    }
-                };
-                if let Err(queue::TrySendError::Full(_)) = sub.outbox.tx.try_send(d) {
-                    slow.push(sub.clone());
-                }
-            }
-        }
-        disconnect_slow(&self.inner, slow);
+    /// The clients present in a channel (on every node, in a cluster).
+    pub async fn presence(&self, channel: &str) -> Result<Vec<ClientInfo>, HubError> {
+        Ok(self.inner.presence.list(channel).await?)
     }
 
-    /// Clients present in a channel on this node.
-    pub fn presence(&self, channel: &str) -> Vec<ClientInfo> {
-        let p = self.inner.presence.read();
-        let mut v: Vec<ClientInfo> = p
-            .get(channel)
-            .map(|m| m.values().map(|i| ClientInfo::clone(i)).collect())
-            .unwrap_or_default();
-        v.sort_by(|a, b| a.client.cmp(&b.client));
-        v
+    /// Where control messages for live connections go (the Centrifugo face registers its connection
+    /// registry): called on every node for a message sent with [`Hub::control`].
+    pub fn on_control(&self, sink: impl Fn(&str, Option<&str>, &[u8]) + Send + Sync + 'static) {
+        let _ = self.inner.control_sink.set(Box::new(sink));
+    }
+
+    /// Sends a control message to the live connections of `user` (or one `client`) wherever they are: on
+    /// this node, or through the engine to every node of a cluster.
+    pub async fn control(
+        &self,
+        user: &str,
+        client: Option<&str>,
+        payload: Bytes,
+    ) -> Result<(), HubError> {
+        if self.inner.clustered {
+            self.inner
+                .engine
+                .control(user.to_string(), client.map(str::to_string), payload)
+                .await?;
+        } else if let Some(sink) = self.inner.control_sink.get() {
+            sink(user, client, &payload);
+        }
+        Ok(())
     }
 
     /// Channels with at least one exact subscriber, with their subscriber counts.
@@ -595,30 +651,24 @@ impl Hub {
         self.inner.last_id.lock().clone()
     }
 
-    /// Log records with `after < seq <= upto`, read off the async runtime.
+    /// Log records with `after < seq <= upto`; only those with a topic in `topics` when given.
     pub async fn history(
         &self,
         after: u64,
         upto: u64,
         limit: usize,
+        topics: Option<Vec<String>>,
     ) -> Result<Vec<Record>, HubError> {
-        let log = self.inner.log.clone();
-        blocking(move || log.read_range(after, upto, limit)).await
-    }
-
-    /// Runs a blocking log call off the async runtime.
-    pub async fn with_log<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn Log) -> Result<T, LogError> + Send + 'static,
-    ) -> Result<T, HubError> {
-        let log = self.inner.log.clone();
-        blocking(move || f(&*log)).await
+        Ok(self
+            .inner
+            .engine
+            .read_range(after, upto, limit, topics)
+            .await?)
     }
 
     /// The seq of event id `id`, if it is still in the log.
     pub async fn find_id(&self, id: String) -> Result<Option<u64>, HubError> {
-        let log = self.inner.log.clone();
-        blocking(move || log.find_id(&id)).await
+        Ok(self.inner.engine.find_id(id).await?)
     }
 
     /// Begins shutdown: new publishes and subscriptions are refused, streams are told to end, queued
@@ -640,11 +690,56 @@ impl Hub {
         let handle = self.inner.sequencer.lock().take();
         if let Some(h) = handle {
             let _ = h.await;
-            let log = self.inner.log.clone();
-            blocking(move || log.flush()).await?;
+            self.inner.engine.close().await?;
         }
         Ok(())
     }
+}
+
+/// A join or leave: delivered on this node, or, in a cluster, sent through the engine to every node's feed
+/// (this one's included), where [`notify`] delivers it.
+fn announce(inner: &Inner, channel: &str, info: Arc<ClientInfo>, joined: bool) {
+    if inner.clustered {
+        inner.engine.announce(channel, &info, joined);
+    } else {
+        notify(inner, channel, info, joined);
+    }
+}
+
+/// Delivers a join or leave to this node's subscribers of `channel` that asked for them.
+fn notify(inner: &Inner, channel: &str, info: Arc<ClientInfo>, join: bool) {
+    let channel: Arc<str> = channel.into();
+    let mut slow = Vec::new();
+    {
+        let reg = inner.registry.read();
+        for sub in reg
+            .exact
+            .get(&*channel)
+            .into_iter()
+            .flat_map(|m| m.values())
+        {
+            if !sub.spec.join_leave {
+                continue;
+            }
+            let d = if join {
+                Delivery::Join {
+                    sub: sub.id,
+                    channel: channel.clone(),
+                    info: info.clone(),
+                }
+            } else {
+                Delivery::Leave {
+                    sub: sub.id,
+                    channel: channel.clone(),
+                    info: info.clone(),
+                }
+            };
+            if let Err(queue::TrySendError::Full(_)) = sub.outbox.tx.try_send(d) {
+                slow.push(sub.clone());
+            }
+        }
+    }
+    disconnect_slow(inner, slow);
 }
 
 fn kill(sub: &Sub, reason: DisconnectReason) {
@@ -653,15 +748,6 @@ fn kill(sub: &Sub, reason: DisconnectReason) {
         k.cancel();
     }
     metrics::counter!("herald_disconnects_total", "reason" => reason.as_str()).increment(1);
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, LogError> + Send + 'static,
-) -> Result<T, HubError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| HubError::Log(LogError::Storage(format!("log task failed: {e}"))))?
-        .map_err(HubError::from)
 }
 
 async fn sequencer(inner: Arc<Inner>, mut rx: mpsc::Receiver<Job>) {
@@ -698,47 +784,114 @@ async fn sequencer(inner: Arc<Inner>, mut rx: mpsc::Receiver<Job>) {
 }
 
 async fn commit_and_dispatch(inner: &Arc<Inner>, jobs: Vec<Job>) {
-    let (mut records, acks): (Vec<Record>, Vec<_>) =
-        jobs.into_iter().map(|j| (j.record, j.ack)).unzip();
-    let log = inner.log.clone();
-    let started = Instant::now();
-    let appended =
-        tokio::task::spawn_blocking(move || log.append(&mut records).map(|()| records)).await;
-    metrics::histogram!("herald_log_append_seconds").record(started.elapsed().as_secs_f64());
-    let records = match appended {
-        Ok(Ok(records)) => records,
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "log append failed; publications refused");
-            for ack in acks {
-                let _ = ack.send(Err(HubError::Log(LogError::Storage(e.to_string()))));
-            }
-            return;
+    let mut records = Vec::with_capacity(jobs.len());
+    let mut acks = Vec::with_capacity(jobs.len());
+    let mut durable_at = Vec::with_capacity(jobs.len());
+    for (i, j) in jobs.into_iter().enumerate() {
+        if !j.skip_history {
+            durable_at.push(i);
         }
-        Err(e) => {
-            tracing::error!(error = %e, "log append task failed");
-            for ack in acks {
-                let _ = ack.send(Err(HubError::Log(LogError::Storage(e.to_string()))));
+        records.push(j.record);
+        acks.push(j.ack);
+    }
+    // The durable ones go to the engine in one append (one commit); those kept out of history keep seq 0
+    // and no id, but keep their place in the order.
+    if !durable_at.is_empty() {
+        let durable: Vec<Record> = durable_at
+            .iter()
+            .map(|&i| std::mem::take(&mut records[i]))
+            .collect();
+        match inner.engine.append(durable).await {
+            Ok(durable) => {
+                for (&i, r) in durable_at.iter().zip(durable) {
+                    records[i] = r;
+                }
             }
-            return;
+            Err(e) => {
+                tracing::error!(error = %e, "log append failed; publications refused");
+                let e = e.to_string();
+                for ack in acks {
+                    let _ = ack.send(Err(HubError::Log(LogError::Storage(e.clone()))));
+                }
+                return;
+            }
         }
-    };
+    }
     metrics::counter!("herald_publications_total").increment(records.len() as u64);
     for (record, ack) in records.into_iter().zip(acks) {
-        let publication = Arc::new(Publication::new(record));
-        dispatch(inner, &publication);
-        let _ = ack.send(Ok(publication));
+        if !inner.clustered {
+            let publication = Arc::new(Publication::new(record));
+            dispatch(inner, &publication);
+            let _ = ack.send(Ok(publication));
+            continue;
+        }
+        // In a cluster every node, this one included, dispatches from the engine's feed.
+        if record.seq == 0 {
+            if let Err(e) = inner.engine.broadcast(record.clone()).await {
+                let _ = ack.send(Err(HubError::Log(e)));
+                continue;
+            }
+        }
+        let _ = ack.send(Ok(Arc::new(Publication::new(record))));
+    }
+}
+
+/// A cluster engine's feed, dispatched in order on this node. When the engine says publications were lost
+/// for this node, every subscriber is disconnected: it reconnects and resumes from the log, instead of
+/// silently missing what was lost.
+async fn dispatch_feed(inner: Arc<Inner>, mut feed: Feed) {
+    while let Some(event) = feed.recv().await {
+        match event {
+            FeedEvent::Publication(record) => {
+                let publication = Arc::new(Publication::new(record));
+                dispatch(&inner, &publication);
+            }
+            FeedEvent::Presence {
+                channel,
+                info,
+                joined,
+            } => notify(&inner, &channel, Arc::new(info), joined),
+            FeedEvent::Control {
+                user,
+                client,
+                payload,
+            } => {
+                if let Some(sink) = inner.control_sink.get() {
+                    sink(&user, client.as_deref(), &payload);
+                }
+            }
+            FeedEvent::Lost(why) => {
+                tracing::warn!(
+                    why,
+                    "the engine lost publications for this node; subscribers reconnect"
+                );
+                let subs: Vec<Arc<Sub>> = {
+                    let mut reg = inner.registry.write();
+                    let subs = reg.all.values().cloned().collect();
+                    *reg = Registry::default();
+                    subs
+                };
+                for s in &subs {
+                    metrics::gauge!("herald_subscriptions").decrement(1.0);
+                    kill(s, DisconnectReason::EngineLost);
+                }
+            }
+        }
     }
 }
 
 /// Fan-out of one committed publication. Never blocks: a full outbox disconnects its subscriber.
 fn dispatch(inner: &Inner, p: &Arc<Publication>) {
     let seq = p.record.seq;
+    // Only the sequencer task dispatches, so rounds are distinct and increasing.
+    let round = inner.fanouts.fetch_add(1, Ordering::Relaxed) + 1;
     let mut delivered = 0u64;
     let mut slow: Vec<Arc<Sub>> = Vec::new();
     {
         let reg = inner.registry.read();
         let mut offer = |sub: &Arc<Sub>| {
-            if sub.last_seq.swap(seq, Ordering::Relaxed) == seq || !sub.spec.wants(&p.record) {
+            if sub.last_fanout.swap(round, Ordering::Relaxed) == round || !sub.spec.wants(&p.record)
+            {
                 return;
             }
             match sub.outbox.tx.try_send(Delivery::Pub {
@@ -756,9 +909,13 @@ fn dispatch(inner: &Inner, p: &Arc<Publication>) {
             }
         }
         reg.wild.values().for_each(&mut offer);
-        inner.dispatched.store(seq, Ordering::Release);
+        if seq > 0 {
+            inner.dispatched.store(seq, Ordering::Release);
+        }
     }
-    *inner.last_id.lock() = Some(p.record.id.clone());
+    if seq > 0 {
+        *inner.last_id.lock() = Some(p.record.id.clone());
+    }
     metrics::counter!("herald_deliveries_total").increment(delivered);
     disconnect_slow(inner, slow);
 }
@@ -782,44 +939,30 @@ fn disconnect_slow(inner: &Inner, slow: Vec<Arc<Sub>>) {
     }
 }
 
-async fn pruner(
-    log: Arc<dyn Log>,
-    retention: Retention,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    if retention.rules.is_empty() {
-        return;
-    }
-    let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.cancelled() => return,
-        }
-        let log = log.clone();
-        let rules = retention.clone();
-        match tokio::task::spawn_blocking(move || log.prune(&rules, now_ms())).await {
-            Ok(Ok(n)) if n > 0 => tracing::debug!(removed = n, "retention applied"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "retention failed"),
-            _ => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log::MemoryLog;
+    use crate::engine::LocalEngine;
+    use crate::log::{MemoryLog, Retention};
 
-    fn hub(outbox: usize) -> Hub {
-        Hub::new(
+    fn memory() -> Arc<dyn Engine> {
+        Arc::new(LocalEngine::new(
             Arc::new(MemoryLog::new()),
+            Retention::default(),
+            std::time::Duration::from_secs(60),
+        ))
+    }
+
+    async fn hub(outbox: usize) -> Hub {
+        Hub::new(
+            memory(),
             HubOptions {
                 outbox_capacity: outbox,
                 ..Default::default()
             },
         )
+        .await
+        .unwrap()
     }
 
     fn spec(selectors: &[&str]) -> SubscribeSpec {
@@ -839,7 +982,7 @@ mod tests {
     impl Client {
         async fn data(&mut self) -> String {
             match self.rx.recv().await.unwrap() {
-                Delivery::Pub { publication, .. } => publication.record.data.clone(),
+                Delivery::Pub { publication, .. } => publication.record.data_text().into_owned(),
                 other => panic!("expected a publication, got {other:?}"),
             }
         }
@@ -857,14 +1000,14 @@ mod tests {
     fn new(topics: &[&str], data: &str) -> NewPublication {
         NewPublication {
             topics: topics.iter().map(|s| s.to_string()).collect(),
-            data: data.into(),
+            data: data.to_string().into(),
             ..Default::default()
         }
     }
 
     #[tokio::test]
     async fn publish_reaches_matching_subscribers_once_in_order() {
-        let hub = hub(16);
+        let hub = hub(16).await;
         let mut exact = client(&hub, spec(&["a", "b"]));
         let mut wild = client(&hub, spec(&["*"]));
         let mut other = client(&hub, spec(&["c"]));
@@ -883,7 +1026,7 @@ mod tests {
 
     #[tokio::test]
     async fn private_needs_a_grant() {
-        let hub = hub(16);
+        let hub = hub(16).await;
         let mut anon = client(&hub, spec(&["t"]));
         let mut granted = client(
             &hub,
@@ -908,7 +1051,7 @@ mod tests {
 
     #[tokio::test]
     async fn full_outbox_disconnects_only_the_slow_one() {
-        let hub = hub(2);
+        let hub = hub(2).await;
         let slow = client(&hub, spec(&["t"]));
         let mut fast = client(&hub, spec(&["t"]));
         for i in 0..5 {
@@ -922,7 +1065,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_outbox_serves_several_subscriptions() {
-        let hub = hub(16);
+        let hub = hub(16).await;
         let (outbox, mut rx) = hub.outbox(None);
         let a = hub.subscribe(spec(&["a"]), &outbox).unwrap();
         let b = hub.subscribe(spec(&["b"]), &outbox).unwrap();
@@ -939,7 +1082,7 @@ mod tests {
 
     #[tokio::test]
     async fn presence_and_join_leave() {
-        let hub = hub(16);
+        let hub = hub(16).await;
         let (outbox, mut rx) = hub.outbox(None);
         let _s = hub
             .subscribe(
@@ -956,22 +1099,44 @@ mod tests {
             conn_info: None,
             chan_info: None,
         };
-        hub.join("room", info.clone());
-        assert_eq!(hub.presence("room"), vec![info.clone()]);
+        let present = hub.join("room", info.clone());
+        assert_eq!(hub.presence("room").await.unwrap(), vec![info.clone()]);
         assert!(matches!(rx.try_recv().unwrap(), Delivery::Join { info: i, .. } if *i == info));
-        hub.leave("room", "c1");
-        assert!(hub.presence("room").is_empty());
+        drop(present);
+        assert!(hub.presence("room").await.unwrap().is_empty());
         assert!(matches!(rx.try_recv().unwrap(), Delivery::Leave { .. }));
         assert_eq!(hub.channels(), vec![("room".to_string(), 1)]);
     }
 
+    /// A connection task that panics still leaves: its presence is a guard, dropped while unwinding.
+    #[tokio::test]
+    async fn a_panicking_task_leaves_its_presence() {
+        let hub = hub(16).await;
+        let info = ClientInfo {
+            client: "c1".into(),
+            user: "42".into(),
+            conn_info: None,
+            chan_info: None,
+        };
+        let h = hub.clone();
+        let task = tokio::spawn(async move {
+            let _present = h.join("room", info);
+            panic!("injected: the connection task panics");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert!(hub.presence("room").await.unwrap().is_empty());
+    }
+
     #[tokio::test]
     async fn registration_boundary_splits_history_and_live() {
-        let hub = hub(16);
+        let hub = hub(16).await;
         hub.publish(new(&["t"], "old")).await.unwrap();
         let mut c = client(&hub, spec(&["t"]));
         hub.publish(new(&["t"], "new")).await.unwrap();
-        let hist = hub.history(0, c._sub.registered_at, 100).await.unwrap();
+        let hist = hub
+            .history(0, c._sub.registered_at, 100, None)
+            .await
+            .unwrap();
         assert_eq!(hist.len(), 1);
         assert_eq!(hist[0].data, "old");
         assert_eq!(c.data().await, "new");
@@ -980,14 +1145,16 @@ mod tests {
     #[tokio::test]
     async fn limits_and_validation() {
         let hub = Hub::new(
-            Arc::new(MemoryLog::new()),
+            memory(),
             HubOptions {
                 max_connections: 1,
                 max_topics_per_subscription: 1,
                 max_message_size: 3,
                 ..Default::default()
             },
-        );
+        )
+        .await
+        .unwrap();
         let _c = hub.connect().unwrap();
         assert!(matches!(
             hub.connect(),
@@ -1016,9 +1183,100 @@ mod tests {
         ));
     }
 
+    /// An engine whose append panics: the sequencer dies with it.
+    struct Panicking(Arc<dyn Engine>);
+
+    impl Engine for Panicking {
+        fn append(
+            &self,
+            _batch: Vec<Record>,
+        ) -> crate::engine::BoxFuture<'_, Result<Vec<Record>, LogError>> {
+            Box::pin(async { panic!("injected: append panics") })
+        }
+        fn read_range(
+            &self,
+            a: u64,
+            u: u64,
+            l: usize,
+            t: Option<Vec<String>>,
+        ) -> crate::engine::BoxFuture<'_, Result<Vec<Record>, LogError>> {
+            self.0.read_range(a, u, l, t)
+        }
+        fn read_channel(
+            &self,
+            c: String,
+            a: u64,
+            u: u64,
+            l: usize,
+        ) -> crate::engine::BoxFuture<'_, Result<Vec<Record>, LogError>> {
+            self.0.read_channel(c, a, u, l)
+        }
+        fn read_channel_back(
+            &self,
+            c: String,
+            b: u64,
+            l: usize,
+        ) -> crate::engine::BoxFuture<'_, Result<Vec<Record>, LogError>> {
+            self.0.read_channel_back(c, b, l)
+        }
+        fn find_id(
+            &self,
+            id: String,
+        ) -> crate::engine::BoxFuture<'_, Result<Option<u64>, LogError>> {
+            self.0.find_id(id)
+        }
+        fn last(&self) -> crate::engine::BoxFuture<'_, Result<Option<Record>, LogError>> {
+            self.0.last()
+        }
+        fn channel_top(
+            &self,
+            c: String,
+            u: u64,
+        ) -> crate::engine::BoxFuture<'_, Result<Option<u64>, LogError>> {
+            self.0.channel_top(c, u)
+        }
+        fn channel_pruned_upto(
+            &self,
+            c: String,
+        ) -> crate::engine::BoxFuture<'_, Result<u64, LogError>> {
+            self.0.channel_pruned_upto(c)
+        }
+        fn remove_channel(&self, c: String) -> crate::engine::BoxFuture<'_, Result<u64, LogError>> {
+            self.0.remove_channel(c)
+        }
+        fn epoch(&self) -> String {
+            self.0.epoch()
+        }
+        fn health(&self) -> crate::engine::BoxFuture<'_, Result<(), LogError>> {
+            self.0.health()
+        }
+        fn close(&self) -> crate::engine::BoxFuture<'_, Result<(), LogError>> {
+            self.0.close()
+        }
+    }
+
+    /// A dead sequencer is reported (readiness fails) and publishes are refused, never left hanging.
+    #[tokio::test]
+    async fn a_dead_sequencer_makes_the_hub_unready() {
+        let hub = Hub::new(Arc::new(Panicking(memory())), HubOptions::default())
+            .await
+            .unwrap();
+        assert!(hub.ready().await.is_ok());
+        assert!(hub.publish(new(&["t"], "x")).await.is_err());
+        for _ in 0..500 {
+            if hub.ready().await.is_err() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let e = hub.ready().await.unwrap_err().to_string();
+        assert!(e.contains("sequencer"), "{e}");
+        assert!(hub.publish(new(&["t"], "y")).await.is_err());
+    }
+
     #[tokio::test]
     async fn shutdown_ends_subscriptions_and_refuses_publishes() {
-        let hub = hub(16);
+        let hub = hub(16).await;
         let c = client(&hub, spec(&["t"]));
         hub.shutdown().await.unwrap();
         assert!(c.outbox.tx.is_closed());

@@ -6,7 +6,7 @@
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
 //! let config = herald::Config::default();
-//! let hub = herald::Hub::new(herald::server::open_log(&config)?, herald::server::hub_options(&config));
+//! let hub = herald::Hub::new(herald::server::open_engine(&config).await?, herald::server::hub_options(&config)).await?;
 //! let app = axum::Router::new().merge(herald::router(hub, config)?);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
 //! axum::serve(listener, app).await?;
@@ -24,6 +24,7 @@ pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod cors;
+pub mod engine;
 pub mod error;
 pub mod frame;
 #[doc(hidden)]
@@ -32,6 +33,7 @@ pub mod hub;
 pub mod log;
 pub mod mercure;
 pub mod metrics;
+pub mod presence;
 pub mod queue;
 pub mod server;
 pub mod state;

@@ -19,4 +19,6 @@ pub struct AppState {
     /// `cors.allowed_origins`, parsed once: CORS and the WebSocket origin check share it.
     pub origins: Arc<OriginList>,
     pub clients: Arc<Clients>,
+    /// Results of server API publishes made with an idempotency key.
+    pub idempotency: Arc<crate::centrifugo::Idempotency>,
 }

@@ -20,6 +20,34 @@ fn parse_vmrss(status: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// CPU time (user + system) consumed so far by `pid`, in clock ticks, from `/proc/<pid>/stat`.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_cpu_ticks(&stat)
+}
+
+/// Fields 14 and 15 (utime, stime) of a stat line; the command name (field 2) may hold spaces, so count
+/// from the closing parenthesis.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ")" come field 3 (state) onwards: utime is field 14, stime 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Sum of CPU ticks over `pids`.
+pub fn total_cpu_ticks(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| cpu_ticks(p)).sum()
+}
+
+/// Clock ticks per second (`_SC_CLK_TCK`): 100 on Linux.
+pub const CLOCK_TICKS: f64 = 100.0;
+
 /// Sum of `VmRSS` over `pids`, in KiB; `None` when there are none or one cannot be read.
 pub fn total_kib(pids: &[u32]) -> Option<u64> {
     if pids.is_empty() {
@@ -87,6 +115,13 @@ fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_ticks_count_from_the_closing_parenthesis() {
+        let stat = "42 (my (odd) name) S 1 42 42 0 -1 4194304 100 0 0 0 7 3 0 0 20 0 1 0 1 1 1";
+        assert_eq!(parse_cpu_ticks(stat), Some(10));
+        assert!(cpu_ticks(std::process::id()).is_some());
+    }
 
     #[test]
     fn parses_status_and_net_tcp() {

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::rss;
 use crate::stats::{histogram, now_us, Sharded, Tracker};
 use crate::sub::{self, Shared, SubState};
-use crate::target::{channel_name, Payload, Target, Transport};
+use crate::target::{channel_name, Payload, ServerKind, Target, Transport};
 
 #[derive(Debug, Clone)]
 pub struct Workload {
@@ -97,6 +97,8 @@ pub struct Report {
     pub first_publish_error: Option<String>,
     pub expected_deliveries: u64,
     pub delivered: u64,
+    /// WebSocket message bytes received per delivered publication (pushes, plus pings and replies).
+    pub ws_bytes_per_delivery: Option<f64>,
     pub lost: u64,
     pub duplicated: u64,
     pub reordered: u64,
@@ -111,6 +113,8 @@ pub struct Report {
     pub reach_all: Histogram<u64>,
     pub reach_all_incomplete: usize,
     pub publish_ack: Histogram<u64>,
+    /// Server CPU (percent of one core) while every connection was open and idle (the settle window).
+    pub idle_cpu_percent: Option<f64>,
     pub rss_idle_kib: Option<u64>,
     pub rss_conns_kib: Option<u64>,
     pub rss_load_kib: Option<u64>,
@@ -164,6 +168,7 @@ impl Report {
             "first_publish_error": self.first_publish_error,
             "expected_deliveries": self.expected_deliveries,
             "delivered": self.delivered,
+            "ws_bytes_per_delivery": self.ws_bytes_per_delivery,
             "lost": self.lost,
             "duplicated": self.duplicated,
             "reordered": self.reordered,
@@ -192,6 +197,7 @@ impl Report {
                 "idle": self.rss_idle_kib, "conns": self.rss_conns_kib, "load": self.rss_load_kib,
             },
             "rss_per_conn_bytes": self.rss_per_conn_bytes(),
+            "idle_cpu_percent": self.idle_cpu_percent,
             "rate_search": self.rate_search_json(),
         })
     }
@@ -269,6 +275,15 @@ impl Report {
         if let Some(e) = &self.first_end_reason {
             println!("  first early end: {e}");
         }
+        if let Some(c) = self.idle_cpu_percent {
+            println!(
+                "server CPU with every connection idle ({:.0} s): {c:.2}% of a core",
+                self.w.settle.as_secs_f64()
+            );
+        }
+        if let Some(b) = self.ws_bytes_per_delivery {
+            println!("WebSocket bytes received per delivery: {b:.1}");
+        }
         let l = &j["latency_ms"];
         println!(
             "latency ms: p50 {} p90 {} p99 {} p99.9 {} max {}",
@@ -315,6 +330,9 @@ fn per_channel(m: usize, channels: usize, c: usize) -> u64 {
 }
 
 pub async fn run(w: Workload) -> anyhow::Result<Report> {
+    if w.transport == Transport::WsProtobuf && w.target.kind != ServerKind::Herald {
+        anyhow::bail!("ws-protobuf is the Centrifugo protocol's Protobuf codec: Herald only");
+    }
     let _ = now_us();
     let channels = w.channels.max(1);
     let names: Vec<String> = (0..channels).map(|c| channel_name(&w.run_id, c)).collect();
@@ -332,6 +350,7 @@ pub async fn run(w: Workload) -> anyhow::Result<Report> {
         channels,
         warm: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
+        ws_bytes: AtomicU64::new(0),
         stop: CancellationToken::new(),
     });
 
@@ -398,7 +417,18 @@ pub async fn run(w: Workload) -> anyhow::Result<Report> {
     let ramp_secs = ramp_start.elapsed().as_secs_f64();
     let connected = w.subscribers - connect_errors;
 
+    // The settle is also the idle window: what the server burns with every connection open and nothing
+    // to send (timers, pings, wake-ups) is its CPU time over it.
+    let cpu_before = rss::total_cpu_ticks(&w.server_pids);
+    let settle_start = Instant::now();
     tokio::time::sleep(w.settle).await;
+    let idle_cpu_percent = match (cpu_before, rss::total_cpu_ticks(&w.server_pids)) {
+        (Some(a), Some(b)) if connected > 0 => Some(
+            (b.saturating_sub(a) as f64 / rss::CLOCK_TICKS) / settle_start.elapsed().as_secs_f64()
+                * 100.0,
+        ),
+        _ => None,
+    };
     let rss_conns_kib = rss::total_kib(&w.server_pids);
 
     // Warm-up: one marker per channel, repeated until every connected subscriber saw its own, so the
@@ -575,10 +605,15 @@ pub async fn run(w: Workload) -> anyhow::Result<Report> {
         }
         _ => 0.0,
     };
+    let ws_bytes = shared.ws_bytes.load(Ordering::Relaxed);
+    let ws_bytes_per_delivery =
+        (ws_bytes > 0 && delivered > 0).then(|| ws_bytes as f64 / delivered as f64);
     let publish_ack = acks.lock().clone();
     let latency = shared.latency.merged();
     let first_publish_error = first_publish_error.lock().take();
     Ok(Report {
+        idle_cpu_percent,
+        ws_bytes_per_delivery,
         connected,
         connect_errors,
         first_connect_error,

@@ -1,5 +1,5 @@
 //! Subscribers: SSE over a hand-written HTTP/1.1 GET, WebSocket over tokio-tungstenite (raw frames for
-//! nchan, the Centrifugo client protocol v2 in JSON for Herald).
+//! nchan, the Centrifugo client protocol v2 for Herald, in JSON or in Protobuf).
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +18,8 @@ use crate::http::{self, Body};
 use crate::sse::SseParser;
 use crate::stats::{now_us, LossCounter, Sharded, Tracker};
 use crate::target::{Payload, ServerKind, Target, Transport};
+use herald::frame::centrifugo::proto;
+use prost::Message as _;
 
 /// What every subscriber shares.
 pub struct Shared {
@@ -27,6 +29,8 @@ pub struct Shared {
     /// Subscribers that received their channel's warm-up marker.
     pub warm: AtomicU64,
     pub delivered: AtomicU64,
+    /// WebSocket message bytes received (frame payloads), to compare the encodings' cost per push.
+    pub ws_bytes: AtomicU64,
     pub stop: CancellationToken,
 }
 
@@ -76,8 +80,19 @@ pub enum Conn {
     },
     Ws {
         ws: Box<WebSocketStream<TcpStream>>,
-        centrifugo: bool,
+        codec: WsCodec,
     },
+}
+
+/// How a WebSocket subscriber reads its frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WsCodec {
+    /// nchan: each frame is one message.
+    Raw,
+    /// Herald, Centrifugo protocol in JSON (newline-delimited replies, `{}` pings).
+    Json,
+    /// Herald, Centrifugo protocol in Protobuf (varint-delimited replies, empty-reply pings).
+    Protobuf,
 }
 
 /// Connects and subscribes `channel`: returns once the server answered the subscription (SSE response head,
@@ -103,7 +118,7 @@ pub async fn open(
                 first,
             })
         }
-        Transport::Ws => {
+        Transport::Ws | Transport::WsProtobuf => {
             // Small buffers: 10 000 connections with tungstenite's default 128 KiB read buffer would take
             // more memory in the bench than in the server it measures.
             let config = WebSocketConfig::default()
@@ -117,15 +132,26 @@ pub async fn open(
             if resp.status().as_u16() != 101 {
                 bail!("websocket upgrade: HTTP {}", resp.status());
             }
-            let centrifugo = target.kind == ServerKind::Herald;
-            if centrifugo {
-                command(&mut ws, 1, r#"{"id":1,"connect":{}}"#.to_string()).await?;
-                let sub = format!(r#"{{"id":2,"subscribe":{{"channel":"{channel}"}}}}"#);
-                command(&mut ws, 2, sub).await?;
+            let codec = match (target.kind, transport) {
+                (ServerKind::Herald, Transport::WsProtobuf) => WsCodec::Protobuf,
+                (ServerKind::Herald, _) => WsCodec::Json,
+                _ => WsCodec::Raw,
+            };
+            match codec {
+                WsCodec::Json => {
+                    command(&mut ws, 1, r#"{"id":1,"connect":{}}"#.to_string()).await?;
+                    let sub = format!(r#"{{"id":2,"subscribe":{{"channel":"{channel}"}}}}"#);
+                    command(&mut ws, 2, sub).await?;
+                }
+                WsCodec::Protobuf => {
+                    pb_command(&mut ws, pb_connect()).await?;
+                    pb_command(&mut ws, pb_subscribe(channel)).await?;
+                }
+                WsCodec::Raw => {}
             }
             Ok(Conn::Ws {
                 ws: Box::new(ws),
-                centrifugo,
+                codec,
             })
         }
     }
@@ -162,6 +188,74 @@ async fn command(ws: &mut WebSocketStream<TcpStream>, id: u64, cmd: String) -> a
     bail!("no reply to command {id}")
 }
 
+fn pb_connect() -> proto::Command {
+    proto::Command {
+        id: 1,
+        connect: Some(proto::ConnectRequest::default()),
+        ..Default::default()
+    }
+}
+
+fn pb_subscribe(channel: &str) -> proto::Command {
+    proto::Command {
+        id: 2,
+        subscribe: Some(proto::SubscribeRequest {
+            channel: channel.to_string(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The replies in one Protobuf frame.
+fn pb_replies(mut frame: &[u8]) -> anyhow::Result<Vec<proto::Reply>> {
+    let mut out = Vec::new();
+    while !frame.is_empty() {
+        out.push(
+            proto::Reply::decode_length_delimited(&mut frame).context("reply is not Protobuf")?,
+        );
+    }
+    Ok(out)
+}
+
+/// The empty command that answers a ping.
+fn pb_pong() -> Message {
+    Message::binary(proto::Command::default().encode_length_delimited_to_vec())
+}
+
+/// Sends one Protobuf command and waits for the reply with its id (pings answered meanwhile).
+async fn pb_command(
+    ws: &mut WebSocketStream<TcpStream>,
+    cmd: proto::Command,
+) -> anyhow::Result<()> {
+    let id = cmd.id;
+    ws.send(Message::binary(cmd.encode_length_delimited_to_vec()))
+        .await?;
+    for _ in 0..100 {
+        let msg = match ws.next().await {
+            Some(m) => m?,
+            None => bail!("closed while waiting for reply {id}"),
+        };
+        let Message::Binary(frame) = msg else {
+            if let Message::Close(c) = msg {
+                bail!("closed while waiting for reply {id}: {c:?}");
+            }
+            continue;
+        };
+        for r in pb_replies(&frame)? {
+            if r == proto::Reply::default() {
+                ws.send(pb_pong()).await?;
+            } else if r.id == id {
+                if let Some(e) = r.error {
+                    bail!("command {id} refused: {} {}", e.code, e.message);
+                }
+                return Ok(());
+            }
+        }
+    }
+    bail!("no reply to command {id}")
+}
+
 /// Reads until told to stop (or the stream ends); returns the subscriber's counters.
 pub async fn run(conn: Conn, mut st: SubState, shared: Arc<Shared>) -> SubState {
     let r = match conn {
@@ -170,7 +264,7 @@ pub async fn run(conn: Conn, mut st: SubState, shared: Arc<Shared>) -> SubState 
             body,
             first,
         } => read_sse(stream, body, first, &mut st, &shared).await,
-        Conn::Ws { ws, centrifugo } => read_ws(*ws, centrifugo, &mut st, &shared).await,
+        Conn::Ws { ws, codec } => read_ws(*ws, codec, &mut st, &shared).await,
     };
     if let Err(e) = r {
         st.ended = Some(format!("{e:#}"));
@@ -214,7 +308,7 @@ async fn read_sse(
 
 async fn read_ws(
     mut ws: WebSocketStream<TcpStream>,
-    centrifugo: bool,
+    codec: WsCodec,
     st: &mut SubState,
     shared: &Shared,
 ) -> anyhow::Result<()> {
@@ -227,8 +321,25 @@ async fn read_ws(
                 None => bail!("connection closed by the server"),
             },
         };
+        if let Message::Text(_) | Message::Binary(_) = &msg {
+            shared
+                .ws_bytes
+                .fetch_add(msg.len() as u64, Ordering::Relaxed);
+        }
         match msg {
-            Message::Text(text) if centrifugo => {
+            Message::Binary(frame) if codec == WsCodec::Protobuf => {
+                let mut pong = false;
+                for r in pb_replies(&frame)? {
+                    match r.push.and_then(|p| p.r#pub) {
+                        Some(publication) => st.on_data(shared, &publication.data),
+                        None => pong = true, // the only other thing pushed here is the ping
+                    }
+                }
+                if pong {
+                    ws.send(pb_pong()).await?;
+                }
+            }
+            Message::Text(text) if codec == WsCodec::Json => {
                 let mut pong = false;
                 for line in text.as_str().split('\n') {
                     if line.trim() == "{}" {

@@ -100,6 +100,14 @@ const METRICS: &[Metric] = &[
         decimals: 2,
     },
     Metric {
+        name: "WebSocket bytes received per delivery",
+        get: |v| f(v, &["ws_bytes_per_delivery"]),
+        applies: |v| {
+            has_deliveries(v) && v.get("ws_bytes_per_delivery").is_some_and(|b| !b.is_null())
+        },
+        decimals: 1,
+    },
+    Metric {
         name: "publishes/s (acked)",
         get: |v| f(v, &["publishes_per_sec"]),
         applies: has_publishes,
@@ -116,6 +124,12 @@ const METRICS: &[Metric] = &[
         get: |v| f(v, &["rss_per_conn_bytes"]),
         applies: has_conns,
         decimals: 0,
+    },
+    Metric {
+        name: "server CPU while idle, % of a core",
+        get: |v| f(v, &["idle_cpu_percent"]),
+        applies: |v| has_conns(v) && v.get("idle_cpu_percent").is_some_and(|c| !c.is_null()),
+        decimals: 2,
     },
     Metric {
         name: "RSS under load MiB",

@@ -20,6 +20,8 @@ pub enum ServerKind {
 pub enum Transport {
     Sse,
     Ws,
+    /// WebSocket with the Centrifugo Protobuf codec (Herald only).
+    WsProtobuf,
 }
 
 impl FromStr for ServerKind {
@@ -39,7 +41,8 @@ impl FromStr for Transport {
         match s {
             "sse" => Ok(Transport::Sse),
             "ws" => Ok(Transport::Ws),
-            _ => bail!("unknown transport {s:?} (sse, ws)"),
+            "ws-protobuf" => Ok(Transport::WsProtobuf),
+            _ => bail!("unknown transport {s:?} (sse, ws, ws-protobuf)"),
         }
     }
 }
@@ -58,6 +61,7 @@ impl fmt::Display for Transport {
         f.write_str(match self {
             Transport::Sse => "sse",
             Transport::Ws => "ws",
+            Transport::WsProtobuf => "ws-protobuf",
         })
     }
 }
@@ -93,6 +97,9 @@ impl Target {
         match (self.kind, transport) {
             (ServerKind::Herald, Transport::Sse) => format!("/.well-known/mercure?topic={channel}"),
             (ServerKind::Herald, Transport::Ws) => "/connection/websocket".to_string(),
+            (ServerKind::Herald, Transport::WsProtobuf) => {
+                "/connection/websocket?format=protobuf".to_string()
+            }
             (ServerKind::Nchan, _) => format!("/sub?id={channel}"),
         }
     }

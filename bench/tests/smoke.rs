@@ -78,9 +78,20 @@ async fn sse_channels_and_websocket_lose_nothing() {
     let mut w = workload(addr, Transport::Sse, 200);
     w.channels = 20;
     assert_clean(&run(w).await.expect("run sse channels"));
-    assert_clean(
-        &run(workload(addr, Transport::Ws, 200))
-            .await
-            .expect("run ws"),
+    let json = run(workload(addr, Transport::Ws, 200))
+        .await
+        .expect("run ws");
+    assert_clean(&json);
+    let protobuf = run(workload(addr, Transport::WsProtobuf, 200))
+        .await
+        .expect("run ws-protobuf");
+    assert_clean(&protobuf);
+    let (j, p) = (
+        json.ws_bytes_per_delivery.expect("bytes counted"),
+        protobuf.ws_bytes_per_delivery.expect("bytes counted"),
+    );
+    assert!(
+        p < j,
+        "a Protobuf push is smaller than a JSON one ({p:.1} vs {j:.1} bytes)"
     );
 }

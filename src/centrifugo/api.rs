@@ -3,16 +3,23 @@
 //! `{"error": {"code", "message"}}` with HTTP 200, as Centrifugo answers, so its server SDKs work; transport
 //! problems (no key, bad JSON, unknown method) are HTTP errors with Herald's JSON error body.
 
-use std::time::Instant;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
+use tokio::sync::OnceCell;
 
-use super::conn::{channel_refusal, history_result, presence_result, refusal_parts};
+use super::conn::{
+    channel_refusal, history_result, presence_result, presence_stats_result, Refusal,
+};
 use super::Control;
 use crate::error::ApiError;
 use crate::hub::NewPublication;
@@ -79,7 +86,7 @@ pub async fn call(
                 Some((m, p)) if m != "batch" && METHODS.contains(&m.as_str()) => {
                     wrap(Some(m), dispatch(&st, m, p.clone()).await)
                 }
-                _ => json!({"error": {"code": 104, "message": "method not found"}}),
+                _ => wrap(None, Err(Refusal::new(104, "unknown batch command"))),
             };
             replies.push(reply);
         }
@@ -90,11 +97,14 @@ pub async fn call(
     Ok(axum::Json(out).into_response())
 }
 
-fn wrap(method: Option<&str>, r: Result<Value, (u32, String)>) -> Value {
+fn wrap(method: Option<&str>, r: Result<Value, Refusal>) -> Value {
     match (method, r) {
         (None, Ok(v)) => json!({ "result": v }),
         (Some(m), Ok(v)) => json!({ m: v }),
-        (_, Err((code, message))) => json!({"error": {"code": code, "message": message}}),
+        (_, Err(r)) => {
+            tracing::debug!(code = r.code, detail = %r.detail(), "server API call refused");
+            json!({"error": {"code": r.code, "message": r.message()}})
+        }
     }
 }
 
@@ -128,85 +138,181 @@ fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn str_param<'a>(p: &'a Value, name: &str) -> Result<&'a str, (u32, String)> {
-    p.get(name)
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| (107, format!("bad request: {name} is required")))
+/// A protocol result as the server API's JSON: the same encoding the JSON client protocol uses.
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, Refusal> {
+    serde_json::to_value(v).map_err(|e| Refusal::new(100, e.to_string()))
 }
 
-fn check_channel(st: &AppState, name: &str) -> Result<(), (u32, String)> {
+fn params<T: serde::de::DeserializeOwned>(p: Value) -> Result<T, Refusal> {
+    serde_json::from_value(p).map_err(|e| Refusal::new(107, e.to_string()))
+}
+
+fn required<'a>(value: &'a str, name: &str) -> Result<&'a str, Refusal> {
+    if value.is_empty() {
+        return Err(Refusal::new(107, format!("{name} is required")));
+    }
+    Ok(value)
+}
+
+fn check_channel(st: &AppState, name: &str) -> Result<(), Refusal> {
     st.access
         .channel(name)
         .map(|_| ())
-        .map_err(|e| refusal_parts(channel_refusal(e, name)))
+        .map_err(|e| channel_refusal(e, name))
 }
 
-async fn publish_one(st: &AppState, channel: &str, data: &Value) -> Result<Value, (u32, String)> {
+/// `publish` and `broadcast` parameters beyond the channel(s).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Payload {
+    data: Option<Value>,
+    /// Binary data, base64: for Protobuf clients (JSON clients get it as text, or as a JSON string).
+    b64data: Option<String>,
+    skip_history: bool,
+    tags: BTreeMap<String, String>,
+    /// A repeated key within [`IDEMPOTENCY_WINDOW`] returns the first result and publishes nothing.
+    idempotency_key: Option<String>,
+}
+
+impl Payload {
+    fn bytes(&self) -> Result<bytes::Bytes, Refusal> {
+        match (&self.data, &self.b64data) {
+            (Some(d), None) => Ok(bytes::Bytes::from(d.to_string())),
+            // Centrifugo takes b64data when both are given (SDKs such as cent always send `data`).
+            (_, Some(b)) => base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .map(bytes::Bytes::from)
+                .map_err(|e| Refusal::new(107, format!("b64data is not base64: {e}"))),
+            (None, None) => Err(Refusal::new(107, "data or b64data is required")),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PublishParams {
+    channel: String,
+    #[serde(flatten)]
+    payload: Payload,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct BroadcastParams {
+    channels: Vec<String>,
+    #[serde(flatten)]
+    payload: Payload,
+}
+
+/// How long an idempotency key is remembered (Centrifugo's default).
+pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(300);
+
+/// Results of publishes made with an idempotency key, by (channel, key), for [`IDEMPOTENCY_WINDOW`]. A
+/// concurrent repeat waits for the first and gets its result; a failed publish is not remembered, so it can
+/// be retried with the same key.
+#[derive(Default)]
+pub struct Idempotency {
+    results: parking_lot::Mutex<HashMap<(String, String), Remembered>>,
+}
+
+/// When a key was first used, and its result once there is one.
+type Remembered = (Instant, Arc<OnceCell<Value>>);
+
+impl Idempotency {
+    fn slot(&self, channel: &str, key: &str) -> Arc<OnceCell<Value>> {
+        let now = Instant::now();
+        let mut results = self.results.lock();
+        if results.len() >= 1024 && results.len().is_power_of_two() {
+            results.retain(|_, (at, _)| now.duration_since(*at) < IDEMPOTENCY_WINDOW);
+        }
+        let entry = results
+            .entry((channel.to_string(), key.to_string()))
+            .or_insert_with(|| (now, Arc::new(OnceCell::new())));
+        if now.duration_since(entry.0) >= IDEMPOTENCY_WINDOW {
+            *entry = (now, Arc::new(OnceCell::new()));
+        }
+        entry.1.clone()
+    }
+}
+
+async fn publish_one(st: &AppState, channel: &str, p: &Payload) -> Result<Value, Refusal> {
     check_channel(st, channel)?;
-    let p = st
-        .hub
-        .publish(NewPublication {
-            topics: vec![channel.to_string()],
-            data: data.to_string(),
-            ..Default::default()
+    let data = p.bytes()?;
+    let publish = || async {
+        let published = st
+            .hub
+            .publish(NewPublication {
+                topics: vec![channel.to_string()],
+                data: data.clone(),
+                tags: p.tags.clone(),
+                skip_history: p.skip_history,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| match e {
+                crate::hub::HubError::MessageTooLarge { .. } => Refusal::new(106, e.to_string()),
+                other => Refusal::new(100, other.to_string()),
+            })?;
+        Ok::<Value, Refusal>(if published.record.seq == 0 {
+            json!({})
+        } else {
+            json!({"offset": published.record.seq, "epoch": st.hub.epoch()})
         })
-        .await
-        .map_err(|e| match e {
-            crate::hub::HubError::MessageTooLarge { .. } => (106, e.to_string()),
-            other => (100, other.to_string()),
-        })?;
-    Ok(json!({"offset": p.record.seq, "epoch": st.hub.log().epoch()}))
+    };
+    match p.idempotency_key.as_deref().filter(|k| !k.is_empty()) {
+        None => publish().await,
+        Some(key) => {
+            let slot = st.idempotency.slot(channel, key);
+            slot.get_or_try_init(publish).await.cloned()
+        }
+    }
 }
 
-async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, (u32, String)> {
+async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, Refusal> {
     match method {
         "publish" => {
-            let data = p
-                .get("data")
-                .ok_or((107, "bad request: data is required".to_string()))?;
-            publish_one(st, str_param(&p, "channel")?, data).await
+            let p: PublishParams = params(p)?;
+            publish_one(st, required(&p.channel, "channel")?, &p.payload).await
         }
         "broadcast" => {
-            let data = p
-                .get("data")
-                .ok_or((107, "bad request: data is required".to_string()))?;
-            let channels: Vec<String> = p
-                .get("channels")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|c| c.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default();
-            if channels.is_empty() {
-                return Err((107, "bad request: channels is required".into()));
+            let p: BroadcastParams = params(p)?;
+            if p.channels.is_empty() {
+                return Err(Refusal::new(107, "channels is required"));
             }
             let mut responses = Vec::new();
-            for c in &channels {
-                responses.push(wrap(None, publish_one(st, c, data).await));
+            for c in &p.channels {
+                responses.push(wrap(None, publish_one(st, c, &p.payload).await));
             }
             Ok(json!({ "responses": responses }))
         }
         "subscribe" => {
             let channel = str_param(&p, "channel")?;
             check_channel(st, channel)?;
+            let info = match (p.get("info"), p.get("b64info").and_then(Value::as_str)) {
+                (_, Some(b64)) => Some(decode_b64("b64info", b64)?),
+                (Some(info), None) => Some(info.to_string().into_bytes()),
+                (None, None) => None,
+            };
+            let data = match (p.get("data"), p.get("b64data").and_then(Value::as_str)) {
+                (_, Some(b64)) => Some(decode_b64("b64data", b64)?),
+                (Some(data), None) => Some(data.to_string().into_bytes()),
+                (None, None) => None,
+            };
             let ctl = Control::Subscribe {
                 channel: channel.to_string(),
-                info: p.get("info").cloned(),
+                info,
+                data,
+                expire_at: p.get("expire_at").and_then(Value::as_u64),
             };
-            st.clients
-                .send(str_param(&p, "user")?, client_param(&p), ctl);
-            Ok(json!({}))
+            control(st, &p, ctl).await
         }
         "unsubscribe" => {
+            let channel = str_param(&p, "channel")?;
+            check_channel(st, channel)?;
             let ctl = Control::Unsubscribe {
-                channel: str_param(&p, "channel")?.to_string(),
+                channel: channel.to_string(),
             };
-            st.clients
-                .send(str_param(&p, "user")?, client_param(&p), ctl);
-            Ok(json!({}))
+            control(st, &p, ctl).await
         }
         "disconnect" => {
             let d = p.get("disconnect");
@@ -220,12 +326,21 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, (u32, 
                 .and_then(Value::as_str)
                 .unwrap_or("force disconnect")
                 .to_string();
-            st.clients.send(
-                str_param(&p, "user")?,
-                client_param(&p),
-                Control::Disconnect { code, reason },
-            );
-            Ok(json!({}))
+            let whitelist = p
+                .get("whitelist")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|c| c.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let ctl = Control::Disconnect {
+                code,
+                reason,
+                whitelist,
+            };
+            control(st, &p, ctl).await
         }
         "refresh" => {
             let ctl = Control::Refresh {
@@ -233,14 +348,25 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, (u32, 
                 expired: p.get("expired").and_then(Value::as_bool).unwrap_or(false),
                 info: p.get("info").cloned(),
             };
-            st.clients
-                .send(str_param(&p, "user")?, client_param(&p), ctl);
-            Ok(json!({}))
+            control(st, &p, ctl).await
         }
         "presence" | "presence_stats" => {
             let channel = str_param(&p, "channel")?;
-            check_channel(st, channel)?;
-            Ok(presence_result(st, channel, method == "presence_stats"))
+            let ns = st
+                .access
+                .channel(channel)
+                .map_err(|e| channel_refusal(e, channel))?;
+            if !ns.presence {
+                return Err(Refusal::new(
+                    108,
+                    format!("presence is off for the namespace of {channel}"),
+                ));
+            }
+            if method == "presence" {
+                to_json(&presence_result(st, channel).await?)
+            } else {
+                to_json(&presence_stats_result(st, channel).await?)
+            }
         }
         "history" => {
             let channel = str_param(&p, "channel")?;
@@ -256,16 +382,21 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, (u32, 
                 )
             });
             let reverse = p.get("reverse").and_then(Value::as_bool).unwrap_or(false);
-            history_result(st, channel, limit, since, reverse, None)
-                .await
-                .map_err(refusal_parts)
+            let mut v = to_json(&history_result(st, channel, limit, since, reverse, None).await?)?;
+            // Server SDKs read `publications` as a list: present even when empty.
+            if let Some(obj) = v.as_object_mut() {
+                obj.entry("publications").or_insert_with(|| json!([]));
+            }
+            Ok(v)
         }
         "history_remove" => {
             let channel = str_param(&p, "channel")?.to_string();
+            check_channel(st, &channel)?;
             st.hub
-                .with_log(move |log| log.remove_channel(&channel))
+                .engine()
+                .remove_channel(channel)
                 .await
-                .map_err(|e| (100, e.to_string()))?;
+                .map_err(|e| Refusal::new(100, e.to_string()))?;
             Ok(json!({}))
         }
         "channels" => {
@@ -282,7 +413,7 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, (u32, 
         "info" => {
             let (clients, users) = st.clients.counts();
             Ok(json!({"nodes": [{
-                "uid": st.hub.log().epoch(),
+                "uid": st.hub.epoch(),
                 "name": "herald",
                 "version": env!("CARGO_PKG_VERSION"),
                 "num_clients": clients,
@@ -292,8 +423,31 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, (u32, 
                 "uptime": STARTED.get().map(|s| s.elapsed().as_secs()).unwrap_or(0),
             }]}))
         }
-        _ => Err((104, "method not found".into())),
+        _ => Err(Refusal::new(104, format!("no method {method:?}"))),
     }
+}
+
+fn decode_b64(name: &str, b64: &str) -> Result<Vec<u8>, Refusal> {
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| Refusal::new(107, format!("{name} is not base64: {e}")))
+}
+
+fn str_param<'a>(p: &'a Value, name: &str) -> Result<&'a str, Refusal> {
+    p.get(name)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| Refusal::new(107, format!("{name} is required")))
+}
+
+/// Sends `ctl` to the live connections of the `user` (and `client`) of `p`, on whichever node they are.
+async fn control(st: &AppState, p: &Value, ctl: Control) -> Result<Value, Refusal> {
+    let payload = serde_json::to_vec(&ctl).map_err(|e| Refusal::new(100, e.to_string()))?;
+    st.hub
+        .control(str_param(p, "user")?, client_param(p), payload.into())
+        .await
+        .map_err(|e| Refusal::new(100, e.to_string()))?;
+    Ok(json!({}))
 }
 
 fn client_param(p: &Value) -> Option<&str> {

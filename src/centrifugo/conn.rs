@@ -1,35 +1,39 @@
-//! One WebSocket connection speaking the Centrifugo client protocol v2 (JSON).
+//! One WebSocket connection speaking the Centrifugo client protocol v2, in JSON or Protobuf.
 //!
-//! A single task owns the socket and serves, in one `select!`: commands from the client (newline-delimited
-//! JSON, replies batched into one frame), deliveries from the connection's outbox (pushes, coalesced), server
-//! API controls, and a shared 250 ms tick for deadlines and pings (connect, pong, token expiry). One task means
-//! replies and pushes are naturally ordered: a subscribe reply (with its recovered publications) is written
-//! before any live publication of that channel, which the hub has queued since registration.
+//! The protocol's messages (`frame::centrifugo::proto`) are the model; the connection's [`Codec`], chosen at
+//! the upgrade, turns frames into commands and replies into frames, so every handler below is written once
+//! for both encodings.
+//!
+//! A single task owns the socket and serves, in one `select!`: commands from the client (replies batched into
+//! one frame), deliveries from the connection's outbox (pushes, coalesced), server API controls, and a shared
+//! 250 ms tick for deadlines and pings (connect, pong, token expiry). One task means replies and pushes are
+//! naturally ordered: a subscribe reply (with its recovered publications) is written before any live
+//! publication of that channel, which the hub has queued since registration.
 //!
 //! Writes race the outbox's `closed` token: when the hub disconnects a slow client, a write stuck on a full
 //! socket is abandoned and a close frame `3008 slow` is queued behind what was already written, so a client
 //! that resumes reading learns why it was cut off.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
-use axum::http::{header, HeaderMap};
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::Response;
-use bytes::{Bytes, BytesMut};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use bytes::Bytes;
+use serde_json::Value;
 use tokio::time::Instant;
 
-use super::Control;
+use super::{Control, Registration};
 use crate::access::{ChannelError, Identity};
 use crate::auth::{unix_now, Claims, Role};
 use crate::error::ApiError;
-use crate::frame::centrifugo::publication;
+use crate::frame::centrifugo::codec::{Codec, PROTOBUF_SUBPROTOCOL};
+use crate::frame::centrifugo::{proto, publication};
 use crate::hub::{
-    ClientInfo, ConnectionGuard, Delivery, NewPublication, Outbox, SubscribeSpec, Subscription,
+    ClientInfo, ConnectionGuard, Delivery, NewPublication, Outbox, PresenceGuard, SubscribeSpec,
+    Subscription,
 };
 use crate::state::AppState;
 use crate::topic::Selector;
@@ -46,12 +50,26 @@ const READ_BUFFER: usize = 256;
 
 /// `GET /connection/websocket`. The Origin check happens before the upgrade: a page on a foreign site must
 /// not be able to open a socket with the user's cookies (cross-site WebSocket hijacking).
+///
+/// The encoding is Protobuf when the client offers the `centrifuge-protobuf` subprotocol (it is then selected
+/// in the response) or asks for `?format=protobuf`; JSON otherwise.
 pub async fn upgrade(
     State(st): State<AppState>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     check_origin(&st, &headers)?;
+    let ws = ws.protocols([PROTOBUF_SUBPROTOCOL]);
+    let asked_protobuf = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+        .any(|(k, v)| k == "format" && v == "protobuf");
+    let codec = if asked_protobuf
+        || ws.selected_protocol() == Some(&HeaderValue::from_static(PROTOBUF_SUBPROTOCOL))
+    {
+        Codec::Protobuf
+    } else {
+        Codec::Json
+    };
     let guard = st.hub.connect()?;
     // Frames up to 4x the limit are read so that an oversized one can be refused with a clear close code
     // instead of a transport error.
@@ -68,7 +86,7 @@ pub async fn upgrade(
         .on_upgrade(move |socket| {
             // A task of its own for the connection's life: axum's upgrade task would keep its own state
             // (config, the spent callback) beside it for as long as the connection lives.
-            tokio::spawn(Box::new(Conn::new(st, guard, socket)).run());
+            tokio::spawn(Box::new(Conn::new(st, guard, socket, codec)).run());
             std::future::ready(())
         }))
 }
@@ -89,91 +107,6 @@ fn check_origin(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     ))
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub(crate) struct Command {
-    id: u32,
-    connect: Option<ConnectRequest>,
-    subscribe: Option<SubscribeRequest>,
-    unsubscribe: Option<ChannelRequest>,
-    publish: Option<PublishRequest>,
-    presence: Option<ChannelRequest>,
-    presence_stats: Option<ChannelRequest>,
-    history: Option<HistoryRequest>,
-    ping: Option<Value>,
-    send: Option<Value>,
-    rpc: Option<Value>,
-    refresh: Option<TokenRequest>,
-    sub_refresh: Option<SubRefreshRequest>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct ConnectRequest {
-    token: String,
-    subs: HashMap<String, SubscribeRequest>,
-}
-
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(default)]
-struct SubscribeRequest {
-    channel: String,
-    token: String,
-    recover: bool,
-    epoch: String,
-    offset: u64,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct ChannelRequest {
-    channel: String,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct PublishRequest {
-    channel: String,
-    data: Option<Box<serde_json::value::RawValue>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct StreamPosition {
-    offset: u64,
-    epoch: String,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct HistoryRequest {
-    channel: String,
-    limit: i32,
-    since: Option<StreamPosition>,
-    reverse: bool,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct TokenRequest {
-    token: String,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct SubRefreshRequest {
-    channel: String,
-    token: String,
-}
-
-/// The commands of one frame: one JSON object per non-blank line.
-pub(crate) fn commands(text: &str) -> impl Iterator<Item = serde_json::Result<Command>> + '_ {
-    text.split('\n')
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(serde_json::from_str)
-}
-
 /// A protocol error reply (`{"error":{"code":…,"message":…}}`). The message clients see is Centrifugo's
 /// own for the code (SDKs and apps match on them); the detail goes to the log.
 #[derive(Debug)]
@@ -183,6 +116,10 @@ pub(super) struct Refusal {
 }
 
 impl Refusal {
+    pub(super) fn detail(&self) -> &str {
+        &self.detail
+    }
+
     pub(super) fn new(code: u32, detail: impl Into<String>) -> Self {
         Refusal {
             code,
@@ -214,10 +151,10 @@ impl Refusal {
 /// The longest close reason a WebSocket close frame can carry: 125 bytes of payload minus the 2-byte code.
 /// A longer one makes clients (the `ws` package, browsers) drop the frame and see 1006 instead, so the
 /// SDK retries forever instead of stopping on a terminal code.
-pub(crate) const MAX_CLOSE_REASON: usize = 123;
+pub(super) const MAX_CLOSE_REASON: usize = 123;
 
 /// `reason` cut to [`MAX_CLOSE_REASON`] bytes on a character boundary.
-pub(crate) fn fit_close_reason(reason: &str) -> &str {
+pub(super) fn fit_close_reason(reason: &str) -> &str {
     if reason.len() <= MAX_CLOSE_REASON {
         return reason;
     }
@@ -241,33 +178,29 @@ fn close(code: u16, reason: &str) -> Exit {
     Exit::Close(code, reason.to_string())
 }
 
-/// Pushes waiting together go out as one frame, one JSON object per line (the protocol allows it and the
-/// SDK splits them). A lone push is its shared encoding, checked as UTF-8 but not copied.
-fn join_frames(mut frames: Vec<Bytes>) -> Option<Utf8Bytes> {
-    let joined = match frames.len() {
-        0 => return None,
-        1 => frames.pop()?,
-        _ => {
-            let mut buf = BytesMut::with_capacity(frames.iter().map(|f| f.len() + 1).sum());
-            for (i, f) in frames.iter().enumerate() {
-                if i > 0 {
-                    buf.extend_from_slice(b"\n");
-                }
-                buf.extend_from_slice(f);
-            }
-            buf.freeze()
-        }
-    };
-    // Encodings are built from Rust strings, so this cannot fail; a failure would drop the frame, not panic.
-    Utf8Bytes::try_from(joined).ok()
-}
 /// A subscription of this connection. A connection holds few, so they live in a vector: a map would
 /// allocate a table of several slots for the one channel most connections have.
 struct ChanSub {
     channel: String,
     sub: Subscription,
-    presence: bool,
+    /// The client's presence in the channel, where the namespace has presence; dropping it is the leave.
+    _presence: Option<PresenceGuard>,
     exp: Option<u64>,
+}
+
+/// How a subscription came to be, beyond the client's request.
+#[derive(Default)]
+struct Grant {
+    /// What presence and join/leave show about this subscription (a token's `info`).
+    chan_info: Option<Value>,
+    /// When the subscription token expires.
+    exp: Option<u64>,
+    /// The channel as granted by the server (server-side subscriptions) or a subscription token.
+    channel: Option<String>,
+    /// Data for the subscribe result (a `subs` claim's `data`, the server API's `data`/`b64data`).
+    data: Option<Bytes>,
+    /// Subscribed by the server: join/leave are pushed only when the namespace forces them.
+    server_side: bool,
 }
 
 /// Everything one connection holds for its life, owned by its task and used in place: an idle connection
@@ -278,14 +211,18 @@ struct Conn {
     socket: WebSocket,
     rx: crate::queue::Receiver<Delivery>,
     ctl_rx: crate::queue::Receiver<Control>,
-    ticks: tokio::sync::watch::Receiver<()>,
     outbox: Outbox,
     ctl: crate::queue::Sender<Control>,
     _guard: ConnectionGuard,
+    /// The connection's place in the registry of connections by user; dropping it removes it.
+    registration: Option<Registration>,
+    /// When the deadline clock will next wake this connection, if it is set to.
+    scheduled: Option<Instant>,
     client: String,
     /// Who this connection is, from its connection token; what it may read is decided by `access` from it.
     who: Arc<Identity>,
     conn_info: Option<Value>,
+    codec: Codec,
     connected: bool,
     exp: Option<u64>,
     subs: Vec<ChanSub>,
@@ -299,25 +236,63 @@ struct Conn {
 /// Pushes waiting in the outbox are joined into one frame up to this many bytes.
 const JOIN_LIMIT: usize = 16 * 1024;
 
-/// How often deadlines are checked: connect timeout, pings and pongs, token expiry and shutdown of a
-/// connection that has no subscription (one with subscriptions learns of it through its outbox at once).
-const TICK: Duration = Duration::from_millis(250);
+fn reply(id: u32) -> proto::Reply {
+    proto::Reply {
+        id,
+        ..Default::default()
+    }
+}
+
+fn push(channel: &str, fill: impl FnOnce(&mut proto::Push)) -> proto::Reply {
+    let mut p = proto::Push {
+        channel: channel.to_string(),
+        ..Default::default()
+    };
+    fill(&mut p);
+    proto::Reply {
+        push: Some(p),
+        ..Default::default()
+    }
+}
+
+/// JSON for a `bytes` field (`info`, `data`).
+fn json_bytes(v: &Option<Value>) -> Bytes {
+    v.as_ref()
+        .map(|v| Bytes::from(v.to_string()))
+        .unwrap_or_default()
+}
+
+/// A presence entry as the protocol shows it.
+pub(super) fn client_info(c: &ClientInfo) -> proto::ClientInfo {
+    proto::ClientInfo {
+        user: c.user.clone(),
+        client: c.client.clone(),
+        conn_info: json_bytes(&c.conn_info),
+        chan_info: json_bytes(&c.chan_info),
+    }
+}
+
+fn ttl(exp: u64) -> u32 {
+    u32::try_from(exp.saturating_sub(unix_now())).unwrap_or(u32::MAX)
+}
 
 impl Conn {
-    fn new(st: AppState, guard: ConnectionGuard, socket: WebSocket) -> Conn {
+    fn new(st: AppState, guard: ConnectionGuard, socket: WebSocket, codec: Codec) -> Conn {
         let (outbox, rx) = st.hub.outbox(None);
         let (ctl, ctl_rx) = crate::queue::channel(64);
         Conn {
             socket,
             rx,
             ctl_rx,
-            ticks: st.clients.ticks(TICK),
             outbox,
             ctl,
             _guard: guard,
+            registration: None,
+            scheduled: None,
             client: uuid::Uuid::new_v4().to_string(),
             who: Identity::anonymous(),
             conn_info: None,
+            codec,
             connected: false,
             exp: None,
             subs: Vec::new(),
@@ -333,12 +308,16 @@ impl Conn {
     /// The connection's life: serve until something ends it, say why in a close frame, unregister.
     /// Boxed: an async fn keeps its argument twice (as given and as moved in), which for the connection
     /// state would be a second copy of it in every idle task.
+    ///
+    /// Everything the connection registered (its subscriptions, presence, its place in the registry by
+    /// user, its connection count) is held by guards in this struct, so it is released when the struct is
+    /// dropped, however the task ends: returning, or unwinding from a panic.
     async fn run(mut self: Box<Self>) {
+        self.reschedule();
         let exit = self.serve().await;
         if let Exit::Close(code, reason) = exit {
             Box::pin(self.close(code, reason)).await;
         }
-        self.cleanup();
     }
 
     async fn close(&mut self, code: u16, reason: String) {
@@ -367,8 +346,14 @@ impl Conn {
                 biased;
                 msg = self.socket.recv() => match msg {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Err(Exit::Gone),
-                    Some(Ok(Message::Text(text))) => Box::pin(self.on_text(text)).await,
-                    Some(Ok(Message::Binary(_))) => Err(close(3501, "bad request: this endpoint speaks JSON in text frames")),
+                    Some(Ok(Message::Text(text))) if !self.codec.binary() => {
+                        Box::pin(self.on_frame(Bytes::from(text))).await
+                    }
+                    Some(Ok(Message::Binary(data))) if self.codec.binary() => {
+                        Box::pin(self.on_frame(data)).await
+                    }
+                    Some(Ok(Message::Text(_))) => Err(close(3501, "bad request: this connection speaks Protobuf in binary frames")),
+                    Some(Ok(Message::Binary(_))) => Err(close(3501, "bad request: this connection speaks JSON in text frames")),
                     Some(Ok(_)) => Ok(()),
                 },
                 d = self.rx.recv() => match d {
@@ -376,12 +361,9 @@ impl Conn {
                     None => Err(self.closed_exit()),
                 },
                 c = self.ctl_rx.recv() => match c {
+                    Some(Control::Deadline) => Box::pin(self.check_deadlines()).await,
                     Some(c) => Box::pin(self.control(c)).await,
                     None => Ok(()),
-                },
-                t = self.ticks.changed() => match t {
-                    Ok(()) => Box::pin(self.check_deadlines()).await,
-                    Err(_) => Err(close(3001, "shutdown")), // the server is being torn down
                 },
             };
             if let Err(exit) = step {
@@ -399,15 +381,28 @@ impl Conn {
         }
     }
 
-    async fn on_text(&mut self, text: Utf8Bytes) -> Result<(), Exit> {
-        if text.len() > self.st.config.centrifugo.max_message_size {
+    async fn on_frame(&mut self, frame: Bytes) -> Result<(), Exit> {
+        if frame.len() > self.st.config.centrifugo.max_message_size {
             return Err(close(1009, "message too big"));
         }
-        let replies = self.handle_frame(text.as_str()).await?;
+        let commands = self.codec.decode(&frame).map_err(|e| {
+            tracing::debug!(client = %self.client, error = %e, "undecodable command frame");
+            close(3501, "bad request: undecodable command")
+        })?;
+        drop(frame);
+        let mut replies = Vec::new();
+        for cmd in commands {
+            if let Some(r) = self.handle(cmd).await? {
+                replies.push(self.codec.encode(&r));
+            }
+        }
+        // A command may have moved a deadline (connect, refresh, a subscription token's expiry).
+        self.reschedule();
         if replies.is_empty() {
             return Ok(());
         }
-        self.write(replies.join("\n")).await
+        let frame = self.codec.join(replies);
+        self.write(frame).await
     }
 
     /// Writes `d` and whatever else is already queued (up to 64 pushes, up to `JOIN_LIMIT` bytes) as one
@@ -427,17 +422,26 @@ impl Conn {
                 None => break,
             }
         }
-        match join_frames(frames) {
-            Some(text) => self.write(text).await,
-            None => Ok(()),
+        if frames.is_empty() {
+            return Ok(());
         }
+        let frame = self.codec.join(frames);
+        self.write(frame).await
     }
 
     /// Writes one frame; gives up when the hub has disconnected this client or the socket stays full.
-    async fn write(&mut self, text: impl Into<Utf8Bytes>) -> Result<(), Exit> {
-        let text = text.into();
+    async fn write(&mut self, frame: Bytes) -> Result<(), Exit> {
+        let msg = if self.codec.binary() {
+            Message::Binary(frame)
+        } else {
+            // Every JSON encoding is built from Rust strings; a failure would drop the frame, not panic.
+            match Utf8Bytes::try_from(frame) {
+                Ok(text) => Message::Text(text),
+                Err(_) => return Ok(()),
+            }
+        };
         tokio::select! {
-            r = tokio::time::timeout(WRITE_TIMEOUT, self.socket.send(Message::Text(text))) => match r {
+            r = tokio::time::timeout(WRITE_TIMEOUT, self.socket.send(msg)) => match r {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) => Err(Exit::Gone),
                 Err(_) => Err(close(3008, "slow")),
@@ -446,20 +450,35 @@ impl Conn {
         }
     }
 
+    async fn write_reply(&mut self, r: &proto::Reply) -> Result<(), Exit> {
+        let frame = self.codec.encode(r);
+        self.write(frame).await
+    }
+
     /// Publications are passed on as their shared encoding (a reference count, no copy).
     fn encode(&self, d: Delivery, out: &mut Vec<Bytes>) {
         match d {
             Delivery::Pub { sub, publication } => {
                 if let Some(s) = self.subs.iter().find(|s| s.sub.id == sub) {
-                    out.push(publication.centrifugo_push(&s.channel));
+                    out.push(publication.centrifugo_push(&s.channel, self.codec));
                 }
             }
-            Delivery::Join { channel, info, .. } => out.push(Bytes::from(
-                json!({"push": {"channel": &*channel, "join": {"info": &*info}}}).to_string(),
-            )),
-            Delivery::Leave { channel, info, .. } => out.push(Bytes::from(
-                json!({"push": {"channel": &*channel, "leave": {"info": &*info}}}).to_string(),
-            )),
+            Delivery::Join { channel, info, .. } => {
+                let r = push(&channel, |p| {
+                    p.join = Some(proto::Join {
+                        info: Some(client_info(&info)),
+                    })
+                });
+                out.push(self.codec.encode(&r));
+            }
+            Delivery::Leave { channel, info, .. } => {
+                let r = push(&channel, |p| {
+                    p.leave = Some(proto::Leave {
+                        info: Some(client_info(&info)),
+                    })
+                });
+                out.push(self.codec.encode(&r));
+            }
         }
     }
 
@@ -467,7 +486,50 @@ impl Conn {
         self.subs.iter().find(|s| s.channel == channel)
     }
 
+    /// The earliest of this connection's deadlines: the connect timeout, the next ping, the pong deadline,
+    /// and the token expiries (connection and subscriptions, plus the refresh grace).
+    fn next_deadline(&self) -> Option<Instant> {
+        let cfg = &self.st.config.centrifugo;
+        let now = Instant::now();
+        let unix = unix_now();
+        let grace = cfg.refresh_grace.as_secs();
+        let expiry = |exp: u64| now + Duration::from_secs((exp + grace).saturating_sub(unix) + 1);
+        let connect = (!self.connected).then(|| self.opened + cfg.connect_timeout);
+        connect
+            .into_iter()
+            .chain(self.next_ping)
+            .chain(self.pong_deadline)
+            .chain(self.exp.map(expiry))
+            .chain(self.subs.iter().filter_map(|s| s.exp).map(expiry))
+            .min()
+    }
+
+    /// Asks the deadline clock to wake this connection at its next deadline, unless it already will by then.
+    fn reschedule(&mut self) {
+        let Some(next) = self.next_deadline() else {
+            return;
+        };
+        if self.scheduled.is_some_and(|at| at <= next) {
+            return;
+        }
+        self.scheduled = Some(next);
+        self.st
+            .clients
+            .deadlines(&self.st.hub.shutdown_token())
+            .schedule(next, self.ctl.clone());
+    }
+
+    /// Woken by the deadline clock: acts on what is due, then sets the next wake-up.
     async fn check_deadlines(&mut self) -> Result<(), Exit> {
+        if self.scheduled.is_some_and(|at| at <= Instant::now()) {
+            self.scheduled = None;
+        }
+        self.act_on_deadlines().await?;
+        self.reschedule();
+        Ok(())
+    }
+
+    async fn act_on_deadlines(&mut self) -> Result<(), Exit> {
         let cfg = &self.st.config.centrifugo;
         if self.st.hub.is_shutting_down() {
             return Err(close(3001, "shutdown"));
@@ -490,7 +552,8 @@ impl Conn {
             if self.pong_deadline.is_none() {
                 self.pong_deadline = Some(now + cfg.pong_timeout);
             }
-            self.write("{}").await?;
+            let ping = self.codec.ping();
+            self.write(ping).await?;
         }
         let expired: Vec<String> = self
             .subs
@@ -500,8 +563,13 @@ impl Conn {
             .collect();
         for ch in expired {
             self.remove_sub(&ch);
-            let push = json!({"push": {"channel": ch, "unsubscribe": {"code": 2501, "reason": "subscription expired"}}});
-            self.write(push.to_string()).await?;
+            let r = push(&ch, |p| {
+                p.unsubscribe = Some(proto::Unsubscribe {
+                    code: 2501,
+                    reason: "subscription expired".into(),
+                })
+            });
+            self.write_reply(&r).await?;
         }
         Ok(())
     }
@@ -522,18 +590,8 @@ impl Conn {
         }
     }
 
-    async fn handle_frame(&mut self, text: &str) -> Result<Vec<String>, Exit> {
-        let mut replies = Vec::new();
-        for cmd in commands(text) {
-            let cmd = cmd.map_err(|e| close(3501, &format!("bad request: {e}")))?;
-            if let Some(reply) = self.handle(cmd).await? {
-                replies.push(reply);
-            }
-        }
-        Ok(replies)
-    }
-
-    async fn handle(&mut self, cmd: Command) -> Result<Option<String>, Exit> {
+    /// One command: its reply (`None` for a pong or a `send`), or how the connection ends.
+    async fn handle(&mut self, cmd: proto::Command) -> Result<Option<proto::Reply>, Exit> {
         let id = cmd.id;
         let is_pong = id == 0
             && cmd.connect.is_none()
@@ -553,57 +611,66 @@ impl Conn {
         if id != 0 && !self.allow_command() {
             return Ok(Some(error_reply(
                 id,
-                &Refusal::new(111, "too many requests"),
+                &Refusal::new(111, "command rate"),
                 true,
             )));
         }
-        let result: Result<(&str, Value), Refusal> = if let Some(req) = cmd.connect {
+        let mut r = reply(id);
+        let outcome: Result<(), Refusal> = if let Some(req) = cmd.connect {
             if self.connected {
                 return Err(close(3501, "bad request: already connected"));
             }
             return self.connect(id, req).await.map(Some);
         } else if let Some(req) = cmd.subscribe {
-            self.client_subscribe(req).await?.map(|v| ("subscribe", v))
+            self.client_subscribe(req)
+                .await?
+                .map(|v| r.subscribe = Some(v))
         } else if let Some(req) = cmd.unsubscribe {
             self.remove_sub(&req.channel);
-            Ok(("unsubscribe", json!({})))
+            r.unsubscribe = Some(proto::UnsubscribeResult {});
+            Ok(())
         } else if let Some(req) = cmd.publish {
-            self.publish(req).await.map(|v| ("publish", v))
+            self.publish(req)
+                .await
+                .map(|()| r.publish = Some(proto::PublishResult {}))
         } else if let Some(req) = cmd.presence {
-            self.presence(&req.channel, false).map(|v| ("presence", v))
+            // `self` is not shared across the await (a connection is not Sync): only its state is.
+            match self.check_presence(&req.channel) {
+                Ok(()) => presence_result(&self.st, &req.channel)
+                    .await
+                    .map(|v| r.presence = Some(v)),
+                Err(e) => Err(e),
+            }
         } else if let Some(req) = cmd.presence_stats {
-            self.presence(&req.channel, true)
-                .map(|v| ("presence_stats", v))
+            match self.check_presence(&req.channel) {
+                Ok(()) => presence_stats_result(&self.st, &req.channel)
+                    .await
+                    .map(|v| r.presence_stats = Some(v)),
+                Err(e) => Err(e),
+            }
         } else if let Some(req) = cmd.history {
-            self.history(req).await.map(|v| ("history", v))
+            self.history(req).await.map(|v| r.history = Some(v))
         } else if let Some(req) = cmd.refresh {
             return self.refresh(id, req).map(Some);
         } else if let Some(req) = cmd.sub_refresh {
-            self.sub_refresh(req)?.map(|v| ("sub_refresh", v))
+            self.sub_refresh(req)?.map(|v| r.sub_refresh = Some(v))
         } else if cmd.rpc.is_some() {
-            Err(Refusal::new(
-                108,
-                "not available: this server has no RPC handlers",
-            ))
+            Err(Refusal::new(108, "no RPC handlers on this server"))
         } else if cmd.ping.is_some() {
-            Ok(("ping", json!({})))
+            r.ping = Some(proto::PingResult {});
+            Ok(())
         } else if cmd.send.is_some() {
             return Ok(None);
         } else {
-            Err(Refusal::new(104, "method not found"))
+            Err(Refusal::new(104, "a command without a method"))
         };
-        Ok(Some(match result {
-            Ok((method, v)) => {
-                let mut reply = serde_json::Map::new();
-                reply.insert("id".into(), json!(id));
-                reply.insert(method.into(), v);
-                Value::Object(reply).to_string()
-            }
-            Err(r) => error_reply(id, &r, false),
+        Ok(Some(match outcome {
+            Ok(()) => r,
+            Err(refusal) => error_reply(id, &refusal, false),
         }))
     }
 
-    async fn connect(&mut self, id: u32, req: ConnectRequest) -> Result<String, Exit> {
+    async fn connect(&mut self, id: u32, req: proto::ConnectRequest) -> Result<proto::Reply, Exit> {
         let claims = if req.token.is_empty() {
             if !self.st.auth.allow_anonymous {
                 return Err(close(3500, "invalid token: a connection token is required"));
@@ -615,35 +682,52 @@ impl Conn {
                 Err(reply) => return Ok(reply),
             }
         };
-        let mut server_side: Vec<String> = Vec::new();
+        // Server-side subscriptions: the token's `channels`, its `subs` (with options), the personal channel.
+        let mut server_side: Vec<(String, Grant)> = Vec::new();
         if let Some(c) = claims {
             self.who = Arc::new(Identity::from_claims(&c));
             self.exp = c.exp;
             self.conn_info = c.info;
-            server_side = c.channels;
-            server_side.extend(c.subs.into_keys());
+            for ch in c.channels {
+                server_side.push((ch, Grant::default()));
+            }
+            for (ch, options) in c.subs {
+                let grant = Grant {
+                    chan_info: options.get("info").cloned(),
+                    data: options.get("data").map(|d| Bytes::from(d.to_string())),
+                    ..Default::default()
+                };
+                server_side.push((ch, grant));
+            }
         }
         self.connected = true;
         self.next_ping = Some(Instant::now() + self.st.config.centrifugo.ping);
-        self.st
-            .clients
-            .add(&self.who.user, &self.client, self.ctl.clone());
+        self.registration = Some(self.st.clients.add(
+            &self.who.user,
+            &self.client,
+            self.ctl.clone(),
+        ));
 
         if self.st.config.centrifugo.subscribe_to_personal {
-            server_side.extend(self.st.access.personal_channel(&self.who.user));
+            if let Some(p) = self.st.access.personal_channel(&self.who.user) {
+                server_side.push((p, Grant::default()));
+            }
         }
-        server_side.dedup();
-        let mut subs = serde_json::Map::new();
-        for ch in server_side {
+        let mut subs = std::collections::BTreeMap::new();
+        for (ch, mut grant) in server_side {
+            if subs.contains_key(&ch) {
+                continue;
+            }
             let sreq = req.subs.get(&ch).cloned().unwrap_or_default();
-            let sreq = SubscribeRequest {
+            let sreq = proto::SubscribeRequest {
                 channel: ch.clone(),
                 ..sreq
             };
             // The server chose these channels: they are granted, but `access` still applies its rules
             // (nothing reads another user's `#` channel).
-            let granted = Some(ch.clone());
-            match self.subscribe(sreq, None, None, granted).await {
+            grant.channel = Some(ch.clone());
+            grant.server_side = true;
+            match self.subscribe(sreq, grant).await {
                 Ok(v) => {
                     subs.insert(ch, v);
                 }
@@ -653,25 +737,30 @@ impl Conn {
             }
         }
         let cfg = &self.st.config.centrifugo;
-        let mut result = json!({
-            "client": self.client,
-            "version": VERSION,
-            "ping": cfg.ping.as_secs().max(1),
-            "pong": true,
-        });
+        let mut result = proto::ConnectResult {
+            client: self.client.clone(),
+            version: VERSION.into(),
+            ping: u32::try_from(cfg.ping.as_secs().max(1)).unwrap_or(u32::MAX),
+            pong: true,
+            subs,
+            ..Default::default()
+        };
         if let Some(exp) = self.exp {
-            result["expires"] = json!(true);
-            result["ttl"] = json!(exp.saturating_sub(unix_now()));
+            result.expires = true;
+            result.ttl = ttl(exp);
         }
-        if !subs.is_empty() {
-            result["subs"] = Value::Object(subs);
-        }
-        Ok(json!({"id": id, "connect": result}).to_string())
+        let mut r = reply(id);
+        r.connect = Some(result);
+        Ok(r)
     }
 
     /// Verifies a connection token. An expired one is an error reply (109: the SDK fetches a new token and
     /// retries); any other fault ends the connection (3500).
-    fn verify_conn_token(&self, id: u32, token: &str) -> Result<Result<Claims, String>, Exit> {
+    fn verify_conn_token(
+        &self,
+        id: u32,
+        token: &str,
+    ) -> Result<Result<Claims, proto::Reply>, Exit> {
         match self.st.auth.verify(Role::Subscriber, token) {
             Ok(c) => Ok(Ok(c)),
             Err(e) if e.code == "token_expired" => Ok(Err(error_reply(
@@ -699,20 +788,25 @@ impl Conn {
     /// connection (3500), as Centrifugo does: the SDK must not retry with it.
     async fn client_subscribe(
         &mut self,
-        req: SubscribeRequest,
-    ) -> Result<Result<Value, Refusal>, Exit> {
+        req: proto::SubscribeRequest,
+    ) -> Result<Result<proto::SubscribeResult, Refusal>, Exit> {
         if let Err(e) = self.st.access.channel(&req.channel) {
             return Ok(Err(channel_refusal(e, &req.channel)));
         }
-        let (chan_info, exp, granted) = if req.token.is_empty() {
-            (None, None, None)
+        let grant = if req.token.is_empty() {
+            Grant::default()
         } else {
             match self.verify_sub_token(&req.token, &req.channel)? {
-                Ok(claims) => (claims.info, claims.exp, Some(req.channel.clone())),
+                Ok(claims) => Grant {
+                    chan_info: claims.info,
+                    exp: claims.exp,
+                    channel: Some(req.channel.clone()),
+                    ..Default::default()
+                },
                 Err(r) => return Ok(Err(r)),
             }
         };
-        Ok(self.subscribe(req, chan_info, exp, granted).await)
+        Ok(self.subscribe(req, grant).await)
     }
 
     /// Verifies a subscription token for `channel`: expired is error 109 (the SDK gets a new one), anything
@@ -744,18 +838,16 @@ impl Conn {
     }
 
     /// Registers a subscription and builds its `SubscribeResult`, recovering missed publications when asked.
-    /// Every way of subscribing (a client's command, the connection token's channels, the server API) comes
-    /// through here, so `access` decides all of them; `granted` is a channel the server or a subscription
-    /// token granted. Recovery is all or nothing: the gap is returned only if the epoch matches, retention
-    /// deleted nothing after the client's offset, and it fits `recovery_max_publications`; records this
-    /// subscription may not read (private ones) are left out of it, as they are left out live.
+    /// Every way of subscribing (a client's command, the connection token's channels and subs, the server
+    /// API) comes through here, so `access` decides all of them. Recovery is all or nothing: the gap is
+    /// returned only if the epoch matches, retention deleted nothing after the client's offset, and it fits
+    /// `recovery_max_publications`; records this subscription may not read (private ones) are left out of
+    /// it, as they are left out live.
     async fn subscribe(
         &mut self,
-        req: SubscribeRequest,
-        chan_info: Option<Value>,
-        exp: Option<u64>,
-        granted: Option<String>,
-    ) -> Result<Value, Refusal> {
+        req: proto::SubscribeRequest,
+        grant: Grant,
+    ) -> Result<proto::SubscribeResult, Refusal> {
         let max_channels = self.st.config.centrifugo.max_channels_per_connection;
         let max = self.st.config.centrifugo.recovery_max_publications;
         let name = req.channel.clone();
@@ -778,14 +870,17 @@ impl Conn {
         let filter = self
             .st
             .access
-            .reader(self.who.clone(), &selectors, granted.as_deref())
+            .reader(self.who.clone(), &selectors, grant.channel.as_deref())
             .map_err(|(ch, denied)| Refusal::new(103, format!("{ch}: {denied}")))?;
+        // Join/leave go to subscribers that asked for them (the SDK's `joinLeave`), or to all when the
+        // namespace forces them; only where the namespace has them at all.
+        let asked = req.join_leave && !grant.server_side;
         let spec = SubscribeSpec {
             selectors,
             filter,
             subscriber: self.client.clone(),
             payload: None,
-            join_leave: ns.join_leave,
+            join_leave: ns.join_leave && (asked || ns.force_push_join_leave),
         };
         let sub = self
             .st
@@ -794,73 +889,72 @@ impl Conn {
             .map_err(|e| Refusal::new(100, e.to_string()))?;
         let upto = sub.registered_at;
         let wants_recovery = req.recover && ns.recovery;
-        let epoch = self.st.hub.log().epoch();
+        let epoch = self.st.hub.epoch();
         let epoch_ok = req.epoch == epoch;
         let offset = req.offset;
-        let chan = name.clone();
         let spec = sub.spec.clone();
-        let (top, recovered) = self
-            .st
-            .hub
-            .with_log(move |log| {
-                let top = log.channel_top(&chan, upto)?.unwrap_or(0);
-                if !(wants_recovery && epoch_ok) || log.channel_pruned_upto(&chan)? > offset {
-                    return Ok((top, None));
-                }
-                let mut recs = log.read_channel(&chan, offset, upto, max + 1)?;
-                if recs.len() > max {
-                    return Ok((top, None));
-                }
-                recs.retain(|r| spec.wants(r));
-                Ok((top, Some(recs)))
-            })
+        let engine = self.st.hub.engine();
+        let recovery = async {
+            let top = engine.channel_top(name.clone(), upto).await?.unwrap_or(0);
+            if !(wants_recovery && epoch_ok)
+                || engine.channel_pruned_upto(name.clone()).await? > offset
+            {
+                return Ok((top, None));
+            }
+            let mut recs = engine
+                .read_channel(name.clone(), offset, upto, max + 1)
+                .await?;
+            if recs.len() > max {
+                return Ok((top, None));
+            }
+            recs.retain(|r| spec.wants(r));
+            Ok::<_, crate::log::LogError>((top, Some(recs)))
+        };
+        let (top, recovered) = recovery
             .await
             .map_err(|e| Refusal::new(100, e.to_string()))?;
 
-        let mut result = json!({});
+        let mut result = proto::SubscribeResult {
+            data: grant.data.unwrap_or_default(),
+            ..Default::default()
+        };
         if ns.recovery {
-            result["recoverable"] = json!(true);
-            result["epoch"] = json!(epoch);
-            result["offset"] = json!(top);
+            result.recoverable = true;
+            result.epoch = epoch;
+            result.offset = top;
         }
         if wants_recovery {
-            result["was_recovering"] = json!(true);
-            result["recovered"] = json!(recovered.is_some());
+            result.was_recovering = true;
+            result.recovered = recovered.is_some();
         }
-        if let Some(recs) = recovered.filter(|r| !r.is_empty()) {
-            let pubs: Vec<Value> = recs
-                .iter()
-                .filter_map(|r| serde_json::from_str(&publication(r)).ok())
-                .collect();
-            result["publications"] = Value::Array(pubs);
+        if let Some(recs) = recovered {
+            result.publications = recs.iter().map(publication).collect();
         }
-        if let Some(exp) = exp {
-            result["expires"] = json!(true);
-            result["ttl"] = json!(exp.saturating_sub(unix_now()));
+        if let Some(exp) = grant.exp {
+            result.expires = true;
+            result.ttl = ttl(exp);
         }
-        if ns.presence {
-            self.st.hub.join(&name, self.info(chan_info));
-        }
+        let presence = ns
+            .presence
+            .then(|| self.st.hub.join(&name, self.info(grant.chan_info)));
         self.subs.reserve_exact(1); // most connections hold one or two; a vector's default growth is 4
         self.subs.push(ChanSub {
             channel: name,
             sub,
-            presence: ns.presence,
-            exp,
+            _presence: presence,
+            exp: grant.exp,
         });
         Ok(result)
     }
 
+    /// Ends a subscription: dropping it unregisters it from the hub and ends its presence.
     fn remove_sub(&mut self, channel: &str) {
         if let Some(i) = self.subs.iter().position(|s| s.channel == channel) {
-            let s = self.subs.swap_remove(i);
-            if s.presence {
-                self.st.hub.leave(channel, &self.client);
-            }
+            self.subs.swap_remove(i);
         }
     }
 
-    async fn publish(&mut self, req: PublishRequest) -> Result<Value, Refusal> {
+    async fn publish(&mut self, req: proto::PublishRequest) -> Result<(), Refusal> {
         let ns = self
             .st
             .access
@@ -871,15 +965,15 @@ impl Conn {
             .access
             .check_client_publish(&self.who, &req.channel, ns, subscribed)
             .map_err(|d| Refusal::new(103, format!("publish into {}: {d}", req.channel)))?;
-        let data = req
-            .data
-            .ok_or_else(|| Refusal::new(107, "publish without data"))?;
+        if req.data.is_empty() {
+            return Err(Refusal::new(107, "publish without data"));
+        }
         let info = serde_json::to_string(&self.info(None)).ok();
         self.st
             .hub
             .publish(NewPublication {
                 topics: vec![req.channel],
-                data: data.get().to_string(),
+                data: req.data,
                 info,
                 ..Default::default()
             })
@@ -888,11 +982,11 @@ impl Conn {
                 crate::hub::HubError::MessageTooLarge { .. } => Refusal::new(106, e.to_string()),
                 other => Refusal::new(100, other.to_string()),
             })?;
-        Ok(json!({}))
+        Ok(())
     }
 
     /// Presence is for subscribers of the channel: `access` decided when they subscribed.
-    fn presence(&self, channel_name: &str, stats: bool) -> Result<Value, Refusal> {
+    fn check_presence(&self, channel_name: &str) -> Result<(), Refusal> {
         let ns = self
             .st
             .access
@@ -910,11 +1004,14 @@ impl Conn {
                 format!("presence of {channel_name} without a subscription"),
             ));
         }
-        Ok(presence_result(&self.st, channel_name, stats))
+        Ok(())
     }
 
     /// History is for subscribers of the channel, filtered by what their subscription may read.
-    async fn history(&mut self, req: HistoryRequest) -> Result<Value, Refusal> {
+    async fn history(
+        &mut self,
+        req: proto::HistoryRequest,
+    ) -> Result<proto::HistoryResult, Refusal> {
         let ns = self
             .st
             .access
@@ -943,7 +1040,7 @@ impl Conn {
         .await
     }
 
-    fn refresh(&mut self, id: u32, req: TokenRequest) -> Result<String, Exit> {
+    fn refresh(&mut self, id: u32, req: proto::RefreshRequest) -> Result<proto::Reply, Exit> {
         let claims = match self.verify_conn_token(id, &req.token)? {
             Ok(c) => c,
             Err(reply) => return Ok(reply),
@@ -958,15 +1055,24 @@ impl Conn {
         if claims.info.is_some() {
             self.conn_info = claims.info;
         }
-        let mut result = json!({"client": self.client, "version": VERSION});
+        let mut result = proto::RefreshResult {
+            client: self.client.clone(),
+            version: VERSION.into(),
+            ..Default::default()
+        };
         if let Some(exp) = self.exp {
-            result["expires"] = json!(true);
-            result["ttl"] = json!(exp.saturating_sub(unix_now()));
+            result.expires = true;
+            result.ttl = ttl(exp);
         }
-        Ok(json!({"id": id, "refresh": result}).to_string())
+        let mut r = reply(id);
+        r.refresh = Some(result);
+        Ok(r)
     }
 
-    fn sub_refresh(&mut self, req: SubRefreshRequest) -> Result<Result<Value, Refusal>, Exit> {
+    fn sub_refresh(
+        &mut self,
+        req: proto::SubRefreshRequest,
+    ) -> Result<Result<proto::SubRefreshResult, Refusal>, Exit> {
         if self.sub(&req.channel).is_none() {
             return Ok(Err(Refusal::new(
                 103,
@@ -980,28 +1086,52 @@ impl Conn {
         if let Some(s) = self.subs.iter_mut().find(|s| s.channel == req.channel) {
             s.exp = claims.exp;
         }
-        let mut result = json!({});
+        let mut result = proto::SubRefreshResult::default();
         if let Some(exp) = claims.exp {
-            result["expires"] = json!(true);
-            result["ttl"] = json!(exp.saturating_sub(unix_now()));
+            result.expires = true;
+            result.ttl = ttl(exp);
         }
         Ok(Ok(result))
     }
 
     async fn control(&mut self, c: Control) -> Result<(), Exit> {
+        let r = self.apply_control(c).await;
+        // A server-side subscribe or refresh may have moved a deadline.
+        self.reschedule();
+        r
+    }
+
+    async fn apply_control(&mut self, c: Control) -> Result<(), Exit> {
         match c {
-            Control::Subscribe { channel, info } => {
-                let req = SubscribeRequest {
+            Control::Subscribe {
+                channel,
+                info,
+                data,
+                expire_at,
+            } => {
+                let req = proto::SubscribeRequest {
                     channel: channel.clone(),
                     ..Default::default()
                 };
-                match self.subscribe(req, info, None, Some(channel.clone())).await {
-                    Ok(mut result) => {
-                        if let Some(obj) = result.as_object_mut() {
-                            obj.remove("publications");
-                        }
-                        let push = json!({"push": {"channel": channel, "subscribe": result}});
-                        self.write(push.to_string()).await
+                let grant = Grant {
+                    chan_info: info.and_then(|i| serde_json::from_slice(&i).ok()),
+                    data: data.map(Bytes::from),
+                    exp: expire_at,
+                    channel: Some(channel.clone()),
+                    server_side: true,
+                };
+                match self.subscribe(req, grant).await {
+                    Ok(result) => {
+                        let r = push(&channel, |p| {
+                            p.subscribe = Some(proto::Subscribe {
+                                recoverable: result.recoverable,
+                                epoch: result.epoch,
+                                offset: result.offset,
+                                data: result.data,
+                                ..Default::default()
+                            })
+                        });
+                        self.write_reply(&r).await
                     }
                     Err(r) => {
                         tracing::debug!(channel = %channel, code = r.code, error = %r.detail, "server-side subscribe refused");
@@ -1012,13 +1142,19 @@ impl Conn {
             Control::Unsubscribe { channel } => {
                 if self.sub(&channel).is_some() {
                     self.remove_sub(&channel);
-                    let push = json!({"push": {"channel": channel, "unsubscribe": {"code": 2000, "reason": "server unsubscribe"}}});
-                    self.write(push.to_string()).await
+                    let r = push(&channel, |p| {
+                        p.unsubscribe = Some(proto::Unsubscribe {
+                            code: 2000,
+                            reason: "server unsubscribe".into(),
+                        })
+                    });
+                    self.write_reply(&r).await
                 } else {
                     Ok(())
                 }
             }
-            Control::Disconnect { code, reason } => Err(Exit::Close(code, reason)),
+            Control::Disconnect { code, reason, .. } => Err(Exit::Close(code, reason)),
+            Control::Deadline => self.check_deadlines().await,
             Control::Refresh {
                 expire_at,
                 expired,
@@ -1031,23 +1167,13 @@ impl Conn {
                 if info.is_some() {
                     self.conn_info = info;
                 }
-                let mut refresh = json!({"expires": self.exp.is_some()});
-                if let Some(exp) = self.exp {
-                    refresh["ttl"] = json!(exp.saturating_sub(unix_now()));
-                }
-                self.write(json!({"push": {"refresh": refresh}}).to_string())
-                    .await
+                let refresh = proto::Refresh {
+                    expires: self.exp.is_some(),
+                    ttl: self.exp.map(ttl).unwrap_or(0),
+                };
+                let r = push("", |p| p.refresh = Some(refresh));
+                self.write_reply(&r).await
             }
-        }
-    }
-
-    fn cleanup(&mut self) {
-        let channels: Vec<String> = self.subs.iter().map(|s| s.channel.clone()).collect();
-        for ch in channels {
-            self.remove_sub(&ch);
-        }
-        if self.connected {
-            self.st.clients.remove(&self.who.user, &self.client);
         }
     }
 }
@@ -1061,28 +1187,52 @@ pub(super) fn channel_refusal(e: ChannelError, channel: &str) -> Refusal {
     }
 }
 
-fn error_reply(id: u32, r: &Refusal, temporary: bool) -> String {
+fn error_reply(id: u32, r: &Refusal, temporary: bool) -> proto::Reply {
     tracing::debug!(code = r.code, detail = %r.detail, "command refused");
-    let mut err = json!({"code": r.code, "message": r.message()});
-    if temporary {
-        err["temporary"] = json!(true);
+    proto::Reply {
+        id,
+        error: Some(proto::Error {
+            code: r.code,
+            message: r.message().into(),
+            temporary,
+        }),
+        ..Default::default()
     }
-    json!({"id": id, "error": err}).to_string()
 }
 
-/// A `PresenceResult` (or `PresenceStatsResult`) for the client protocol and the server API alike.
-pub(super) fn presence_result(st: &AppState, channel: &str, stats: bool) -> Value {
-    let clients = st.hub.presence(channel);
-    if stats {
-        let users: std::collections::HashSet<&str> =
-            clients.iter().map(|c| c.user.as_str()).collect();
-        return json!({"num_clients": clients.len(), "num_users": users.len()});
-    }
-    let map: serde_json::Map<String, Value> = clients
-        .into_iter()
-        .filter_map(|c| Some((c.client.clone(), serde_json::to_value(c).ok()?)))
-        .collect();
-    json!({ "presence": map })
+/// A `PresenceResult` for the client protocol and the server API alike.
+pub(super) async fn presence_result(
+    st: &AppState,
+    channel: &str,
+) -> Result<proto::PresenceResult, Refusal> {
+    let clients = st
+        .hub
+        .presence(channel)
+        .await
+        .map_err(|e| Refusal::new(100, e.to_string()))?;
+    Ok(proto::PresenceResult {
+        presence: clients
+            .iter()
+            .map(|c| (c.client.clone(), client_info(c)))
+            .collect(),
+    })
+}
+
+/// A `PresenceStatsResult` for the client protocol and the server API alike.
+pub(super) async fn presence_stats_result(
+    st: &AppState,
+    channel: &str,
+) -> Result<proto::PresenceStatsResult, Refusal> {
+    let clients = st
+        .hub
+        .presence(channel)
+        .await
+        .map_err(|e| Refusal::new(100, e.to_string()))?;
+    let users: std::collections::HashSet<&str> = clients.iter().map(|c| c.user.as_str()).collect();
+    Ok(proto::PresenceStatsResult {
+        num_clients: u32::try_from(clients.len()).unwrap_or(u32::MAX),
+        num_users: u32::try_from(users.len()).unwrap_or(u32::MAX),
+    })
 }
 
 /// Most records one history request looks at while skipping those its reader may not see: a bound on the
@@ -1103,8 +1253,8 @@ pub(super) async fn history_result(
     since: Option<(u64, String)>,
     reverse: bool,
     reader: Option<Arc<SubscribeSpec>>,
-) -> Result<Value, Refusal> {
-    let epoch = st.hub.log().epoch();
+) -> Result<proto::HistoryResult, Refusal> {
+    let epoch = st.hub.epoch();
     if let Some((_, e)) = &since {
         if *e != epoch {
             return Err(Refusal::new(
@@ -1119,47 +1269,47 @@ pub(super) async fn history_result(
     } else {
         (limit as usize).min(HISTORY_MAX)
     };
-    let chan = channel.to_string();
-    let (top, recs) = st
-        .hub
-        .with_log(move |log| {
-            let top = log.channel_top(&chan, u64::MAX)?.unwrap_or(0);
-            let mut out = Vec::new();
-            let mut cursor = match (reverse, since) {
-                (false, s) => s.unwrap_or(0),
-                (true, s) => s.unwrap_or(u64::MAX),
+    let engine = st.hub.engine();
+    let read = async {
+        let top = engine
+            .channel_top(channel.to_string(), u64::MAX)
+            .await?
+            .unwrap_or(0);
+        let mut out = Vec::new();
+        let mut cursor = match (reverse, since) {
+            (false, s) => s.unwrap_or(0),
+            (true, s) => s.unwrap_or(u64::MAX),
+        };
+        let mut scanned = 0;
+        while out.len() < limit && scanned < HISTORY_SCAN {
+            let want = (limit - out.len()).min(HISTORY_SCAN - scanned);
+            let page = if reverse {
+                engine
+                    .read_channel_back(channel.to_string(), cursor, want)
+                    .await?
+            } else {
+                engine
+                    .read_channel(channel.to_string(), cursor, u64::MAX, want)
+                    .await?
             };
-            let mut scanned = 0;
-            while out.len() < limit && scanned < HISTORY_SCAN {
-                let want = (limit - out.len()).min(HISTORY_SCAN - scanned);
-                let page = if reverse {
-                    log.read_channel_back(&chan, cursor, want)?
-                } else {
-                    log.read_channel(&chan, cursor, u64::MAX, want)?
-                };
-                let Some(last) = page.last() else { break };
-                cursor = last.seq;
-                scanned += page.len();
-                let full = page.len() == want;
-                out.extend(
-                    page.into_iter()
-                        .filter(|r| reader.as_ref().is_none_or(|s| s.wants(r))),
-                );
-                if !full {
-                    break;
-                }
+            let Some(last) = page.last() else { break };
+            cursor = last.seq;
+            scanned += page.len();
+            let full = page.len() == want;
+            out.extend(
+                page.into_iter()
+                    .filter(|r| reader.as_ref().is_none_or(|s| s.wants(r))),
+            );
+            if !full {
+                break;
             }
-            Ok((top, out))
-        })
-        .await
-        .map_err(|e| Refusal::new(100, e.to_string()))?;
-    let pubs: Vec<Value> = recs
-        .iter()
-        .filter_map(|r| serde_json::from_str(&publication(r)).ok())
-        .collect();
-    Ok(json!({"publications": pubs, "epoch": epoch, "offset": top}))
-}
-
-pub(super) fn refusal_parts(r: Refusal) -> (u32, String) {
-    (r.code, r.message().to_string())
+        }
+        Ok::<_, crate::log::LogError>((top, out))
+    };
+    let (top, recs) = read.await.map_err(|e| Refusal::new(100, e.to_string()))?;
+    Ok(proto::HistoryResult {
+        publications: recs.iter().map(publication).collect(),
+        epoch,
+        offset: top,
+    })
 }

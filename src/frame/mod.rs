@@ -18,7 +18,8 @@ pub mod sse;
 #[derive(Debug, Default)]
 pub struct FrameCache {
     sse: OnceLock<Bytes>,
-    centrifugo: OnceLock<Bytes>,
+    centrifugo_json: OnceLock<Bytes>,
+    centrifugo_protobuf: OnceLock<Bytes>,
 }
 
 /// A publication as it travels from the hub to transports: the stored record and its encodings.
@@ -44,16 +45,17 @@ impl Publication {
             .clone()
     }
 
-    /// The Centrifugo publication push for `channel`: cached for the canonical channel (the common case),
-    /// encoded on demand for an alternate topic.
-    pub fn centrifugo_push(&self, channel: &str) -> Bytes {
-        if channel == self.record.channel() {
-            self.frames
-                .centrifugo
-                .get_or_init(|| centrifugo::push(channel, &self.record))
-                .clone()
-        } else {
-            centrifugo::push(channel, &self.record)
+    /// The Centrifugo publication push for `channel` in `codec`: cached for the canonical channel (the
+    /// common case), encoded on demand for an alternate topic.
+    pub fn centrifugo_push(&self, channel: &str, codec: centrifugo::Codec) -> Bytes {
+        if channel != self.record.channel() {
+            return centrifugo::push(channel, &self.record, codec);
         }
+        let slot = match codec {
+            centrifugo::Codec::Json => &self.frames.centrifugo_json,
+            centrifugo::Codec::Protobuf => &self.frames.centrifugo_protobuf,
+        };
+        slot.get_or_init(|| centrifugo::push(channel, &self.record, codec))
+            .clone()
     }
 }

@@ -12,6 +12,8 @@ use crate::log::Record;
 /// A comment line: flushes headers at subscription time and keeps idle connections alive through proxies.
 pub const COMMENT: &[u8] = b":\n";
 
+/// The event for `r`. A publication kept out of history (`skip_history`) has no id, so it does not move a
+/// client's `Last-Event-ID`.
 pub fn encode(r: &Record) -> Bytes {
     let mut b = BytesMut::with_capacity(r.data.len() + r.id.len() + 32);
     if let Some(t) = &r.event_type {
@@ -22,10 +24,12 @@ pub fn encode(r: &Record) -> Bytes {
     if let Some(retry) = r.retry {
         b.put_slice(format!("retry: {retry}\n").as_bytes());
     }
-    b.put_slice(b"id: ");
-    b.put_slice(r.id.as_bytes());
-    b.put_u8(b'\n');
-    for line in split_lines(&r.data) {
+    if !r.id.is_empty() {
+        b.put_slice(b"id: ");
+        b.put_slice(r.id.as_bytes());
+        b.put_u8(b'\n');
+    }
+    for line in split_lines(&r.data_text()) {
         b.put_slice(b"data: ");
         b.put_slice(line.as_bytes());
         b.put_u8(b'\n');
@@ -61,12 +65,13 @@ mod tests {
             seq: 1,
             id: "urn:uuid:1".into(),
             topics: vec!["t".into()],
-            data: data.into(),
+            data: data.to_string().into(),
             private: false,
             event_type: None,
             retry: None,
             time_ms: 0,
             info: None,
+            tags: Default::default(),
         }
     }
 

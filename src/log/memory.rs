@@ -137,32 +137,76 @@ impl Log for MemoryLog {
 
     fn channel_top(&self, channel: &str, upto: u64) -> Result<Option<u64>, LogError> {
         let inner = self.inner.read();
-        Ok(inner
+        let kept = inner
             .records
             .iter()
             .rev()
             .filter(|r| r.seq <= upto)
             .find(|r| r.channel() == channel)
-            .map(|r| r.seq))
+            .map(|r| r.seq);
+        let removed = inner.pruned.get(channel).copied().filter(|&p| p <= upto);
+        Ok(kept.max(removed))
     }
 
     fn channel_pruned_upto(&self, channel: &str) -> Result<u64, LogError> {
         Ok(self.inner.read().pruned.get(channel).copied().unwrap_or(0))
     }
 
-    fn prune(&self, retention: &Retention, now_ms: i64) -> Result<u64, LogError> {
+    fn read_topics(
+        &self,
+        after: u64,
+        upto: u64,
+        topics: &[String],
+        limit: usize,
+    ) -> Result<Vec<Record>, LogError> {
+        let inner = self.inner.read();
+        let start = inner.start(after);
+        Ok(inner
+            .records
+            .range(start..)
+            .take_while(|r| r.seq <= upto)
+            .filter(|r| r.topics.iter().any(|t| topics.contains(t)))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    fn prune_step(
+        &self,
+        retention: &Retention,
+        now_ms: i64,
+        after: &str,
+        max_channels: usize,
+    ) -> Result<(u64, Option<String>), LogError> {
         let mut guard = self.inner.write();
         let inner = &mut *guard;
+        // This step's channels: the first `max_channels` names after `after`.
+        let mut channels: Vec<&str> = inner
+            .records
+            .iter()
+            .map(Record::channel)
+            .filter(|c| *c > after)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let resume =
+            (channels.len() > max_channels).then(|| channels[max_channels - 1].to_string());
+        channels.truncate(max_channels);
+        let step: std::collections::HashSet<String> =
+            channels.into_iter().map(str::to_string).collect();
         let pruned = &mut inner.pruned;
         let mut counts: std::collections::HashMap<String, u64> = Default::default();
-        for r in &inner.records {
+        for r in inner.records.iter().filter(|r| step.contains(r.channel())) {
             *counts.entry(r.channel().to_string()).or_default() += 1;
         }
         let before = inner.records.len();
         // Walk oldest first; a record goes while its channel holds more than the rule's count.
         let mut kept = VecDeque::with_capacity(before);
         for r in inner.records.drain(..) {
-            let Some(rule) = retention.rule_for(r.channel()) else {
+            let rule = retention
+                .rule_for(r.channel())
+                .filter(|_| step.contains(r.channel()));
+            let Some(rule) = rule else {
                 kept.push_back(r);
                 continue;
             };
@@ -182,24 +226,37 @@ impl Log for MemoryLog {
             }
         }
         inner.records = kept;
-        Ok((before - inner.records.len()) as u64)
+        Ok(((before - inner.records.len()) as u64, resume))
     }
 
-    fn remove_channel(&self, channel: &str) -> Result<u64, LogError> {
+    fn trim_channel(&self, channel: &str, upto: u64) -> Result<u64, LogError> {
         let mut inner = self.inner.write();
         let before = inner.records.len();
         if let Some(top) = inner
             .records
             .iter()
-            .filter(|r| r.channel() == channel)
+            .filter(|r| r.channel() == channel && r.seq <= upto)
             .map(|r| r.seq)
             .max()
         {
             let p = inner.pruned.entry(channel.to_string()).or_default();
             *p = (*p).max(top);
         }
-        inner.records.retain(|r| r.channel() != channel);
+        inner
+            .records
+            .retain(|r| r.channel() != channel || r.seq > upto);
         Ok((before - inner.records.len()) as u64)
+    }
+
+    fn channels(&self, prefix: &str, after: &str, limit: usize) -> Result<Vec<String>, LogError> {
+        let inner = self.inner.read();
+        let set: std::collections::BTreeSet<&str> = inner
+            .records
+            .iter()
+            .map(Record::channel)
+            .filter(|c| c.starts_with(prefix) && *c > after)
+            .collect();
+        Ok(set.into_iter().take(limit).map(str::to_string).collect())
     }
 
     fn epoch(&self) -> String {

@@ -10,7 +10,10 @@
 //! writer task through `spawn_blocking`, batching appends so that one commit (one fsync) covers many
 //! publications (group commit).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+use bytes::Bytes;
 
 pub mod memory;
 pub mod sqlite;
@@ -50,7 +53,7 @@ pub fn parse_generated_id(id: &str) -> Option<(&str, u64)> {
 }
 
 /// One stored publication.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Record {
     /// Assigned by [`Log::append`]; 0 before that.
     pub seq: u64,
@@ -59,7 +62,9 @@ pub struct Record {
     pub id: String,
     /// First topic is canonical (the channel), others are alternates.
     pub topics: Vec<String>,
-    pub data: String,
+    /// The payload, as bytes: Mercure and JSON publishers send text, Centrifugo's `b64data` and Protobuf
+    /// clients may send anything.
+    pub data: Bytes,
     pub private: bool,
     pub event_type: Option<String>,
     pub retry: Option<u64>,
@@ -67,11 +72,19 @@ pub struct Record {
     pub time_ms: i64,
     /// Who published it, as JSON (a Centrifugo `ClientInfo`), when a client did.
     pub info: Option<String>,
+    /// Centrifugo publication tags (`tags` of the server API's publish), delivered with the publication.
+    pub tags: BTreeMap<String, String>,
 }
 
 impl Record {
     pub fn channel(&self) -> &str {
         self.topics.first().map(String::as_str).unwrap_or("")
+    }
+
+    /// The payload as text: as is when it is UTF-8 (always, for text publishers), otherwise with the
+    /// invalid bytes replaced (SSE carries text only).
+    pub fn data_text(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.data)
     }
 }
 
@@ -105,6 +118,16 @@ pub trait Log: Send + Sync + 'static {
     /// Records with `after < seq <= upto`, ascending, at most `limit`.
     fn read_range(&self, after: u64, upto: u64, limit: usize) -> Result<Vec<Record>, LogError>;
 
+    /// Records with `after < seq <= upto` having one of `topics` (canonical or alternate), ascending, at
+    /// most `limit`: what a replay of exact topics reads, without reading every other channel.
+    fn read_topics(
+        &self,
+        after: u64,
+        upto: u64,
+        topics: &[String],
+        limit: usize,
+    ) -> Result<Vec<Record>, LogError>;
+
     /// Records of one channel with `after < seq <= upto`, ascending, at most `limit`.
     fn read_channel(
         &self,
@@ -132,18 +155,52 @@ pub trait Log: Send + Sync + 'static {
     /// The oldest retained seq of one channel, if it has history.
     fn channel_first_seq(&self, channel: &str) -> Result<Option<u64>, LogError>;
 
-    /// The newest seq of one channel at or below `upto`: the channel's stream position.
+    /// The newest seq of one channel at or below `upto`: the channel's stream position. Records that
+    /// retention or `remove_channel` deleted still count: removing history does not move a stream back
+    /// (clients holding a position must still be able to recover from it).
     fn channel_top(&self, channel: &str, upto: u64) -> Result<Option<u64>, LogError>;
 
     /// The highest seq of this channel that retention (or `remove_channel`) has deleted, 0 if none. A client
     /// positioned at or after it can be brought up to date from the log; one before it cannot.
     fn channel_pruned_upto(&self, channel: &str) -> Result<u64, LogError>;
 
-    /// Applies retention; returns how many records were removed.
-    fn prune(&self, retention: &Retention, now_ms: i64) -> Result<u64, LogError>;
+    /// Applies retention to at most `max_channels` channels whose names sort after `after` (`""`: from the
+    /// first); returns how many records it removed and, when channels remain, the one to resume after. A
+    /// pass is a sequence of bounded steps, so the writer serves appends between them.
+    fn prune_step(
+        &self,
+        retention: &Retention,
+        now_ms: i64,
+        after: &str,
+        max_channels: usize,
+    ) -> Result<(u64, Option<String>), LogError>;
+
+    /// A whole retention pass (tests and tools; the engine runs it in steps).
+    fn prune(&self, retention: &Retention, now_ms: i64) -> Result<u64, LogError> {
+        let mut removed = 0;
+        let mut after = String::new();
+        loop {
+            let (n, resume) = self.prune_step(retention, now_ms, &after, 64)?;
+            removed += n;
+            match resume {
+                Some(next) => after = next,
+                None => return Ok(removed),
+            }
+        }
+    }
+
+    /// Removes a channel's records with `seq <= upto` (a document compacted into a snapshot drops the
+    /// updates the snapshot holds); the channel keeps its position. Returns how many were removed.
+    fn trim_channel(&self, channel: &str, upto: u64) -> Result<u64, LogError>;
 
     /// Removes a channel's history.
-    fn remove_channel(&self, channel: &str) -> Result<u64, LogError>;
+    fn remove_channel(&self, channel: &str) -> Result<u64, LogError> {
+        self.trim_channel(channel, u64::MAX)
+    }
+
+    /// Names of channels that have records and start with `prefix`, sorted, after `after`, at most
+    /// `limit` (listing documents, by their storage channels).
+    fn channels(&self, prefix: &str, after: &str, limit: usize) -> Result<Vec<String>, LogError>;
 
     /// Identifies this log's incarnation: it changes when history is lost (a memory log restarts, a database
     /// file is replaced), so a client holding positions from another incarnation can be told so.
@@ -163,12 +220,13 @@ pub(crate) mod contract {
             seq: 0,
             id: id.into(),
             topics: vec![topic.into()],
-            data: data.into(),
+            data: Bytes::copy_from_slice(data.as_bytes()),
             private: false,
             event_type: None,
             retry: None,
             time_ms,
             info: None,
+            tags: BTreeMap::new(),
         }
     }
 
@@ -209,6 +267,13 @@ pub(crate) mod contract {
         assert_eq!(log.find_id("2").unwrap(), Some(batch[1].seq));
         assert_eq!(log.find_id("nope").unwrap(), None);
         assert_eq!(log.last().unwrap().unwrap().id, "3");
+        assert_eq!(
+            log.read_topics(0, u64::MAX, &["a".to_string()], 1)
+                .unwrap()
+                .len(),
+            1,
+            "bounded by limit"
+        );
         let back = log.read_channel_back("a", u64::MAX, 100).unwrap();
         assert_eq!(
             back.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
@@ -222,6 +287,33 @@ pub(crate) mod contract {
             .read_channel_back("a", batch[0].seq, 10)
             .unwrap()
             .is_empty());
+        let only_b = log
+            .read_topics(0, u64::MAX, &["b".to_string()], 10)
+            .unwrap();
+        assert_eq!(
+            only_b.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["2"]
+        );
+        let mut alt = vec![Record {
+            topics: vec!["c".into(), "b".into()],
+            ..rec("c", "4", "w", 0)
+        }];
+        log.append(&mut alt).unwrap();
+        let b_or_alt = log
+            .read_topics(0, u64::MAX, &["b".to_string(), "nope".to_string()], 10)
+            .unwrap();
+        assert_eq!(
+            b_or_alt.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["2", "4"],
+            "an alternate topic counts"
+        );
+        assert_eq!(
+            log.read_topics(0, alt[0].seq - 1, &["b".to_string()], 10)
+                .unwrap()
+                .len(),
+            1,
+            "bounded by upto"
+        );
         let bounded = log.read_range(batch[0].seq, batch[1].seq, 100).unwrap();
         assert_eq!(bounded.len(), 1);
         assert_eq!(bounded[0].id, "2");
@@ -269,8 +361,67 @@ pub(crate) mod contract {
             Some(chat[1].seq)
         );
         assert_eq!(log.channel_pruned_upto("other").unwrap(), 0);
+        // A step looks at a bounded number of channels and says where to resume.
+        let mut more: Vec<Record> = (0..5)
+            .map(|i| rec(&format!("step:{i}"), "", "d", 1_000))
+            .chain((0..5).map(|i| rec(&format!("step:{i}"), "", "d", 1_000)))
+            .collect();
+        log.append(&mut more).unwrap();
+        let one_each = Retention {
+            rules: vec![RetentionRule {
+                selector: Selector::parse("step:{n}"),
+                max_count: Some(1),
+                max_age: None,
+            }],
+        };
+        let (removed, resume) = log.prune_step(&one_each, 1_000, "step:", 2).unwrap();
+        let mut removed_total = removed;
+        let mut after = resume;
+        let mut steps = 1;
+        while let Some(a) = after {
+            let (n, next) = log.prune_step(&one_each, 1_000, &a, 2).unwrap();
+            removed_total += n;
+            after = next;
+            steps += 1;
+            assert!(steps <= 10);
+        }
+        assert_eq!(removed_total, 5, "one record kept per step channel");
+        assert!(
+            steps >= 3,
+            "five channels in steps of two take at least three steps"
+        );
+        for i in 0..5 {
+            let ch = format!("step:{i}");
+            assert_eq!(log.read_channel(&ch, 0, u64::MAX, 10).unwrap().len(), 1);
+            log.remove_channel(&ch).unwrap();
+        }
+        // Trimming keeps what is after the cut, and the position.
+        let mut t: Vec<Record> = (0..3)
+            .map(|i| rec("trim", &format!("t{i}"), "d", 0))
+            .collect();
+        log.append(&mut t).unwrap();
+        assert_eq!(log.trim_channel("trim", t[1].seq).unwrap(), 2);
+        let kept = log.read_channel("trim", 0, u64::MAX, 10).unwrap();
+        assert_eq!(
+            kept.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["t2"]
+        );
+        assert_eq!(log.channel_pruned_upto("trim").unwrap(), t[1].seq);
+        assert_eq!(
+            log.channels("tr", "", 10).unwrap(),
+            ["trim"],
+            "channels by prefix"
+        );
+        assert_eq!(log.channels("chat:", "", 10).unwrap(), ["chat:1"]);
+        assert!(log.channels("chat:", "chat:1", 10).unwrap().is_empty());
+        log.remove_channel("trim").unwrap();
         assert_eq!(log.remove_channel("chat:1").unwrap(), 4);
         assert_eq!(log.channel_pruned_upto("chat:1").unwrap(), chat[3].seq);
+        assert_eq!(
+            log.channel_top("chat:1", u64::MAX).unwrap(),
+            Some(chat[3].seq),
+            "removing history keeps the stream position"
+        );
         assert!(log.last().unwrap().is_none());
     }
 }

@@ -31,14 +31,25 @@ CREATE TABLE IF NOT EXISTS records (
     event_type TEXT,
     retry      INTEGER,
     time_ms    INTEGER NOT NULL,
-    info       TEXT
+    info       TEXT,
+    tags       TEXT
 );
 CREATE TABLE IF NOT EXISTS channels (channel TEXT PRIMARY KEY, pruned_upto INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS records_channel ON records (channel, seq);
 CREATE INDEX IF NOT EXISTS records_id ON records (id);
+-- Alternate topics (a record's second and later topics), so replays of exact topics filter in the store.
+CREATE TABLE IF NOT EXISTS alt_topics (topic TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (topic, seq))
+    WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS alt_topics_seq ON alt_topics (seq);
+CREATE TRIGGER IF NOT EXISTS records_alt_topics_cleanup AFTER DELETE ON records
+    WHEN json_array_length(old.topics) > 1
+    BEGIN DELETE FROM alt_topics WHERE seq = old.seq; END;
 ";
 
-const COLUMNS: &str = "seq, id, topics, data, private, event_type, retry, time_ms, info";
+const COLUMNS: &str = "seq, id, topics, data, private, event_type, retry, time_ms, info, tags";
+
+/// Columns added after the first release, with their definitions: added to an older file when it is opened.
+const ADDED_COLUMNS: &[(&str, &str)] = &[("tags", "TEXT")];
 
 impl SqliteLog {
     /// Opens (creating if needed) the database at `path`. `durable` chooses `synchronous=FULL` (a commit has
@@ -57,6 +68,18 @@ impl SqliteLog {
         conn.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        for (column, definition) in ADDED_COLUMNS {
+            let present: bool = conn.query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info('records') WHERE name = ?1",
+                [column],
+                |r| r.get(0),
+            )?;
+            if !present {
+                conn.execute_batch(&format!(
+                    "ALTER TABLE records ADD COLUMN {column} {definition}"
+                ))?;
+            }
+        }
         let epoch: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
                 r.get(0)
@@ -113,17 +136,31 @@ impl SqliteLog {
 
 fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Record, String)> {
     let topics: String = row.get(2)?;
+    // Text payloads are stored as TEXT (the file stays readable with the sqlite3 shell), others as BLOB.
+    let data = match row.get_ref(3)? {
+        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+            bytes::Bytes::copy_from_slice(t)
+        }
+        _ => bytes::Bytes::new(),
+    };
+    let tags = match row.get::<_, Option<String>>(9)? {
+        Some(t) => serde_json::from_str(&t).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(9, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        None => Default::default(),
+    };
     Ok((
         Record {
             seq: row.get::<_, i64>(0)? as u64,
             id: row.get(1)?,
             topics: Vec::new(),
-            data: row.get(3)?,
+            data,
             private: row.get::<_, i64>(4)? != 0,
             event_type: row.get(5)?,
             retry: row.get::<_, Option<i64>>(6)?.map(|r| r as u64),
             time_ms: row.get(7)?,
             info: row.get(8)?,
+            tags,
         },
         topics,
     ))
@@ -178,24 +215,43 @@ impl Log for SqliteLog {
             let tx = conn.transaction()?;
             {
                 let mut stmt = tx.prepare_cached(
-                    "INSERT INTO records (id, channel, topics, data, private, event_type, retry, time_ms, info)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    "INSERT INTO records (id, channel, topics, data, private, event_type, retry, time_ms, info, tags)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )?;
                 for r in batch.iter_mut() {
                     let topics = serde_json::to_string(&r.topics)
                         .map_err(|e| LogError::Storage(e.to_string()))?;
+                    let tags = if r.tags.is_empty() {
+                        None
+                    } else {
+                        Some(
+                            serde_json::to_string(&r.tags)
+                                .map_err(|e| LogError::Storage(e.to_string()))?,
+                        )
+                    };
+                    let data = match std::str::from_utf8(&r.data) {
+                        Ok(text) => rusqlite::types::Value::Text(text.to_string()),
+                        Err(_) => rusqlite::types::Value::Blob(r.data.to_vec()),
+                    };
                     stmt.execute(params![
                         r.id,
                         r.channel(),
                         topics,
-                        r.data,
+                        data,
                         r.private as i64,
                         r.event_type,
                         r.retry.map(to_i64),
                         r.time_ms,
-                        r.info
+                        r.info,
+                        tags
                     ])?;
                     r.seq = tx.last_insert_rowid() as u64;
+                    for alt in r.topics.iter().skip(1) {
+                        tx.prepare_cached(
+                            "INSERT OR IGNORE INTO alt_topics (topic, seq) VALUES (?1, ?2)",
+                        )?
+                        .execute(params![alt, to_i64(r.seq)])?;
+                    }
                     if r.id.is_empty() {
                         r.id = super::generated_id(&self.epoch, r.seq);
                     }
@@ -301,7 +357,12 @@ impl Log for SqliteLog {
     fn channel_top(&self, channel: &str, upto: u64) -> Result<Option<u64>, LogError> {
         self.with_reader(|conn| {
             Ok(conn
-                .prepare_cached("SELECT MAX(seq) FROM records WHERE channel = ?1 AND seq <= ?2")?
+                .prepare_cached(
+                    "SELECT MAX(s) FROM (
+                       SELECT MAX(seq) AS s FROM records WHERE channel = ?1 AND seq <= ?2
+                       UNION ALL
+                       SELECT pruned_upto FROM channels WHERE channel = ?1 AND pruned_upto <= ?2)",
+                )?
                 .query_row(params![channel, to_i64(upto)], |r| {
                     r.get::<_, Option<i64>>(0)
                 })?
@@ -319,70 +380,160 @@ impl Log for SqliteLog {
         })
     }
 
-    fn prune(&self, retention: &Retention, now_ms: i64) -> Result<u64, LogError> {
-        if retention.rules.is_empty() {
-            return Ok(0);
-        }
-        self.with_writer(|conn| {
-            let tx = conn.transaction()?;
-            let channels: Vec<(String, i64)> = {
-                let mut stmt =
-                    tx.prepare("SELECT channel, COUNT(*) FROM records GROUP BY channel")?;
-                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                rows.collect::<Result<_, _>>()?
-            };
-            let mut removed = 0u64;
-            for (channel, count) in channels {
-                let Some(rule) = retention.rule_for(&channel) else {
-                    continue;
-                };
-                if let Some(max) = rule.max_count {
-                    if count as u64 > max {
-                        note_pruned(
-                            &tx,
-                            &channel,
-                            "SELECT seq FROM records WHERE channel = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2",
-                            params![channel, to_i64(max)],
-                        )?;
-                        removed += tx.execute(
-                            "DELETE FROM records WHERE channel = ?1 AND seq <= (
-                               SELECT seq FROM records WHERE channel = ?1
-                               ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
-                            params![channel, to_i64(max)],
-                        )? as u64;
-                    }
-                }
-                if let Some(age) = rule.max_age {
-                    let cutoff = now_ms - age.as_millis() as i64;
-                    note_pruned(
-                        &tx,
-                        &channel,
-                        "SELECT MAX(seq) FROM records WHERE channel = ?1 AND time_ms < ?2",
-                        params![channel, cutoff],
-                    )?;
-                    removed += tx.execute(
-                        "DELETE FROM records WHERE channel = ?1 AND time_ms < ?2",
-                        params![channel, cutoff],
-                    )? as u64;
-                }
-            }
-            tx.commit()?;
-            Ok(removed)
+    fn read_topics(
+        &self,
+        after: u64,
+        upto: u64,
+        topics: &[String],
+        limit: usize,
+    ) -> Result<Vec<Record>, LogError> {
+        let topics = serde_json::to_string(topics).map_err(|e| LogError::Storage(e.to_string()))?;
+        self.with_reader(|conn| {
+            // Two index-driven branches (canonical topics by (channel, seq), alternates by (topic, seq)),
+            // each bounded by the limit, then merged in seq order.
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM records WHERE seq IN (
+                   SELECT seq FROM (SELECT seq FROM records
+                                     WHERE channel IN (SELECT value FROM json_each(?3))
+                                       AND seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?4)
+                   UNION
+                   SELECT seq FROM (SELECT seq FROM alt_topics
+                                     WHERE topic IN (SELECT value FROM json_each(?3))
+                                       AND seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?4))
+                 ORDER BY seq LIMIT ?4"
+            ))?;
+            let rows = stmt.query_map(
+                params![to_i64(after), to_i64(upto), topics, to_i64(limit as u64)],
+                row_to_record,
+            )?;
+            collect(&self.epoch, rows)
         })
     }
 
-    fn remove_channel(&self, channel: &str) -> Result<u64, LogError> {
+    fn prune_step(
+        &self,
+        retention: &Retention,
+        now_ms: i64,
+        after: &str,
+        max_channels: usize,
+    ) -> Result<(u64, Option<String>), LogError> {
+        if retention.rules.is_empty() {
+            return Ok((0, None));
+        }
+        self.with_writer(|conn| {
+            let tx = conn.transaction()?;
+            let mut removed = 0u64;
+            let mut cursor = after.to_string();
+            let mut seen = 0;
+            // Each next channel is one seek in the (channel, seq) index: a step costs what its channels
+            // hold, not what the whole table holds.
+            while seen < max_channels {
+                let next: Option<String> = tx
+                    .prepare_cached(
+                        "SELECT channel FROM records WHERE channel > ?1 ORDER BY channel LIMIT 1",
+                    )?
+                    .query_row([&cursor], |r| r.get(0))
+                    .optional()?;
+                let Some(channel) = next else {
+                    tx.commit()?;
+                    return Ok((removed, None));
+                };
+                seen += 1;
+                if let Some(rule) = retention.rule_for(&channel) {
+                    if let Some(max) = rule.max_count {
+                        // The newest record beyond the count, if any: everything up to it goes.
+                        let cut: Option<i64> = tx
+                            .prepare_cached(
+                                "SELECT seq FROM records WHERE channel = ?1
+                                 ORDER BY seq DESC LIMIT 1 OFFSET ?2",
+                            )?
+                            .query_row(params![channel, to_i64(max)], |r| r.get(0))
+                            .optional()?;
+                        if let Some(cut) = cut {
+                            note_pruned(&tx, &channel, "SELECT ?2", params![channel, cut])?;
+                            removed += tx.execute(
+                                "DELETE FROM records WHERE channel = ?1 AND seq <= ?2",
+                                params![channel, cut],
+                            )? as u64;
+                        }
+                    }
+                    if let Some(age) = rule.max_age {
+                        let cutoff = now_ms - age.as_millis() as i64;
+                        let oldest: Option<i64> = tx
+                            .prepare_cached(
+                                "SELECT time_ms FROM records WHERE channel = ?1 ORDER BY seq LIMIT 1",
+                            )?
+                            .query_row([&channel], |r| r.get(0))
+                            .optional()?;
+                        if oldest.is_some_and(|t| t < cutoff) {
+                            note_pruned(
+                                &tx,
+                                &channel,
+                                "SELECT MAX(seq) FROM records WHERE channel = ?1 AND time_ms < ?2",
+                                params![channel, cutoff],
+                            )?;
+                            removed += tx.execute(
+                                "DELETE FROM records WHERE channel = ?1 AND time_ms < ?2",
+                                params![channel, cutoff],
+                            )? as u64;
+                        }
+                    }
+                }
+                cursor = channel;
+            }
+            tx.commit()?;
+            Ok((removed, Some(cursor)))
+        })
+    }
+
+    fn trim_channel(&self, channel: &str, upto: u64) -> Result<u64, LogError> {
         self.with_writer(|conn| {
             let tx = conn.transaction()?;
             note_pruned(
                 &tx,
                 channel,
-                "SELECT MAX(seq) FROM records WHERE channel = ?1",
-                params![channel],
+                "SELECT MAX(seq) FROM records WHERE channel = ?1 AND seq <= ?2",
+                params![channel, to_i64(upto)],
             )?;
-            let n = tx.execute("DELETE FROM records WHERE channel = ?1", [channel])? as u64;
+            let n = tx.execute(
+                "DELETE FROM records WHERE channel = ?1 AND seq <= ?2",
+                params![channel, to_i64(upto)],
+            )? as u64;
             tx.commit()?;
             Ok(n)
+        })
+    }
+
+    fn channels(&self, prefix: &str, after: &str, limit: usize) -> Result<Vec<String>, LogError> {
+        self.with_reader(|conn| {
+            // One index seek per channel, as retention walks them.
+            let mut out = Vec::new();
+            let mut cursor = if after < prefix {
+                prefix.to_string()
+            } else {
+                after.to_string()
+            };
+            let mut first = after < prefix;
+            while out.len() < limit {
+                let sql = if first {
+                    "SELECT channel FROM records WHERE channel >= ?1 ORDER BY channel LIMIT 1"
+                } else {
+                    "SELECT channel FROM records WHERE channel > ?1 ORDER BY channel LIMIT 1"
+                };
+                first = false;
+                let next: Option<String> = conn
+                    .prepare_cached(sql)?
+                    .query_row([&cursor], |r| r.get(0))
+                    .optional()?;
+                match next {
+                    Some(c) if c.starts_with(prefix) => {
+                        out.push(c.clone());
+                        cursor = c;
+                    }
+                    _ => break,
+                }
+            }
+            Ok(out)
         })
     }
 

@@ -68,6 +68,12 @@ pub async fn publish(
             "add at least one `topic` field",
         ));
     }
+    if let Some(t) = update.topics.iter().find(|t| crate::access::is_reserved(t)) {
+        return Err(ApiError::forbidden(
+            "topic_reserved",
+            format!("topics starting with $ are Herald's own: {t:?} cannot be published to"),
+        ));
+    }
     if let Some(t) = update
         .topics
         .iter()
@@ -101,7 +107,7 @@ pub(crate) fn parse_form(body: &[u8]) -> Result<NewPublication, ApiError> {
     for (k, v) in form_urlencoded::parse(body) {
         match &*k {
             "topic" => p.topics.push(v.into_owned()),
-            "data" => p.data = v.into_owned(),
+            "data" => p.data = v.into_owned().into(),
             "private" => p.private = true,
             "id" => p.id = Some(v.into_owned()).filter(|s| !s.is_empty()),
             "type" => p.event_type = Some(v.into_owned()).filter(|s| !s.is_empty()),
@@ -143,14 +149,14 @@ pub(crate) fn parse_json(body: &[u8]) -> Result<NewPublication, ApiError> {
         },
         // A JSON string is sent as is; any other JSON value is sent as its JSON text.
         data: match u.data {
-            None => String::new(),
-            Some(serde_json::Value::String(s)) => s,
-            Some(v) => v.to_string(),
+            None => Default::default(),
+            Some(serde_json::Value::String(s)) => s.into(),
+            Some(v) => v.to_string().into(),
         },
         private: u.private,
         id: u.id,
         event_type: u.event_type,
         retry: u.retry,
-        info: None,
+        ..Default::default()
     })
 }

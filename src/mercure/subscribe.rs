@@ -224,6 +224,11 @@ struct SseStream {
 }
 
 impl SseStream {
+    /// Not already sent by the replay. A publication kept out of history (seq 0) was never in it.
+    fn is_new(&self, p: &Publication) -> bool {
+        p.record.seq == 0 || p.record.seq > self.skip_upto
+    }
+
     /// The next chunk to write, or `None` to end the response.
     async fn next(&mut self) -> Option<Bytes> {
         if !self.opened {
@@ -249,7 +254,7 @@ impl SseStream {
                     return None;
                 }
                 d = self.rx.recv() => match d {
-                    Some(Delivery::Pub { publication: p, .. }) if p.record.seq > self.skip_upto => {
+                    Some(Delivery::Pub { publication: p, .. }) if self.is_new(&p) => {
                         return Some(self.coalesce(p))
                     }
                     Some(_) => continue,
@@ -268,9 +273,7 @@ impl SseStream {
         let mut more = Vec::new();
         while more.len() < 63 {
             match self.rx.try_recv() {
-                Some(Delivery::Pub { publication, .. })
-                    if publication.record.seq > self.skip_upto =>
-                {
+                Some(Delivery::Pub { publication, .. }) if self.is_new(&publication) => {
                     more.push(publication)
                 }
                 Some(_) => continue,
@@ -295,7 +298,16 @@ impl SseStream {
             if cursor >= upto {
                 return Ok(None);
             }
-            let records = self.hub.history(cursor, upto, self.page).await?;
+            // Exact topics are filtered in the store; a wildcard or template reads everything (in pages)
+            // and filters here.
+            let topics: Option<Vec<String>> = self
+                .sub
+                .spec
+                .selectors
+                .iter()
+                .map(|s| s.exact().map(str::to_string))
+                .collect();
+            let records = self.hub.history(cursor, upto, self.page, topics).await?;
             let Some(last) = records.last() else {
                 return Ok(None);
             };

@@ -79,7 +79,7 @@ impl ActiveSubscriptions {
             }
             let update = NewPublication {
                 topics: vec![subscription_iri(t, &self.subscriber)],
-                data: doc.to_string(),
+                data: doc.to_string().into(),
                 private: true,
                 ..Default::default()
             };

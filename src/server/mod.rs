@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::auth::Auth;
-use crate::config::{Config, ConfigError, LogBackend};
+use crate::config::{Config, ConfigError, EngineKind, LogBackend};
+use crate::engine::{Engine, LocalEngine};
 use crate::error::ApiError;
 use crate::hub::{Hub, HubOptions};
 use crate::log::{Log, MemoryLog, Retention, RetentionRule, SqliteLog};
@@ -50,29 +51,30 @@ pub fn hub_options(c: &Config) -> HubOptions {
         max_connections: c.limits.max_connections,
         max_topics_per_subscription: c.limits.max_topics_per_subscription,
         max_message_size: c.limits.max_message_size,
-        retention: Retention {
-            // Namespace history settings come first: they are the more specific rules.
-            rules: c
-                .centrifugo
-                .namespaces
-                .iter()
-                .filter(|n| {
-                    !n.name.is_empty() && (n.history_size.is_some() || n.history_ttl.is_some())
-                })
-                .map(|n| RetentionRule {
-                    selector: Selector::parse(&format!("{}:{{+rest}}", n.name)),
-                    max_count: n.history_size,
-                    max_age: n.history_ttl,
-                })
-                .chain(c.retention.iter().map(|r| RetentionRule {
-                    selector: Selector::parse(&r.pattern),
-                    max_count: r.max_count,
-                    max_age: r.max_age,
-                }))
-                .collect(),
-        },
-        prune_interval: c.log.prune_interval,
         max_batch: c.log.max_batch,
+    }
+}
+
+/// Retention rules from the config: namespace history settings first (they are the more specific rules),
+/// then the `[[retention]]` rules.
+pub fn retention(c: &Config) -> Retention {
+    Retention {
+        rules: c
+            .centrifugo
+            .namespaces
+            .iter()
+            .filter(|n| !n.name.is_empty() && (n.history_size.is_some() || n.history_ttl.is_some()))
+            .map(|n| RetentionRule {
+                selector: Selector::parse(&format!("{}:{{+rest}}", n.name)),
+                max_count: n.history_size,
+                max_age: n.history_ttl,
+            })
+            .chain(c.retention.iter().map(|r| RetentionRule {
+                selector: Selector::parse(&r.pattern),
+                max_count: r.max_count,
+                max_age: r.max_age,
+            }))
+            .collect(),
     }
 }
 
@@ -82,6 +84,30 @@ pub fn open_log(c: &Config) -> Result<Arc<dyn Log>, crate::log::LogError> {
         LogBackend::Memory => Arc::new(MemoryLog::new()),
         LogBackend::Sqlite => Arc::new(SqliteLog::open(c.log_path(), c.log.durable)?),
     })
+}
+
+/// Opens the configured engine: the local log with its writer thread and retention, or a cluster engine
+/// (which connects, and fails with a clear message when its server cannot be reached).
+pub async fn open_engine(c: &Config) -> Result<Arc<dyn Engine>, crate::log::LogError> {
+    match c.engine.kind {
+        EngineKind::Local => Ok(Arc::new(LocalEngine::new(
+            open_log(c)?,
+            retention(c),
+            c.log.prune_interval,
+        ))),
+        EngineKind::Redis => Ok(Arc::new(
+            crate::engine::redis::RedisEngine::open(crate::engine::redis::RedisOptions {
+                url: c.engine.url.clone(),
+                prefix: c.engine.prefix.clone(),
+                connect_timeout: c.engine.connect_timeout,
+                op_timeout: c.engine.op_timeout,
+                presence_ttl: c.engine.presence_ttl,
+                retention: retention(c),
+                prune_interval: c.log.prune_interval,
+            })
+            .await?,
+        )),
+    }
 }
 
 /// The whole HTTP surface of Herald as an `axum::Router`, ready to mount in any axum app.
@@ -98,13 +124,17 @@ pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
     };
     let origins = crate::cors::OriginList::parse(&config.cors.allowed_origins)
         .map_err(ConfigError::Invalid)?;
+    let clients = Arc::new(crate::centrifugo::Clients::default());
+    let sink = clients.clone();
+    hub.on_control(move |user, client, payload| sink.deliver(user, client, payload));
     let state = AppState {
         hub,
         auth: Arc::new(auth),
         access: Arc::new(crate::access::Access::new(&config.centrifugo)),
         config: Arc::new(config),
         origins: Arc::new(origins),
-        clients: Arc::new(crate::centrifugo::Clients::default()),
+        clients,
+        idempotency: Arc::new(crate::centrifugo::Idempotency::default()),
     };
     Ok(Router::new()
         .merge(crate::mercure::routes())
@@ -115,6 +145,7 @@ pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(tower::util::option_layer(cors))
+        .layer(axum::middleware::from_fn(crate::error::log_refusals))
         .with_state(state))
 }
 
@@ -126,25 +157,20 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// Ready means a publish would be acknowledged now: not shutting down, the sequencer alive, the engine
+/// accepting writes (its last write succeeded, its writer answers).
 async fn readyz(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    if st.hub.is_shutting_down() {
+    if let Err(e) = st.hub.ready().await {
+        let code = match e {
+            crate::hub::HubError::ShuttingDown => "shutting_down",
+            _ => "log_unavailable",
+        };
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the hub is shutting down",
+            code,
+            e.to_string(),
         ));
     }
-    let log = st.hub.log().clone();
-    tokio::task::spawn_blocking(move || log.last())
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "log_unavailable",
-                e.to_string(),
-            )
-        })?;
     Ok(Json(
         json!({"status": "ready", "connections": st.hub.connection_count()}),
     ))
@@ -203,13 +229,32 @@ impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         let addr = config.listen_addr()?;
         refuse_dev_key_on_network(&config, addr)?;
+        let engine = open_engine(&config).await?;
+        Server::bind_with(config, engine).await
+    }
+
+    /// Like [`Server::bind`], on an engine of the caller's (a cluster engine built elsewhere, or one
+    /// wrapped to observe or inject faults in tests).
+    pub async fn bind_with(config: Config, engine: Arc<dyn Engine>) -> anyhow::Result<Server> {
+        let addr = config.listen_addr()?;
+        refuse_dev_key_on_network(&config, addr)?;
         crate::metrics::handle();
-        let log = open_log(&config)?;
-        let hub = Hub::new(log, hub_options(&config));
+        let hub = Hub::new(engine, hub_options(&config)).await?;
         let shutdown_timeout = config.shutdown_timeout;
         let limits = config.limits.clone();
         let router = router(hub.clone(), config)?;
-        let listener = listen(addr)?;
+        let listener = listen(addr).map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::AddrInUse => {
+                    " (another process, perhaps another herald, listens there: stop it or choose another \
+                     address with --listen)"
+                }
+                std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
+                std::io::ErrorKind::AddrNotAvailable => " (no interface of this machine has that address)",
+                _ => "",
+            };
+            anyhow::anyhow!("cannot listen on {addr}: {e}{hint}")
+        })?;
         let fds = admission::raise_fd_limit();
         let max_sockets = admission::socket_limit(limits.max_sockets, limits.max_connections, fds);
         if limits.max_sockets > max_sockets {
@@ -315,11 +360,20 @@ impl Server {
         drop(listener);
         tracing::info!("shutting down: ending streams and flushing the log");
         hub.shutdown().await?;
-        if tokio::time::timeout(shutdown_timeout, graceful.shutdown())
+        // hyper's connections, then the upgraded WebSockets and streams it no longer tracks: each writes its
+        // close frame or end of stream before the process may exit.
+        let drained = async {
+            graceful.shutdown().await;
+            hub.connections_closed().await;
+        };
+        if tokio::time::timeout(shutdown_timeout, drained)
             .await
             .is_err()
         {
-            tracing::warn!("connections still open after {shutdown_timeout:?}; cutting them");
+            tracing::warn!(
+                open = hub.connection_count(),
+                "connections still open after {shutdown_timeout:?}; cutting them"
+            );
         }
         tracing::info!("shutdown complete");
         Ok(())

@@ -178,7 +178,7 @@ async fn private_updates_reach_websocket_only_with_a_grant() {
     assert_eq!(datas(&r), [json!("secret"), json!("public")], "{r}");
 
     // Recovery from before both: the private one is not recovered for bob.
-    let epoch = s.hub.log().epoch();
+    let epoch = s.hub.epoch();
     let mut bob2 = connected_with(&s, Some(&tok(json!({"sub": "bob"})))).await;
     let r = call(
         &mut bob2,
@@ -195,4 +195,43 @@ async fn private_updates_reach_websocket_only_with_a_grant() {
         .map(|p| p["data"].clone())
         .collect();
     assert_eq!(pubs, [json!("public")], "{r}");
+}
+
+/// Channels starting with `$` are Herald's own (document storage): nobody publishes into them from outside,
+/// and nobody reads them over SSE or WebSocket, whatever their grants.
+#[tokio::test]
+async fn reserved_channels_are_neither_published_nor_read() {
+    let s = start().await;
+    let resp = s
+        .publish_raw(&[("topic", "$yjs:doc"), ("data", "x")], &publisher_token())
+        .await;
+    assert_eq!(resp.status(), 403);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "topic_reserved");
+
+    let all = tok(json!({"sub": "root", "mercure": {"subscribe": ["*"]}}));
+    let (status, body) = sse_status(&subscribe_url(&s.url, &["$yjs:doc"], &[]), Some(&all)).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (403, Some("topic_not_allowed"))
+    );
+
+    // Written by Herald itself (as the document code does), then a public one: a wildcard reader with every
+    // grant sees only the public one.
+    let url = subscribe_url(&s.url, &["*"], &[("lastEventID", "earliest")]);
+    s.hub
+        .publish(herald::hub::NewPublication {
+            topics: vec!["$yjs:doc".into()],
+            data: "internal".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    s.publish(&[("topic", "news"), ("data", "public")]).await;
+    let mut sse = Sse::open(reqwest::Client::new().get(&url).bearer_auth(&all)).await;
+    assert_eq!(sse.next_event().await.unwrap().data, "public");
+
+    let mut ws = connected_with(&s, Some(&all)).await;
+    let r = call(&mut ws, 2, json!({"subscribe": {"channel": "$yjs:doc"}})).await;
+    assert!(r["error"]["code"].as_u64().is_some(), "{r}");
 }

@@ -52,9 +52,20 @@ impl TestServer {
     }
 
     pub async fn start_in(dir: &std::path::Path, overrides: &[(&str, &str)]) -> TestServer {
-        let server = Server::bind(config(dir, overrides).expect("config"))
-            .await
-            .expect("bind");
+        Self::start_with(dir, overrides, |e| e).await
+    }
+
+    /// A server whose engine is wrapped by `wrap` (to observe it or inject faults).
+    pub async fn start_with(
+        dir: &std::path::Path,
+        overrides: &[(&str, &str)],
+        wrap: impl FnOnce(
+            std::sync::Arc<dyn herald::engine::Engine>,
+        ) -> std::sync::Arc<dyn herald::engine::Engine>,
+    ) -> TestServer {
+        let config = config(dir, overrides).expect("config");
+        let engine = wrap(herald::server::open_engine(&config).await.expect("engine"));
+        let server = Server::bind_with(config, engine).await.expect("bind");
         let addr = server.local_addr().expect("addr");
         let hub = server.hub().clone();
         let (stop, rx) = oneshot::channel::<()>();

@@ -277,7 +277,7 @@ async fn who_can_read_what_on_every_face_and_path() {
         ("centrifugo.namespaces", r#"[{name = "", publish = "subscribers"}, {name = "secret", subscribe = "token", publish = "subscribers"}, {name = "dm", publish = "subscribers"}]"#),
     ])
     .await;
-    let epoch = s.hub.log().epoch();
+    let epoch = s.hub.epoch();
     // alice publishes as a client: subscribed to every channel she may publish into.
     let mut alice = ws_connect(&s, Some(&signed(json!({"sub": "alice"})))).await;
     for (id, ch) in [(2, "news"), (3, "dm:chat#alice,bob")] {

@@ -96,7 +96,7 @@ async fn sse_framing_multiline_event_type_retry_and_generated_id() {
         .await;
     let (epoch, seq) =
         herald::log::parse_generated_id(&id).expect("a generated id names the log position");
-    assert_eq!(epoch, s.hub.log().epoch());
+    assert_eq!(epoch, s.hub.epoch());
     assert!(seq > 0);
     let ev = sub.next_event().await.unwrap();
     assert_eq!(

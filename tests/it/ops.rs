@@ -243,3 +243,101 @@ async fn cli_token_publish_and_config() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("allow_credentials"));
 }
+
+/// The CLI explains itself: each subcommand lists its own flags, a base URL works for publish, and the
+/// common mistakes get errors that say what to do.
+#[tokio::test]
+async fn cli_help_and_errors_explain_themselves() {
+    let help = |sub: &str| {
+        let out = herald_cmd().args([sub, "--help"]).output().unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let serve = help("serve");
+    assert!(
+        serve.contains("--listen") && serve.contains("Examples:"),
+        "{serve}"
+    );
+    assert!(
+        !serve.contains("--url") && !serve.contains("--topic"),
+        "{serve}"
+    );
+    let token = help("token");
+    assert!(
+        token.contains("--sub") && !token.contains("--listen"),
+        "{token}"
+    );
+    let publish = help("publish");
+    assert!(
+        publish.contains("--url") && !publish.contains("--allow-anonymous"),
+        "{publish}"
+    );
+    let top = herald_cmd().arg("--help").output().unwrap();
+    let top = String::from_utf8(top.stdout).unwrap();
+    assert!(
+        top.contains("WebSocket") && top.contains("Centrifugo"),
+        "{top}"
+    );
+
+    // A base URL is enough for publish.
+    let s = TestServer::start(&[("auth.allow_anonymous", "true")]).await;
+    let mut sub = Sse::get(&subscribe_url(&s.url, &["base"], &[])).await;
+    let base = s.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        herald_cmd()
+            .args([
+                "publish",
+                "--jwt-key",
+                KEY,
+                "--url",
+                &base,
+                "--topic",
+                "base",
+                "--data",
+                "b",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sub.next_event().await.unwrap().data, "b");
+
+    // The address in use.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = herald_cmd()
+        .args(["serve", "--memory", "--listen", &addr])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("cannot listen on {addr}")) && err.contains("--listen"),
+        "{err}"
+    );
+
+    // An RS256 token without the private key.
+    let out = herald_cmd()
+        .args(["token", "--alg", "RS256", "--publish", "*"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--key"), "{err}");
+
+    // A log level that is not one.
+    let out = herald_cmd()
+        .args(["serve", "--memory", "--listen", "127.0.0.1:0"])
+        .env("HERALD_LOG_LEVEL", "verbose")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("HERALD_LOG_LEVEL"),
+        "{err}"
+    );
+}

@@ -70,6 +70,25 @@ impl Herald {
 }
 
 impl Herald {
+    /// Sends a signal (`INT` is Ctrl-C, `TERM`, `KILL`) to the process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self._child.id().expect("running");
+        let ok = std::process::Command::new("kill")
+            .args(["-s", sig, &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -s {sig} {pid}");
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub async fn exited(&mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(Duration::from_secs(30), self._child.wait())
+            .await
+            .expect("herald exited in time")
+            .expect("wait")
+    }
+
     /// The resident memory of the process, from /proc.
     pub fn rss(&self) -> usize {
         let pid = self._child.id().expect("running");

@@ -148,10 +148,13 @@ async fn retention_keeps_the_newest_per_channel() {
             .await;
     }
     // Pruning runs in the background; poll the log (bounded) until it has applied.
-    let log = s.hub.log().clone();
+    let engine = s.hub.engine().clone();
     let mut kept = Vec::new();
     for _ in 0..100 {
-        kept = log.read_channel("t", 0, u64::MAX, 10).unwrap();
+        kept = engine
+            .read_channel("t".into(), 0, u64::MAX, 10)
+            .await
+            .unwrap();
         if kept.len() == 2 {
             break;
         }

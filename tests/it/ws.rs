@@ -33,7 +33,7 @@ async fn connect_subscribe_and_receive_with_one_identity_on_both_transports() {
     let reply = next(&mut ws).await;
     assert_eq!(reply["id"], 2);
     assert_eq!(reply["subscribe"]["recoverable"], true);
-    assert_eq!(reply["subscribe"]["epoch"], s.hub.log().epoch());
+    assert_eq!(reply["subscribe"]["epoch"], s.hub.epoch());
     let mut sse = Sse::get(&subscribe_url(&s.url, &["news"], &[])).await;
 
     let resp = reqwest::Client::new()
@@ -467,4 +467,116 @@ async fn shutdown_closes_every_connection_with_3001() {
     let (a, b) = readers.await.unwrap();
     assert_eq!(a.0, 3001, "{a:?}");
     assert_eq!(b.0, 3001, "{b:?}");
+}
+
+/// The server API's publish options (Centrifugo's): tags, b64data, skip_history, idempotency_key; and
+/// history_remove keeps the stream position so clients can still recover.
+#[tokio::test]
+async fn server_api_publish_options_and_history_remove() {
+    let s = TestServer::start(&[("centrifugo.api_key", &format!("{API_KEY:?}"))]).await;
+    let mut ws = connected(&s, "u").await;
+    send(&mut ws, json!({"id": 2, "subscribe": {"channel": "news"}})).await;
+    assert!(next(&mut ws).await["subscribe"].is_object());
+    let tok = token(&[], &[], Some(600));
+    let mut sse = Sse::open(
+        reqwest::Client::new()
+            .get(subscribe_url(&s.url, &["news"], &[]))
+            .bearer_auth(&tok),
+    )
+    .await;
+    assert_eq!(sse.status, 200);
+
+    let r = api(
+        &s,
+        "publish",
+        json!({"channel": "news", "data": {"n": 1}, "tags": {"kind": "a"}}),
+    )
+    .await;
+    let first = r["offset"].as_u64().expect("offset");
+    let push = next(&mut ws).await;
+    assert_eq!(push["push"]["pub"]["tags"], json!({"kind": "a"}));
+    assert_eq!(sse.next_event().await.unwrap().data, r#"{"n":1}"#);
+
+    // b64data: the bytes themselves (here UTF-8 JSON).
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(br#"{"n":2}"#);
+    api(&s, "publish", json!({"channel": "news", "b64data": b64})).await;
+    assert_eq!(next(&mut ws).await["push"]["pub"]["data"], json!({"n": 2}));
+    assert_eq!(sse.next_event().await.unwrap().data, r#"{"n":2}"#);
+
+    // skip_history: delivered live, with no offset and no SSE id, and not in history.
+    let r = api(
+        &s,
+        "publish",
+        json!({"channel": "news", "data": {"n": 3}, "skip_history": true}),
+    )
+    .await;
+    assert_eq!(
+        r,
+        json!({}),
+        "no position for a publication outside history"
+    );
+    let push = next(&mut ws).await;
+    assert_eq!(push["push"]["pub"]["data"], json!({"n": 3}));
+    assert!(push["push"]["pub"].get("offset").is_none(), "{push}");
+    let ev = sse.next_event().await.unwrap();
+    assert_eq!((ev.data.as_str(), ev.id.as_deref()), (r#"{"n":3}"#, None));
+    let h = api(&s, "history", json!({"channel": "news", "limit": 10})).await;
+    let datas: Vec<Value> = h["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["data"].clone())
+        .collect();
+    assert_eq!(datas, [json!({"n": 1}), json!({"n": 2})]);
+
+    // idempotency_key: a repeat returns the first result and publishes nothing.
+    let a = api(
+        &s,
+        "publish",
+        json!({"channel": "news", "data": {"n": 4}, "idempotency_key": "k1"}),
+    )
+    .await;
+    let b = api(
+        &s,
+        "publish",
+        json!({"channel": "news", "data": {"n": 5}, "idempotency_key": "k1"}),
+    )
+    .await;
+    assert_eq!(a, b);
+    assert_eq!(next(&mut ws).await["push"]["pub"]["data"], json!({"n": 4}));
+    let c = api(&s, "publish", json!({"channel": "news", "data": {"n": 6}})).await;
+    assert_eq!(
+        next(&mut ws).await["push"]["pub"]["data"],
+        json!({"n": 6}),
+        "the repeat was not published"
+    );
+    let top = c["offset"].as_u64().unwrap();
+    assert!(top > first);
+
+    // history_remove keeps the stream's position: the top offset stays, and a client at it recovers.
+    api(&s, "history_remove", json!({"channel": "news"})).await;
+    let h = api(&s, "history", json!({"channel": "news", "limit": 10})).await;
+    assert_eq!(
+        (
+            h["offset"].as_u64(),
+            h["publications"].as_array().map(Vec::len)
+        ),
+        (Some(top), Some(0))
+    );
+    let mut ws2 = connected(&s, "u2").await;
+    send(
+        &mut ws2,
+        json!({"id": 2, "subscribe": {"channel": "news", "recover": true, "offset": top, "epoch": s.hub.epoch()}}),
+    )
+    .await;
+    let r = next(&mut ws2).await;
+    assert_eq!(
+        (
+            r["subscribe"]["recovered"].as_bool(),
+            r["subscribe"]["offset"].as_u64()
+        ),
+        (Some(true), Some(top)),
+        "{r}"
+    );
 }
