@@ -22,11 +22,48 @@ def jwt(claims, alg="HS256", key=KEY):
     return f"{header}.{payload}.{sig}"
 
 
+def varint(n):
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def pb(*fields):
+    """A Protobuf message from (tag, value) pairs: int -> varint, bytes/str -> length-delimited."""
+    out = b""
+    for tag, v in fields:
+        if isinstance(v, bool) or isinstance(v, int):
+            out += varint(tag << 3) + varint(int(v))
+        else:
+            v = v.encode() if isinstance(v, str) else v
+            out += varint(tag << 3 | 2) + varint(len(v)) + v
+    return out
+
+
+def frame(*commands):
+    """A binary WebSocket frame of the Protobuf codec: varint-length-delimited Commands."""
+    return b"".join(varint(len(c)) + c for c in commands)
+
+
 FAR = 4102444800  # 2100-01-01
 SUB = jwt({"mercure": {"subscribe": ["https://example.com/books/{id}"], "payload": {"user": "x"}}, "exp": FAR})
 PUB = jwt({"mercure": {"publish": ["*"]}, "sub": "42"})
 CENT = jwt({"sub": "42", "exp": FAR, "channels": ["news"], "info": {"name": "Ann"},
             "subs": {"chat:1": {"recover": True}}}, "HS384")
+PB_CONNECT = frame(pb(
+    (1, 1),
+    (4, pb(  # ConnectRequest{token=1, data=2, subs=3 (map entries {1: key, 2: SubscribeRequest}), name=4,
+        (1, CENT),  # version=5, headers=6}
+        (3, pb((1, "news"), (2, pb((3, True), (6, "e"), (7, 3))))),
+        (4, "js"),
+        (5, "0.1"),
+        (6, pb((1, "x-h"), (2, "v"))),
+    )),
+))
 EXPIRED = jwt({"exp": 1000})
 NBF = jwt({"nbf": FAR}, "HS512")
 OTHER_KEY = jwt({"sub": "1"}, key=b"not-the-key")
@@ -106,6 +143,19 @@ seeds = {
         b'{"id":10,"rpc":{"method":"m","data":{}}}\n{"send":{"data":{}}}\n{}',
         b'{"id":11,"ping":{}}\n\n   \n{"id":4294967296}',
         b'{"id":12,"subscribe":{"channel":"chat:1","offset":-1}}',
+        # Protobuf frames (centrifuge-protobuf): Command{id=1, connect=4, subscribe=5, unsubscribe=6,
+        # publish=7, presence=8, presence_stats=9, history=10, ping=11, send=12, rpc=13, refresh=14,
+        # sub_refresh=15}.
+        PB_CONNECT,
+        frame(pb((1, 2), (5, pb((1, "chat:1"), (3, True), (6, "x"), (7, 5), (11, True)))),
+              pb((1, 3), (7, pb((1, "chat:1"), (2, b'{"text":"hi"}')))),
+              pb((1, 4), (10, pb((1, "chat:1"), (2, 10), (3, pb((1, 2), (2, "e"))), (4, True))))),
+        frame(pb((1, 5), (8, pb((1, "chat:1")))), pb((1, 6), (9, pb((1, "chat:1")))),
+              pb((1, 7), (6, pb((1, "chat:1")))), pb((1, 8), (11, b"")), pb((12, pb((1, b"\x00\xff"))))),
+        frame(pb((1, 9), (14, pb((1, CENT)))), pb((1, 10), (15, pb((1, "chat:1"), (2, "t")))),
+              pb((1, 11), (13, pb((1, b"{}"), (2, "method"))))),
+        frame(b""),
+        varint(1000) + b"\x08\x01",
     ],
     "token": [
         f"authorization: Bearer {SUB}".encode(),
