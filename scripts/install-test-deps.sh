@@ -20,6 +20,13 @@ if [ ! -x /usr/bin/chromium ]; then
   apt_install chromium
 fi
 
+# nats-server from Debian for the NATS engine's tests (each test starts its own on a free port, with its own
+# store; the machine's shared instance, if any, is never used).
+if ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
+  echo "== installing nats-server"
+  apt_install nats-server
+fi
+
 if [ ! -d examples/chat/node_modules ] || [ examples/chat/package-lock.json -nt examples/chat/node_modules/.package-lock.json ]; then
   echo "== npm ci (examples/chat)"
   (cd examples/chat && npm ci --no-audit --no-fund --loglevel=error)

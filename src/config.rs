@@ -61,6 +61,37 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// History kept per channel; the first rule whose `pattern` (a topic selector) matches applies.
     pub retention: Vec<RetentionConfig>,
+    /// The web console at `/` and its API under `/console/api/`.
+    pub console: ConsoleConfig,
+}
+
+/// The web console: who may use it. Like Centrifugo's admin: a password, exchanged at login for a
+/// short-lived admin token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Serve the console. Not set: on when `listen` is a loopback address, off otherwise.
+    pub enabled: Option<bool>,
+    /// The admin password (the password itself, `env:VAR` or `file:/path`). Without one the console needs
+    /// no login, which is allowed only on a loopback address.
+    pub password: Option<String>,
+    /// Key that signs admin tokens (a secret, `env:VAR` or `file:/path`). Not set: a random key made at
+    /// start-up, so tokens end with the process.
+    pub admin_jwt_key: Option<String>,
+    /// How long an admin token lasts.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig {
+            enabled: None,
+            password: None,
+            admin_jwt_key: None,
+            session_ttl: Duration::from_secs(8 * 3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +108,8 @@ pub enum EngineKind {
     Local,
     /// Several nodes on one Redis (`engine.url`): history, positions, presence and the feed are shared.
     Redis,
+    /// A cluster on NATS JetStream (`engine.url`): every node shares history, presence and delivery.
+    Nats,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -346,6 +379,7 @@ impl Default for Config {
                 max_count: Some(1000),
                 max_age: Some(Duration::from_secs(7 * 24 * 3600)),
             }],
+            console: ConsoleConfig::default(),
         }
     }
 }
@@ -505,10 +539,58 @@ impl Config {
                     .into(),
             ));
         }
+        if self.engine.kind == EngineKind::Nats && self.engine.url.trim().is_empty() {
+            return Err(ConfigError::Invalid(
+                "engine.kind = \"nats\" needs engine.url, e.g. \"nats://127.0.0.1:4222\"".into(),
+            ));
+        }
         crate::auth::Auth::from_config(&self.auth)
             .and_then(|a| a.with_api_key(self.centrifugo.api_key.as_deref()))
             .map_err(ConfigError::Invalid)?;
+        self.console_password()?;
+        if self.console_enabled() && self.console.password.is_none() {
+            let addr = self.listen_addr()?;
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError::Invalid(format!(
+                    "console.enabled = true on {addr}, which is not a loopback address, needs \
+                     console.password (e.g. HERALD_CONSOLE__PASSWORD=env:MY_ADMIN_PASSWORD): without one \
+                     anyone who reaches the server could administer it. Set a password, or turn the \
+                     console off (console.enabled = false)"
+                )));
+            }
+        }
+        if self.console.session_ttl.is_zero() {
+            return Err(ConfigError::Invalid(
+                "console.session_ttl must be more than 0s".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether the console is served: as configured, else on a loopback address only.
+    pub fn console_enabled(&self) -> bool {
+        self.console
+            .enabled
+            .unwrap_or_else(|| self.listen_addr().is_ok_and(|a| a.ip().is_loopback()))
+    }
+
+    /// The console password, resolved (`env:`/`file:`; a file loses its trailing line break); `None` when
+    /// none is set. An empty password is refused.
+    pub fn console_password(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let Some(spec) = self.console.password.as_deref() else {
+            return Ok(None);
+        };
+        let mut pw = crate::auth::resolve_key_material(spec)
+            .map_err(|e| ConfigError::Invalid(format!("console.password: {e}")))?;
+        if spec.starts_with("file:") {
+            while pw.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                pw.pop();
+            }
+        }
+        if pw.is_empty() {
+            return Err(ConfigError::Invalid("console.password is empty".into()));
+        }
+        Ok(Some(pw))
     }
 
     /// The address to listen on: an IP and port, or a host name and port (`localhost:8083`) resolved here.
@@ -551,6 +633,11 @@ impl Config {
                 redact_url(&self.engine.url),
                 self.engine.prefix
             ),
+            (EngineKind::Nats, _) => format!(
+                "NATS JetStream at {} (stream {}-log), shared by every node",
+                redact_url(&self.engine.url),
+                self.engine.prefix
+            ),
         }
     }
 
@@ -576,6 +663,8 @@ impl Config {
             ("auth.publisher_jwt_key", &self.auth.publisher_jwt_key),
             ("auth.subscriber_jwt_key", &self.auth.subscriber_jwt_key),
             ("centrifugo.api_key", &self.centrifugo.api_key),
+            ("console.password", &self.console.password),
+            ("console.admin_jwt_key", &self.console.admin_jwt_key),
         ] {
             let Some(v) = v else { continue };
             let state = if let Some(var) = v.strip_prefix("env:") {
@@ -609,6 +698,8 @@ impl Config {
             &mut c.auth.jwt_key,
             &mut c.auth.publisher_jwt_key,
             &mut c.auth.subscriber_jwt_key,
+            &mut c.console.password,
+            &mut c.console.admin_jwt_key,
         ]
         .into_iter()
         .flatten()
@@ -664,7 +755,11 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "centrifugo",
     "limits",
     "retention",
+    "console",
 ];
+
+/// Boolean settings that are unset by default (so the defaults cannot tell they are booleans).
+const OPTIONAL_BOOLS: &[&str] = &["console.enabled"];
 
 /// Whether the table converts to a `Config`; the message says why not.
 fn check(table: &toml::Table) -> Result<(), String> {
@@ -693,7 +788,8 @@ fn set_key(
     raw: &str,
     defaults: &toml::Table,
 ) -> Result<(), String> {
-    let boolean = matches!(default_at(defaults, key), Some(toml::Value::Boolean(_)));
+    let boolean = matches!(default_at(defaults, key), Some(toml::Value::Boolean(_)))
+        || OPTIONAL_BOOLS.contains(&key);
     let lenient_bool = match raw.trim().to_ascii_lowercase().as_str() {
         "1" | "yes" | "on" | "true" => Some(true),
         "0" | "no" | "off" | "false" => Some(false),
@@ -847,6 +943,55 @@ mod tests {
         let c = Config::load(None, vec![], &flags).unwrap();
         let addr = c.listen_addr().unwrap();
         assert!(addr.ip().is_loopback() && addr.port() == 8083, "{addr}");
+    }
+
+    #[test]
+    fn the_console_is_on_for_loopback_and_needs_a_password_elsewhere() {
+        let c = Config::load(None, vec![], &[]).unwrap();
+        assert!(c.console_enabled(), "127.0.0.1 by default");
+        let c = Config::load(
+            None,
+            vec![],
+            &[("listen".into(), "\"0.0.0.0:8080\"".into())],
+        )
+        .unwrap();
+        assert!(
+            !c.console_enabled(),
+            "off on a public address unless enabled"
+        );
+        let env = vec![("HERALD_CONSOLE__ENABLED".to_string(), "yes".to_string())];
+        let e = Config::load(None, env, &[("listen".into(), "\"0.0.0.0:8080\"".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("console.password"), "{e}");
+        let c = Config::load(
+            None,
+            vec![],
+            &[
+                ("listen".into(), "\"0.0.0.0:8080\"".into()),
+                ("console.enabled".into(), "true".into()),
+                (
+                    "console.password".into(),
+                    "env:HERALD_TEST_CONSOLE_PW_UNSET".into(),
+                ),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(c.contains("HERALD_TEST_CONSOLE_PW_UNSET"), "{c}");
+        let c = Config::load(
+            None,
+            vec![],
+            &[
+                ("listen".into(), "\"0.0.0.0:8080\"".into()),
+                ("console.enabled".into(), "1".into()),
+                ("console.password".into(), "pw".into()),
+            ],
+        )
+        .unwrap();
+        assert!(c.console_enabled());
+        assert_eq!(c.console_password().unwrap().unwrap(), b"pw");
+        assert!(c.to_redacted_toml().contains("<redacted>"));
     }
 
     #[test]

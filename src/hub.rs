@@ -15,6 +15,7 @@
 //! switch) and will resume from the log when it reconnects.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -62,6 +63,14 @@ pub enum DisconnectReason {
 }
 
 impl DisconnectReason {
+    pub const ALL: [DisconnectReason; 5] = [
+        DisconnectReason::SlowConsumer,
+        DisconnectReason::TokenExpired,
+        DisconnectReason::Shutdown,
+        DisconnectReason::Server,
+        DisconnectReason::EngineLost,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DisconnectReason::SlowConsumer => "slow_consumer",
@@ -71,6 +80,92 @@ impl DisconnectReason {
             DisconnectReason::EngineLost => "engine_lost",
         }
     }
+}
+
+/// How a client is connected; connections are counted per transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// A Mercure SSE stream.
+    Sse,
+    /// A Centrifugo-protocol WebSocket.
+    #[serde(rename = "websocket")]
+    WebSocket,
+}
+
+/// What a connection is, where from and since when, for listings (the console). One small allocation per
+/// connection, shared by its [`ConnectionGuard`], its subscriptions' specs and its registration by user;
+/// nothing else of the connection grows for it.
+#[derive(Debug)]
+pub struct ConnMeta {
+    counts: Arc<ConnCounts>,
+    /// When the connection was counted (Unix milliseconds).
+    pub opened_ms: i64,
+    /// The peer's IP, IPv4 as IPv4-mapped IPv6: 17 bytes where an `Option<SocketAddr>` takes 32.
+    ip: Option<Ipv6Addr>,
+    port: u16,
+    pub transport: Transport,
+}
+
+impl ConnMeta {
+    /// The peer's address, when the server knew it (requests served by [`crate::Server`]).
+    pub fn remote(&self) -> Option<SocketAddr> {
+        let ip = self.ip?;
+        let ip = match ip.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(ip),
+        };
+        Some(SocketAddr::new(ip, self.port))
+    }
+}
+
+/// Open connections, in total and per transport: plain atomics, so they can be read back ([`Hub::stats`]).
+#[derive(Debug, Default)]
+struct ConnCounts {
+    total: AtomicUsize,
+    sse: AtomicUsize,
+    websocket: AtomicUsize,
+    /// Notified when the last connection ends (shutdown waits for it).
+    none_left: tokio::sync::Notify,
+}
+
+impl ConnCounts {
+    fn of(&self, t: Transport) -> &AtomicUsize {
+        match t {
+            Transport::Sse => &self.sse,
+            Transport::WebSocket => &self.websocket,
+        }
+    }
+}
+
+/// Counters of what the hub did since it started, readable at any time (the `metrics` crate's counters
+/// cannot be read back).
+#[derive(Debug, Default)]
+struct Counters {
+    publications: AtomicU64,
+    deliveries: AtomicU64,
+    /// Indexed like [`DisconnectReason::ALL`].
+    disconnects: [AtomicU64; 5],
+}
+
+/// A snapshot of the hub's state and counters, see [`Hub::stats`].
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct HubStats {
+    pub connections: usize,
+    pub sse_connections: usize,
+    pub websocket_connections: usize,
+    pub subscriptions: usize,
+    /// Channels (exact topics) with at least one subscriber.
+    pub channels: usize,
+    /// Publications committed since start.
+    pub publications: u64,
+    /// Publications queued to subscribers since start.
+    pub deliveries: u64,
+    /// Subscribers the hub disconnected since start, by reason.
+    pub disconnects: BTreeMap<&'static str, u64>,
+    /// The position of the last publication dispatched.
+    pub last_seq: u64,
+    pub uptime_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -166,10 +261,13 @@ pub struct SubscribeSpec {
     pub filter: ReadFilter,
     /// Stable identifier of the subscriber (an IRI), shared by all its subscriptions.
     pub subscriber: String,
-    /// Opaque data attached by the token (`mercure.payload`), shown in subscription listings.
-    pub payload: Option<serde_json::Value>,
+    /// Opaque data attached by the token (`mercure.payload`), shown in subscription listings. Boxed: rare,
+    /// and a `Value` would take 32 bytes of every subscription.
+    pub payload: Option<Box<serde_json::Value>>,
     /// Receive join/leave deliveries for the (exact) channels subscribed.
     pub join_leave: bool,
+    /// The connection this subscription belongs to (see [`ConnectionGuard::meta`]), for listings.
+    pub conn: Option<Arc<ConnMeta>>,
 }
 
 /// A live subscriber as the registry and the fan-out see it.
@@ -191,6 +289,7 @@ impl SubscribeSpec {
             subscriber,
             payload: None,
             join_leave: false,
+            conn: None,
         }
     }
 
@@ -261,9 +360,9 @@ struct Inner {
     /// Fan-outs so far: the dedupe mark of each.
     fanouts: AtomicU64,
     last_id: Mutex<Option<String>>,
-    connections: AtomicUsize,
-    /// Notified when the last connection ends (shutdown waits for it).
-    no_connections: tokio::sync::Notify,
+    connections: Arc<ConnCounts>,
+    counters: Counters,
+    started: std::time::Instant,
     next_id: AtomicU64,
     shutdown: CancellationToken,
     sequencer: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -319,15 +418,27 @@ impl Drop for PresenceGuard {
     }
 }
 
-/// Held by a transport for the life of one client connection; counts towards `max_connections`.
+/// Held by a transport for the life of one client connection; counts towards `max_connections`, and
+/// in its transport's count.
 pub struct ConnectionGuard {
-    inner: Arc<Inner>,
+    meta: Arc<ConnMeta>,
+}
+
+impl ConnectionGuard {
+    /// What the connection is, to attach to its subscriptions and registrations.
+    pub fn meta(&self) -> &Arc<ConnMeta> {
+        &self.meta
+    }
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        if self.inner.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.inner.no_connections.notify_waiters();
+        let counts = &self.meta.counts;
+        counts
+            .of(self.meta.transport)
+            .fetch_sub(1, Ordering::AcqRel);
+        if counts.total.fetch_sub(1, Ordering::AcqRel) == 1 {
+            counts.none_left.notify_waiters();
         }
         metrics::gauge!("herald_connections").decrement(1.0);
     }
@@ -340,6 +451,8 @@ pub struct SubscriptionInfo {
     pub subscriber: String,
     pub selectors: Vec<String>,
     pub payload: Option<serde_json::Value>,
+    /// The subscriber's connection, when its transport said (see [`SubscribeSpec::conn`]).
+    pub conn: Option<Arc<ConnMeta>>,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -365,8 +478,9 @@ impl Hub {
             engine,
             opts,
             registry: RwLock::new(Registry::default()),
-            connections: AtomicUsize::new(0),
-            no_connections: tokio::sync::Notify::new(),
+            connections: Arc::new(ConnCounts::default()),
+            counters: Counters::default(),
+            started: std::time::Instant::now(),
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             sequencer: Mutex::new(None),
@@ -485,21 +599,68 @@ impl Hub {
         done.await.map_err(|_| HubError::ShuttingDown)?
     }
 
-    /// Counts a client connection against `max_connections`.
-    pub fn connect(&self) -> Result<ConnectionGuard, HubError> {
+    /// Counts a client connection of `transport` from `remote` against `max_connections`.
+    pub fn connect(
+        &self,
+        transport: Transport,
+        remote: Option<SocketAddr>,
+    ) -> Result<ConnectionGuard, HubError> {
         let max = self.inner.opts.max_connections;
-        if self.inner.connections.fetch_add(1, Ordering::AcqRel) >= max {
-            self.inner.connections.fetch_sub(1, Ordering::AcqRel);
+        let counts = &self.inner.connections;
+        if counts.total.fetch_add(1, Ordering::AcqRel) >= max {
+            counts.total.fetch_sub(1, Ordering::AcqRel);
             return Err(HubError::TooManyConnections(max));
         }
+        counts.of(transport).fetch_add(1, Ordering::AcqRel);
         metrics::gauge!("herald_connections").increment(1.0);
         Ok(ConnectionGuard {
-            inner: self.inner.clone(),
+            meta: Arc::new(ConnMeta {
+                counts: counts.clone(),
+                opened_ms: now_ms(),
+                ip: remote.map(|r| match r.ip() {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                }),
+                port: remote.map_or(0, |r| r.port()),
+                transport,
+            }),
         })
     }
 
     pub fn connection_count(&self) -> usize {
-        self.inner.connections.load(Ordering::Acquire)
+        self.inner.connections.total.load(Ordering::Acquire)
+    }
+
+    /// The hub's state and counters now: plain atomic reads and the sizes of the registry's maps.
+    pub fn stats(&self) -> HubStats {
+        let c = &self.inner.connections;
+        let (subscriptions, channels) = {
+            let reg = self.inner.registry.read();
+            (reg.all.len(), reg.exact.len())
+        };
+        let k = &self.inner.counters;
+        HubStats {
+            connections: c.total.load(Ordering::Relaxed),
+            sse_connections: c.sse.load(Ordering::Relaxed),
+            websocket_connections: c.websocket.load(Ordering::Relaxed),
+            subscriptions,
+            channels,
+            publications: k.publications.load(Ordering::Relaxed),
+            deliveries: k.deliveries.load(Ordering::Relaxed),
+            disconnects: DisconnectReason::ALL
+                .iter()
+                .zip(&k.disconnects)
+                .map(|(r, n)| (r.as_str(), n.load(Ordering::Relaxed)))
+                .collect(),
+            last_seq: self.inner.dispatched.load(Ordering::Relaxed),
+            uptime_ms: self.inner.started.elapsed().as_millis() as u64,
+        }
+    }
+
+    /// Counts a subscriber disconnected for `reason` (the hub counts its own; a transport that ends a
+    /// stream for a reason of its own, such as an expired token, says so here).
+    pub fn count_disconnect(&self, reason: DisconnectReason) {
+        count_disconnect(&self.inner, reason);
     }
 
     /// Resolves when no client connection is left: at shutdown, the server waits for this so that every
@@ -507,7 +668,7 @@ impl Hub {
     /// the process exits.
     pub async fn connections_closed(&self) {
         loop {
-            let notified = self.inner.no_connections.notified();
+            let notified = self.inner.connections.none_left.notified();
             if self.connection_count() == 0 {
                 return;
             }
@@ -565,7 +726,7 @@ impl Hub {
         let sub = self.inner.registry.write().remove(id);
         if let Some(sub) = sub {
             metrics::gauge!("herald_subscriptions").decrement(1.0);
-            kill(&sub, reason);
+            kill(&self.inner, &sub, reason);
         }
     }
 
@@ -583,7 +744,8 @@ impl Hub {
                     .iter()
                     .map(|x| x.as_str().to_string())
                     .collect(),
-                payload: s.spec.payload.clone(),
+                payload: s.spec.payload.as_deref().cloned(),
+                conn: s.spec.conn.clone(),
             })
             .collect();
         out.sort_by_key(|s| s.id);
@@ -684,8 +846,7 @@ impl Hub {
         for s in &subs {
             metrics::gauge!("herald_subscriptions").decrement(1.0);
             s.outbox.tx.close();
-            metrics::counter!("herald_disconnects_total", "reason" => DisconnectReason::Shutdown.as_str())
-                .increment(1);
+            count_disconnect(&self.inner, DisconnectReason::Shutdown);
         }
         let handle = self.inner.sequencer.lock().take();
         if let Some(h) = handle {
@@ -742,11 +903,20 @@ fn notify(inner: &Inner, channel: &str, info: Arc<ClientInfo>, join: bool) {
     disconnect_slow(inner, slow);
 }
 
-fn kill(sub: &Sub, reason: DisconnectReason) {
+fn kill(inner: &Inner, sub: &Sub, reason: DisconnectReason) {
     sub.outbox.tx.close();
     if let Some(k) = &sub.outbox.kill {
         k.cancel();
     }
+    count_disconnect(inner, reason);
+}
+
+fn count_disconnect(inner: &Inner, reason: DisconnectReason) {
+    let i = DisconnectReason::ALL
+        .iter()
+        .position(|r| *r == reason)
+        .unwrap_or(0);
+    inner.counters.disconnects[i].fetch_add(1, Ordering::Relaxed);
     metrics::counter!("herald_disconnects_total", "reason" => reason.as_str()).increment(1);
 }
 
@@ -817,6 +987,10 @@ async fn commit_and_dispatch(inner: &Arc<Inner>, jobs: Vec<Job>) {
             }
         }
     }
+    inner
+        .counters
+        .publications
+        .fetch_add(records.len() as u64, Ordering::Relaxed);
     metrics::counter!("herald_publications_total").increment(records.len() as u64);
     for (record, ack) in records.into_iter().zip(acks) {
         if !inner.clustered {
@@ -873,7 +1047,19 @@ async fn dispatch_feed(inner: Arc<Inner>, mut feed: Feed) {
                 };
                 for s in &subs {
                     metrics::gauge!("herald_subscriptions").decrement(1.0);
-                    kill(s, DisconnectReason::EngineLost);
+                    kill(&inner, s, DisconnectReason::EngineLost);
+                }
+                // The engine may have lost its data (a new epoch, positions starting over): the registration
+                // boundary of the next subscriptions is where the log ends now, not where it ended before.
+                match inner.engine.last().await {
+                    Ok(last) => {
+                        let _reg = inner.registry.write();
+                        inner
+                            .dispatched
+                            .store(last.as_ref().map_or(0, |r| r.seq), Ordering::Release);
+                        *inner.last_id.lock() = last.map(|r| r.id);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot read the log's end after a loss"),
                 }
             }
         }
@@ -916,6 +1102,10 @@ fn dispatch(inner: &Inner, p: &Arc<Publication>) {
     if seq > 0 {
         *inner.last_id.lock() = Some(p.record.id.clone());
     }
+    inner
+        .counters
+        .deliveries
+        .fetch_add(delivered, Ordering::Relaxed);
     metrics::counter!("herald_deliveries_total").increment(delivered);
     disconnect_slow(inner, slow);
 }
@@ -934,7 +1124,7 @@ fn disconnect_slow(inner: &Inner, slow: Vec<Arc<Sub>>) {
     for s in &slow {
         if !s.outbox.tx.is_closed() {
             tracing::info!(subscriber = %s.spec.subscriber, "outbox full: disconnecting slow subscriber");
-            kill(s, DisconnectReason::SlowConsumer);
+            kill(inner, s, DisconnectReason::SlowConsumer);
         }
     }
 }
@@ -1061,6 +1251,15 @@ mod tests {
         assert!(slow.outbox.tx.is_closed());
         assert!(!fast.outbox.tx.is_closed());
         assert_eq!(hub.subscriptions().len(), 1);
+        let stats = hub.stats();
+        assert_eq!(stats.publications, 5);
+        assert_eq!(
+            stats.deliveries,
+            5 + 2,
+            "the fast one got 5, the slow one 2 before it was full"
+        );
+        assert_eq!(stats.disconnects["slow_consumer"], 1);
+        assert_eq!((stats.subscriptions, stats.channels), (1, 1));
     }
 
     #[tokio::test]
@@ -1143,6 +1342,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn connections_keep_their_peer_address_compactly() {
+        let hub = hub(16).await;
+        for peer in ["127.0.0.1:4242", "[::1]:80", "[2001:db8::7]:65535"] {
+            let peer: SocketAddr = peer.parse().unwrap();
+            let c = hub.connect(Transport::WebSocket, Some(peer)).unwrap();
+            assert_eq!(c.meta().remote(), Some(peer));
+        }
+        let c = hub.connect(Transport::Sse, None).unwrap();
+        assert_eq!(c.meta().remote(), None);
+        assert_eq!(hub.stats().sse_connections, 1);
+        assert_eq!(hub.stats().websocket_connections, 0, "the guards dropped");
+    }
+
+    #[tokio::test]
     async fn limits_and_validation() {
         let hub = Hub::new(
             memory(),
@@ -1155,9 +1368,12 @@ mod tests {
         )
         .await
         .unwrap();
-        let _c = hub.connect().unwrap();
+        let peer: SocketAddr = "127.0.0.1:4242".parse().unwrap();
+        let c = hub.connect(Transport::Sse, Some(peer)).unwrap();
+        assert_eq!(c.meta().remote(), Some(peer));
+        assert_eq!(hub.stats().sse_connections, 1);
         assert!(matches!(
-            hub.connect(),
+            hub.connect(Transport::WebSocket, None),
             Err(HubError::TooManyConnections(1))
         ));
         let (outbox, _rx) = hub.outbox(None);

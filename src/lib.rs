@@ -23,6 +23,7 @@ pub mod centrifugo;
 pub mod channel;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod cors;
 pub mod engine;
 pub mod error;

@@ -14,11 +14,12 @@
 //! socket is abandoned and a close frame `3008 slow` is queued behind what was already written, so a client
 //! that resumes reading learns why it was cut off.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::Response;
 use bytes::Bytes;
@@ -33,7 +34,7 @@ use crate::frame::centrifugo::codec::{Codec, PROTOBUF_SUBPROTOCOL};
 use crate::frame::centrifugo::{proto, publication};
 use crate::hub::{
     ClientInfo, ConnectionGuard, Delivery, NewPublication, Outbox, PresenceGuard, SubscribeSpec,
-    Subscription,
+    Subscription, Transport,
 };
 use crate::state::AppState;
 use crate::topic::Selector;
@@ -57,6 +58,7 @@ pub async fn upgrade(
     State(st): State<AppState>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
+    remote: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     check_origin(&st, &headers)?;
@@ -70,7 +72,9 @@ pub async fn upgrade(
     } else {
         Codec::Json
     };
-    let guard = st.hub.connect()?;
+    let guard = st
+        .hub
+        .connect(Transport::WebSocket, remote.map(|r| r.0 .0))?;
     // Frames up to 4x the limit are read so that an oversized one can be refused with a clear close code
     // instead of a transport error.
     let hard_cap = st
@@ -213,7 +217,7 @@ struct Conn {
     ctl_rx: crate::queue::Receiver<Control>,
     outbox: Outbox,
     ctl: crate::queue::Sender<Control>,
-    _guard: ConnectionGuard,
+    guard: ConnectionGuard,
     /// The connection's place in the registry of connections by user; dropping it removes it.
     registration: Option<Registration>,
     /// When the deadline clock will next wake this connection, if it is set to.
@@ -286,7 +290,7 @@ impl Conn {
             ctl_rx,
             outbox,
             ctl,
-            _guard: guard,
+            guard,
             registration: None,
             scheduled: None,
             client: uuid::Uuid::new_v4().to_string(),
@@ -706,6 +710,7 @@ impl Conn {
             &self.who.user,
             &self.client,
             self.ctl.clone(),
+            self.guard.meta().clone(),
         ));
 
         if self.st.config.centrifugo.subscribe_to_personal {
@@ -881,6 +886,7 @@ impl Conn {
             subscriber: self.client.clone(),
             payload: None,
             join_leave: ns.join_leave && (asked || ns.force_push_join_leave),
+            conn: Some(self.guard.meta().clone()),
         };
         let sub = self
             .st

@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::hub::ConnMeta;
 use crate::state::AppState;
 
 mod api;
@@ -68,8 +69,22 @@ pub enum Control {
 /// the one clock their deadlines share.
 #[derive(Default)]
 pub struct Clients {
-    by_user: RwLock<HashMap<String, HashMap<String, crate::queue::Sender<Control>>>>,
+    by_user: RwLock<HashMap<String, HashMap<String, Entry>>>,
     deadlines: OnceLock<Arc<Deadlines>>,
+}
+
+/// One registered connection: where its controls go, and what it is (for listings).
+struct Entry {
+    tx: crate::queue::Sender<Control>,
+    meta: Arc<ConnMeta>,
+}
+
+/// A connected WebSocket client as [`Clients::list`] shows it.
+#[derive(Debug, Clone)]
+pub struct ClientListing {
+    pub user: String,
+    pub client: String,
+    pub meta: Arc<ConnMeta>,
 }
 
 /// A connection's place in [`Clients`]; dropping it removes it, however the connection ends.
@@ -105,12 +120,13 @@ impl Clients {
         user: &str,
         client: &str,
         tx: crate::queue::Sender<Control>,
+        meta: Arc<ConnMeta>,
     ) -> Registration {
         self.by_user
             .write()
             .entry(user.to_string())
             .or_default()
-            .insert(client.to_string(), tx);
+            .insert(client.to_string(), Entry { tx, meta });
         Registration {
             clients: self.clone(),
             user: user.into(),
@@ -127,7 +143,7 @@ impl Clients {
             .map(|m| {
                 m.iter()
                     .filter(|(c, _)| client.is_none_or(|want| want == c.as_str()))
-                    .map(|(c, tx)| (c.clone(), tx.clone()))
+                    .map(|(c, e)| (c.clone(), e.tx.clone()))
                     .collect()
             })
             .unwrap_or_default();
@@ -155,6 +171,25 @@ impl Clients {
     pub fn counts(&self) -> (usize, usize) {
         let m = self.by_user.read();
         (m.values().map(HashMap::len).sum(), m.len())
+    }
+
+    /// The connected clients of this node, by user then client id, at most `limit`.
+    pub fn list(&self, limit: usize) -> Vec<ClientListing> {
+        let m = self.by_user.read();
+        let mut out: Vec<ClientListing> = m
+            .iter()
+            .flat_map(|(user, clients)| {
+                clients.iter().map(|(client, e)| ClientListing {
+                    user: user.clone(),
+                    client: client.clone(),
+                    meta: e.meta.clone(),
+                })
+            })
+            .collect();
+        drop(m);
+        out.sort_by(|a, b| (&a.user, &a.client).cmp(&(&b.user, &b.client)));
+        out.truncate(limit);
+        out
     }
 }
 
@@ -262,9 +297,20 @@ mod tests {
     async fn a_panicking_task_leaves_the_registry() {
         let clients = Arc::new(Clients::default());
         let (tx, _rx) = crate::queue::channel(4);
+        let hub = crate::hub::Hub::new(
+            Arc::new(crate::engine::LocalEngine::new(
+                Arc::new(crate::log::MemoryLog::new()),
+                Default::default(),
+                Duration::from_secs(60),
+            )),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        let guard = hub.connect(crate::hub::Transport::WebSocket, None).unwrap();
         let c = clients.clone();
         let task = tokio::spawn(async move {
-            let _registered = c.add("u", "c1", tx);
+            let _registered = c.add("u", "c1", tx, guard.meta().clone());
             assert_eq!(c.counts(), (1, 1));
             panic!("injected: the connection task panics");
         });

@@ -18,9 +18,11 @@ use crate::hub::ClientInfo;
 use crate::log::{LogError, Record};
 
 pub mod local;
+pub mod nats;
 pub mod redis;
 
 pub use local::LocalEngine;
+pub use nats::NatsEngine;
 
 /// A boxed future: trait methods return these so the trait stays object-safe (`Arc<dyn Engine>`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -6,12 +6,13 @@
 //! registration boundary (`registered_at`) splits the two exactly, so nothing falls between them.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
@@ -25,7 +26,9 @@ use crate::config::LimitsConfig;
 use crate::error::ApiError;
 use crate::frame::sse::COMMENT;
 use crate::frame::Publication;
-use crate::hub::{ConnectionGuard, Delivery, DisconnectReason, Hub, SubscribeSpec, Subscription};
+use crate::hub::{
+    ConnectionGuard, Delivery, DisconnectReason, Hub, SubscribeSpec, Subscription, Transport,
+};
 use crate::server::ConnKill;
 use crate::state::AppState;
 use crate::topic::Selector;
@@ -37,6 +40,7 @@ pub async fn subscribe(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     kill: Option<axum::Extension<ConnKill>>,
+    remote: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
 ) -> Result<Response, ApiError> {
     let (topics, query_last_id) = parse_query(query.as_deref().unwrap_or(""));
 
@@ -67,15 +71,16 @@ pub async fn subscribe(
                 format!("topic {topic:?} cannot be read with this token: {denied}"),
             )
         })?;
-    let guard = st.hub.connect()?;
+    let guard = st.hub.connect(Transport::Sse, remote.map(|r| r.0 .0))?;
     let subscriber = format!("urn:uuid:{}", uuid::Uuid::new_v4());
     let payload = claims.as_ref().and_then(|c| c.payload());
     let spec = SubscribeSpec {
         selectors,
         filter,
         subscriber: subscriber.clone(),
-        payload: payload.clone(),
+        payload: payload.clone().map(Box::new),
         join_leave: false,
+        conn: Some(guard.meta().clone()),
     };
     let (outbox, rx) = st.hub.outbox(kill.map(|k| k.0 .0.clone()));
     let sub = st.hub.subscribe(spec, &outbox)?;
@@ -250,7 +255,7 @@ impl SseStream {
                 biased;
                 _ = self.shutdown.cancelled() => return None,
                 _ = expiry(&mut self.expires) => {
-                    metrics::counter!("herald_disconnects_total", "reason" => DisconnectReason::TokenExpired.as_str()).increment(1);
+                    self.hub.count_disconnect(DisconnectReason::TokenExpired);
                     return None;
                 }
                 d = self.rx.recv() => match d {

@@ -23,6 +23,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderName, HeaderValue, Method, Request, Response, Uri, Version};
 use axum::Router;
 use bytes::{Buf, Bytes};
@@ -90,6 +91,10 @@ pub(super) async fn serve(
         let resp = {
             let mut req = *req; // the box is freed here, not kept for the life of the stream
             req.extensions_mut().insert(kill.clone());
+            // Asked of the socket per request rather than kept in this future for the connection's life.
+            if let Ok(peer) = stream.peer_addr() {
+                req.extensions_mut().insert(ConnectInfo(peer));
+            }
             let Ok(resp) = router.clone().oneshot(req).await;
             resp
         };
@@ -379,6 +384,10 @@ impl Prefixed {
             _permit: permit,
             io,
         }
+    }
+
+    pub(super) fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.io.peer_addr()
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, HeaderValue, Request, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -107,6 +107,18 @@ pub async fn open_engine(c: &Config) -> Result<Arc<dyn Engine>, crate::log::LogE
             })
             .await?,
         )),
+        EngineKind::Nats => Ok(Arc::new(
+            crate::engine::NatsEngine::connect(crate::engine::nats::NatsOptions {
+                url: c.engine.url.clone(),
+                prefix: c.engine.prefix.clone(),
+                connect_timeout: c.engine.connect_timeout,
+                op_timeout: c.engine.op_timeout,
+                presence_ttl: c.engine.presence_ttl,
+                retention: retention(c),
+                prune_interval: c.log.prune_interval,
+            })
+            .await?,
+        )),
     }
 }
 
@@ -124,6 +136,7 @@ pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
     };
     let origins = crate::cors::OriginList::parse(&config.cors.allowed_origins)
         .map_err(ConfigError::Invalid)?;
+    let console = crate::console::Console::from_config(&config)?;
     let clients = Arc::new(crate::centrifugo::Clients::default());
     let sink = clients.clone();
     hub.on_control(move |user, client, payload| sink.deliver(user, client, payload));
@@ -139,7 +152,7 @@ pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
     Ok(Router::new()
         .merge(crate::mercure::routes())
         .merge(crate::centrifugo::routes())
-        .route("/", get(index))
+        .merge(crate::console::routes(Arc::new(console)))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -147,10 +160,6 @@ pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
         .layer(tower::util::option_layer(cors))
         .layer(axum::middleware::from_fn(crate::error::log_refusals))
         .with_state(state))
-}
-
-async fn index() -> Html<&'static str> {
-    Html(include_str!("../../ui/index.html"))
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -420,7 +429,9 @@ fn hyper_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> 
     builder
 }
 
-/// One client connection, until it ends or the hub pulls its kill switch. Requests that subscribe are served
+/// One client connection, until it ends or the hub pulls its kill switch. Every request it serves carries
+/// the [`ConnKill`] and the peer's address as axum's `ConnectInfo<SocketAddr>` extension (what
+/// `into_make_service_with_connect_info` would set), which the transports record for listings. Requests that subscribe are served
 /// the lean way ([`lean`]); from the first one that is not, the connection is hyper's. `permit` is the
 /// socket's place under the socket limit; it goes wherever the socket goes.
 ///
@@ -494,8 +505,13 @@ fn hyper_connection(
     watcher: hyper_util::server::graceful::Watcher,
     kill: ConnKill,
 ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>> {
+    let peer = io.peer_addr().ok();
     let svc = router.map_request(move |mut req: Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(kill.clone());
+        if let Some(peer) = peer {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+        }
         req
     });
     let conn = builder
