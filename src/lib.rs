@@ -28,6 +28,8 @@ pub mod cors;
 pub mod engine;
 pub mod error;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hub;
 pub mod log;
 pub mod mercure;

@@ -7,8 +7,8 @@ use axum::Router;
 
 use crate::state::AppState;
 
-mod publish;
-mod subscribe;
+pub(crate) mod publish;
+pub(crate) mod subscribe;
 mod subscriptions;
 
 pub const HUB_PATH: &str = "/.well-known/mercure";

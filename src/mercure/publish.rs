@@ -102,7 +102,7 @@ fn parse_retry(v: &str) -> Result<u64, ApiError> {
     })
 }
 
-fn parse_form(body: &[u8]) -> Result<NewPublication, ApiError> {
+pub(crate) fn parse_form(body: &[u8]) -> Result<NewPublication, ApiError> {
     let mut p = NewPublication::default();
     for (k, v) in form_urlencoded::parse(body) {
         match &*k {
@@ -139,7 +139,7 @@ struct JsonUpdate {
     retry: Option<u64>,
 }
 
-fn parse_json(body: &[u8]) -> Result<NewPublication, ApiError> {
+pub(crate) fn parse_json(body: &[u8]) -> Result<NewPublication, ApiError> {
     let u: JsonUpdate = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON update: {e}")))?;
     Ok(NewPublication {

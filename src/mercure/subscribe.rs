@@ -42,15 +42,7 @@ pub async fn subscribe(
     kill: Option<axum::Extension<ConnKill>>,
     remote: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
 ) -> Result<Response, ApiError> {
-    let mut topics = Vec::new();
-    let mut query_last_id = None;
-    for (k, v) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
-        match &*k {
-            "topic" => topics.push(v.into_owned()),
-            "lastEventID" => query_last_id = Some(v.into_owned()),
-            _ => {}
-        }
-    }
+    let (topics, query_last_id) = parse_query(query.as_deref().unwrap_or(""));
 
     let claims = match st.auth.extract(&headers, query.as_deref())? {
         Some((token, _)) => Some(st.auth.verify(Role::Subscriber, &token)?),
@@ -162,8 +154,25 @@ pub async fn subscribe(
     Ok(resp)
 }
 
+/// The `topic` parameters and the last `lastEventID` of a raw query string.
+pub(crate) fn parse_query(query: &str) -> (Vec<String>, Option<String>) {
+    let mut topics = Vec::new();
+    let mut last_id = None;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "topic" => topics.push(v.into_owned()),
+            "lastEventID" => last_id = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    (topics, last_id)
+}
+
 /// Refuses selectors whose compiled form would cost more than the limits allow, before compiling them.
-fn check_selector_cost(limits: &LimitsConfig, topics: &[String]) -> Result<(), ApiError> {
+pub(crate) fn check_selector_cost(
+    limits: &LimitsConfig,
+    topics: &[String],
+) -> Result<(), ApiError> {
     let max = limits.max_topics_per_subscription;
     if topics.len() > max {
         return Err(ApiError::bad_request(

@@ -149,7 +149,7 @@ async fn read_head(stream: &mut TcpStream, deadline: Instant, closing: &Cancella
     }
 }
 
-enum Head {
+pub(crate) enum Head {
     Partial,
     /// Boxed: a request is large and this enum lives in the connection future.
     Subscribe(Box<Request<Body>>, bool),
@@ -162,7 +162,7 @@ enum Head {
 ///
 /// Heads that hyper will serve are read to their end here too (`Partial` until then), so that the deadline
 /// of [`serve`] covers them: hyper's own header timer would start afresh when it gets the connection.
-fn parse(buf: &[u8]) -> Head {
+pub(crate) fn parse(buf: &[u8]) -> Head {
     if buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(buf) {
         return Head::Partial;
     }

@@ -35,7 +35,7 @@ use crate::state::AppState;
 use crate::topic::Selector;
 
 mod admission;
-mod lean;
+pub(crate) mod lean;
 
 use admission::{Admission, Permit, Refusal, Throttle};
 
