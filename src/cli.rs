@@ -359,6 +359,30 @@ fn token(a: &TokenArgs) -> anyhow::Result<String> {
     auth::sign(&claims, alg, &enc).map_err(anyhow::Error::msg)
 }
 
+/// One POST with hyper's client (already in the binary for the server side): the CLI needs nothing more,
+/// and a whole HTTP client library would cost every build of Herald its compile time.
+async fn post(
+    url: &str,
+    token: &str,
+    content_type: &str,
+    body: String,
+) -> anyhow::Result<(http::StatusCode, String)> {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = http::Request::post(url)
+        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .context("invalid URL")?;
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .context("no answer within 30 s")??;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+}
+
 /// The hub's Mercure URL from `--url`: a base URL (`http://host:port`) gets the hub path.
 fn hub_url(url: &str) -> String {
     let trimmed = url.trim_end_matches('/');
@@ -394,13 +418,10 @@ async fn publish(a: PublishArgs) -> anyhow::Result<()> {
             key: None,
         })?,
     };
-    let client = reqwest::Client::new();
-    let req = client.post(&url).bearer_auth(token);
-    let req = match &a.json {
+    let (content_type, body) = match &a.json {
         Some(j) => {
             serde_json::from_str::<serde_json::Value>(j).context("--json is not valid JSON")?;
-            req.header("content-type", "application/json")
-                .body(j.clone())
+            ("application/json", j.clone())
         }
         None => {
             if a.topic.is_empty() {
@@ -423,16 +444,12 @@ async fn publish(a: PublishArgs) -> anyhow::Result<()> {
             if let Some(r) = a.retry {
                 form.append_pair("retry", &r.to_string());
             }
-            req.header("content-type", "application/x-www-form-urlencoded")
-                .body(form.finish())
+            ("application/x-www-form-urlencoded", form.finish())
         }
     };
-    let resp = req
-        .send()
+    let (status, body) = post(&url, &token, content_type, body)
         .await
         .with_context(|| format!("cannot reach {url}"))?;
-    let status = resp.status();
-    let body = resp.text().await.unwrap_or_default();
     if !status.is_success() {
         bail!("publish refused: {status}: {body}");
     }
