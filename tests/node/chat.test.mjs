@@ -117,6 +117,33 @@ test('rooms, presence, history on join and private messages in the browser', asy
   await alice.close(); await carol.close();
 });
 
+test('a member whose connection drops gets what was said meanwhile, once', async () => {
+  const kim = await join('kim', { room: 'drops' });
+  await api(herald.url, API_KEY, 'publish', { channel: 'room:drops', data: { text: 'before the drop' } });
+  await kim.locator('#messages li', { hasText: 'before the drop' }).waitFor({ timeout: 10000 });
+  const kimsClient = async () => (await (await fetch(`${herald.url}/console/api/connections`)).json())
+    .websocket.find((c) => c.user === 'kim')?.client;
+  const before = await kimsClient();
+  assert.ok(before, 'kim is connected');
+  // Herald closes kim's connection with a code that tells the SDK to reconnect; two messages are published
+  // before it is back.
+  const res = await fetch(`${herald.url}/console/api/disconnect`, {
+    method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ user: 'kim', code: 3010, reason: 'test drop' }),
+  });
+  assert.equal(res.status, 200, await res.text());
+  await api(herald.url, API_KEY, 'publish', { channel: 'room:drops', data: { text: 'during the drop 1' } });
+  await api(herald.url, API_KEY, 'publish', { channel: 'room:drops', data: { text: 'during the drop 2' } });
+  await kim.locator('#messages li', { hasText: 'during the drop 2' }).waitFor({ timeout: 15000 });
+  await kim.locator('#status', { hasText: 'connected as kim' }).waitFor({ timeout: 10000 });
+  const after = await kimsClient();
+  assert.ok(after && after !== before, 'kim is back on a new connection');
+  await api(herald.url, API_KEY, 'publish', { channel: 'room:drops', data: { text: 'after the drop' } });
+  await kim.locator('#messages li', { hasText: 'after the drop' }).waitFor({ timeout: 10000 });
+  assert.deepEqual((await kim.locator('#messages li').allTextContents()).map((t) => t.replace(/^server/, '')),
+    ['before the drop', 'during the drop 1', 'during the drop 2', 'after the drop']);
+  await kim.close();
+});
+
 test('history on join shows the last 50 messages, oldest first', async () => {
   for (let i = 1; i <= 60; i++) await api(herald.url, API_KEY, 'publish', { channel: 'room:history', data: { text: `message ${i}` } });
   const dora = await join('dora', { room: 'history' });
