@@ -17,6 +17,9 @@ const HOST = os.hostname().replace(/[^a-zA-Z0-9_.-]/g, '-');
 const CHANNEL = `metrics:${HOST}`;
 const MAX_WAITING = 3600; // an hour of figures kept while Herald is away; older ones are dropped (and seen as a gap)
 
+/** Why a call to Herald failed, in a word when there is one (ECONNREFUSED), else Herald's message. */
+const why = (e) => e.cause?.code ?? e.cause?.errors?.[0]?.code ?? e.cause?.message ?? e.message;
+
 async function api(method, body) {
   const res = await fetch(`${HERALD}/api/${method}`, {
     method: 'POST',
@@ -99,7 +102,7 @@ async function flush() {
     }
     if (down) { down = false; console.log(`Herald is back: every waiting figure sent (last #${seq - 1})`); }
   } catch (e) {
-    if (!down) console.log(`Herald unreachable (${e.cause?.code ?? e.message}); figures wait here`);
+    if (!down) console.log(`Herald unreachable (${why(e)}); figures wait here`);
     down = true;
     console.log(`${waiting.length} figure(s) waiting`);
   } finally {
@@ -112,9 +115,11 @@ async function tick() {
   if (!figure) return;
   if (seq === null) {
     try { seq = await nextSeq(); } catch (e) {
-      console.log(`waiting for Herald at ${HERALD} (${e.cause?.code ?? e.message})`);
+      if (!down) console.log(`waiting for Herald at ${HERALD} (${why(e)})`);
+      down = true;
       return;
     }
+    if (down) { down = false; console.log('Herald is up'); }
   }
   waiting.push({ seq: seq++, host: HOST, ...figure });
   if (waiting.length > MAX_WAITING) waiting.shift();
