@@ -5,7 +5,7 @@ import { createCentrifuge } from './herald.js';
 import './style.css';
 
 // Where Herald is: VITE_HERALD_URL at build time (`VITE_HERALD_URL=http://… npm run build`), else the default.
-export const HERALD_URL = import.meta.env.VITE_HERALD_URL ?? 'http://127.0.0.1:8080';
+const HERALD_URL = import.meta.env.VITE_HERALD_URL ?? 'http://127.0.0.1:8080';
 
 createApp(App)
   // One WebSocket for the app. Anonymous here (herald.toml allows it); with tokens, pass { token, getToken }.
