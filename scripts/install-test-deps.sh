@@ -27,15 +27,21 @@ if ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
   apt_install nats-server
 fi
 
-if [ ! -d examples/chat/node_modules ] || [ examples/chat/package-lock.json -nt examples/chat/node_modules/.package-lock.json ]; then
-  echo "== npm ci (examples/chat)"
-  (cd examples/chat && npm ci --no-audit --no-fund --loglevel=error)
+# The examples' vite builds (examples/vue, examples/react: vite 8) need Node 20.19 or later.
+if ! node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)'; then
+  echo "Node $(node --version) is too old: the examples' builds (vite) need Node 20.19 or later" >&2
+  exit 1
 fi
 
-if [ ! -d tests/node/node_modules ] || [ tests/node/package-lock.json -nt tests/node/node_modules/.package-lock.json ]; then
-  echo "== npm ci (tests/node)"
-  (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
-fi
+# Every example with npm packages, and the Node tests: `npm ci` from the committed lock file, again only when
+# the lock file changed.
+for lock in examples/*/package-lock.json tests/node/package-lock.json; do
+  dir=$(dirname "$lock")
+  if [ ! -d "$dir/node_modules" ] || [ "$lock" -nt "$dir/node_modules/.package-lock.json" ]; then
+    echo "== npm ci ($dir)"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+done
 
 # Python tests (tests/python): a virtualenv with the pinned packages of requirements.txt, installed again only
 # when that file changes.

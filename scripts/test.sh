@@ -6,13 +6,13 @@ cd "$(dirname "$0")/.."
 
 scripts/install-test-deps.sh
 
-echo "== cargo build (the binary the Node and Python tests start)"
-cargo build --workspace --bins --quiet
+echo "== cargo build (the binaries the Node and Python tests start: herald, and the embed example)"
+cargo build --workspace --bins --examples --quiet
 
 echo "== Rust unit and integration tests"
 cargo test --workspace --all-targets --no-fail-fast
 
-echo "== Node tests with real npm clients"
+echo "== Node tests with real npm clients, and the examples in headless Chromium"
 shopt -s nullglob
 node_tests=(tests/node/*.test.mjs)
 if [ ${#node_tests[@]} -gt 0 ]; then
