@@ -93,9 +93,9 @@ async fn app(config: Config, session_secret: &[u8]) -> anyhow::Result<(Router, H
         .route("/logout", post(logout))
         .route("/notes", post(add_note))
         .with_state(state)
-        // Herald answers whatever the app does not: its router also claims `/` (the console), so it is the
-        // fallback rather than merged, and the app's own routes win.
-        .fallback_service(herald);
+        // Herald's routes (the hub, the WebSocket endpoint, the server API, the console under /console)
+        // next to the app's own; `/` stays the app's.
+        .merge(herald);
     Ok((app, hub))
 }
 

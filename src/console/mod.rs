@@ -35,6 +35,7 @@ use crate::state::AppState;
 
 mod api;
 mod assets;
+pub use assets::index as page;
 mod stream;
 
 /// The audience (and subject) of admin tokens: a Herald token for publishers or subscribers is not one.
@@ -44,9 +45,12 @@ const MAX_FAILURES_PER_MINUTE: u32 = 10;
 
 /// The UI and the console API. The console's state travels as a request extension of these routes only,
 /// not in [`AppState`], which every WebSocket connection keeps a copy of.
+///
+/// The console's page is at `/console`; the standalone server also serves it at `/` (see
+/// [`crate::Server`]), but the router leaves `/` to the application it is mounted in.
 pub fn routes(console: Arc<Console>) -> Router<AppState> {
     Router::new()
-        .route("/", get(assets::index))
+        .route("/console", get(assets::index))
         .route("/console/{*file}", get(assets::file))
         .route("/console/api/session", get(session))
         .route("/console/api/login", post(login))

@@ -251,7 +251,8 @@ impl Server {
         let hub = Hub::new(engine, hub_options(&config)).await?;
         let shutdown_timeout = config.shutdown_timeout;
         let limits = config.limits.clone();
-        let router = router(hub.clone(), config)?;
+        // The standalone server's front page is the console (an embedding app keeps `/` for itself).
+        let router = router(hub.clone(), config)?.route("/", get(crate::console::page));
         let listener = listen(addr).map_err(|e| {
             let hint = match e.kind() {
                 std::io::ErrorKind::AddrInUse => {
