@@ -30,9 +30,10 @@ struct RunArgs {
     /// herald or nchan.
     #[arg(long, default_value = "herald")]
     server: ServerKind,
-    /// The server's address.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    addr: SocketAddr,
+    /// The server's address; several (comma-separated or repeated) for the nodes of a cluster, which
+    /// share subscribers and publishes round-robin.
+    #[arg(long, default_value = "127.0.0.1:8080", value_delimiter = ',')]
+    addr: Vec<SocketAddr>,
     /// sse or ws.
     #[arg(long, default_value = "sse")]
     transport: Transport,
@@ -63,7 +64,7 @@ struct RunArgs {
     /// Source addresses 127.0.0.2 .. 127.0.0.(1+N) for subscriber sockets; 0 = kernel's choice.
     #[arg(long, default_value_t = 19)]
     src_ips: usize,
-    /// Server process(es) whose VmRSS is read; default: those listening on the address's port.
+    /// Server process(es) whose VmRSS is read; default: those listening on the addresses' ports.
     #[arg(long = "server-pid")]
     server_pids: Vec<u32>,
     /// Publisher token (Herald); default: signed with the development key.
@@ -134,18 +135,22 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
+    let ports: Vec<u16> = a.addr.iter().map(|s| s.port()).collect();
     let target = Target::new(a.server, a.addr, a.token)?;
     let mut w = Workload::new(target, a.transport);
     w.server_pids = if a.server_pids.is_empty() {
-        rss::pids_listening(a.addr.port())?
+        let mut pids = Vec::new();
+        for port in &ports {
+            pids.extend(rss::pids_listening(*port)?);
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        pids
     } else {
         a.server_pids
     };
     if w.server_pids.is_empty() {
-        eprintln!(
-            "no server process found listening on port {}: RSS not measured",
-            a.addr.port()
-        );
+        eprintln!("no server process found listening on ports {ports:?}: RSS not measured");
     }
     w.label = a.label;
     w.subscribers = a.subscribers;

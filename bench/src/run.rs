@@ -151,6 +151,7 @@ impl Report {
         json!({
             "label": w.label,
             "server": w.target.kind.to_string(),
+            "nodes": w.target.addrs.len(),
             "transport": w.transport.to_string(),
             "subscribers": w.subscribers,
             "channels": w.channels,
@@ -377,7 +378,7 @@ pub async fn run(w: Workload) -> anyhow::Result<Report> {
                 };
                 let opened = tokio::time::timeout(
                     Duration::from_secs(30),
-                    sub::open(&target, transport, &name, src),
+                    sub::open(&target, target.addr(i, channels), transport, &name, src),
                 )
                 .await
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("handshake timed out")));
@@ -447,6 +448,7 @@ pub async fn run(w: Workload) -> anyhow::Result<Report> {
                 };
                 let req = w.target.publish(
                     &client,
+                    w.target.addr(c, names.len()),
                     name,
                     &Payload::Warm { channel: c as u64 }.encode(0),
                 );
@@ -706,7 +708,12 @@ impl Publisher {
                     .encode(size);
                     shared.tracker.sent(i, sent_us);
                     let r = target
-                        .publish(&client, &names[i % names.len()], &payload)
+                        .publish(
+                            &client,
+                            target.addr(i, names.len()),
+                            &names[i % names.len()],
+                            &payload,
+                        )
                         .send()
                         .await;
                     let err = match r {

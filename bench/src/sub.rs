@@ -1,7 +1,7 @@
 //! Subscribers: SSE over a hand-written HTTP/1.1 GET, WebSocket over tokio-tungstenite (raw frames for
 //! nchan, the Centrifugo client protocol v2 for Herald, in JSON or in Protobuf).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -99,16 +99,17 @@ pub enum WsCodec {
 /// WebSocket upgrade, Centrifugo `subscribe` reply).
 pub async fn open(
     target: &Target,
+    addr: SocketAddr,
     transport: Transport,
     channel: &str,
     src: Option<IpAddr>,
 ) -> anyhow::Result<Conn> {
-    let mut stream = http::connect(target.addr, src).await?;
+    let mut stream = http::connect(addr, src).await?;
     let path = target.sub_path(transport, channel);
     match transport {
         Transport::Sse => {
             let (status, body, first) =
-                http::get_stream(&mut stream, &target.host(), &path, "text/event-stream").await?;
+                http::get_stream(&mut stream, &addr.to_string(), &path, "text/event-stream").await?;
             if status != 200 {
                 bail!("subscribe: HTTP {status}");
             }
@@ -124,7 +125,7 @@ pub async fn open(
             let config = WebSocketConfig::default()
                 .read_buffer_size(4096)
                 .write_buffer_size(0);
-            let url = format!("ws://{}{}", target.host(), path);
+            let url = format!("ws://{addr}{path}");
             let (mut ws, resp) =
                 tokio_tungstenite::client_async_with_config(url, stream, Some(config))
                     .await

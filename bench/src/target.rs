@@ -69,7 +69,9 @@ impl fmt::Display for Transport {
 #[derive(Debug, Clone)]
 pub struct Target {
     pub kind: ServerKind,
-    pub addr: SocketAddr,
+    /// One address, or the nodes of a cluster: subscriber `i` and publish `i` go to node `i % len`, as a
+    /// round-robin load balancer would send them, so most deliveries cross from one node to another.
+    pub addrs: Vec<SocketAddr>,
     /// Publisher token (Herald); anonymous subscribers are assumed (`--allow-anonymous`).
     pub token: String,
 }
@@ -77,19 +79,26 @@ pub struct Target {
 impl Target {
     pub fn new(
         kind: ServerKind,
-        addr: SocketAddr,
+        addrs: Vec<SocketAddr>,
         token: Option<String>,
     ) -> anyhow::Result<Target> {
+        if addrs.is_empty() {
+            bail!("no server address");
+        }
         let token = match (kind, token) {
             (_, Some(t)) => t,
             (ServerKind::Herald, None) => sign_publisher(DEV_KEY)?,
             (ServerKind::Nchan, None) => String::new(),
         };
-        Ok(Target { kind, addr, token })
+        Ok(Target { kind, addrs, token })
     }
 
-    pub fn host(&self) -> String {
-        self.addr.to_string()
+    /// The node that serves subscriber or publish number `i` of `channels` (number `i` belongs to channel
+    /// `i % channels`): consecutive numbers of one channel go to consecutive nodes, so every channel has
+    /// subscribers and publishers on every node whatever the channel count.
+    pub fn addr(&self, i: usize, channels: usize) -> SocketAddr {
+        let channels = channels.max(1);
+        self.addrs[(i % channels + i / channels) % self.addrs.len()]
     }
 
     /// Path (and query) of the subscriber endpoint for `channel`.
@@ -104,22 +113,23 @@ impl Target {
         }
     }
 
-    /// A publish request for `payload` into `channel`. `channel` and `payload` use URL-safe characters
-    /// only (see [`channel_name`], [`Payload`]), so no escaping is needed.
+    /// A request for `payload` into `channel`, sent to `addr` (see [`Target::addr`]). `channel` and
+    /// `payload` use URL-safe characters only (see [`channel_name`], [`Payload`]), so no escaping is needed.
     pub fn publish(
         &self,
         client: &reqwest::Client,
+        addr: SocketAddr,
         channel: &str,
         payload: &str,
     ) -> reqwest::RequestBuilder {
         match self.kind {
             ServerKind::Herald => client
-                .post(format!("http://{}/.well-known/mercure", self.addr))
+                .post(format!("http://{addr}/.well-known/mercure"))
                 .bearer_auth(&self.token)
                 .header("content-type", "application/x-www-form-urlencoded")
                 .body(format!("topic={channel}&data={payload}")),
             ServerKind::Nchan => client
-                .post(format!("http://{}/pub?id={channel}", self.addr))
+                .post(format!("http://{addr}/pub?id={channel}"))
                 .header("content-type", "text/plain")
                 .body(payload.to_string()),
         }
@@ -238,6 +248,23 @@ mod tests {
                 sent_us: 2
             })
         );
+    }
+
+    #[test]
+    fn every_channel_spreads_over_every_node() {
+        let addrs: Vec<SocketAddr> = (1..=3)
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+            .collect();
+        let t = Target::new(ServerKind::Nchan, addrs, None).expect("target");
+        for channels in [1, 2, 3, 6, 1000] {
+            for c in 0..channels.min(10) {
+                let ports: std::collections::HashSet<u16> = (0..30 * channels)
+                    .filter(|i| i % channels == c)
+                    .map(|i| t.addr(i, channels).port())
+                    .collect();
+                assert_eq!(ports.len(), 3, "channel {c} of {channels}");
+            }
+        }
     }
 
     #[test]

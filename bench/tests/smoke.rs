@@ -32,7 +32,7 @@ async fn start_herald(dir: &std::path::Path) -> (std::net::SocketAddr, oneshot::
 
 fn workload(addr: std::net::SocketAddr, transport: Transport, subscribers: usize) -> Workload {
     let token = herald_bench::target::sign_publisher(KEY).expect("token");
-    let target = Target::new(ServerKind::Herald, addr, Some(token)).expect("target");
+    let target = Target::new(ServerKind::Herald, vec![addr], Some(token)).expect("target");
     let mut w = Workload::new(target, transport);
     w.label = format!("smoke {transport}");
     w.subscribers = subscribers;
