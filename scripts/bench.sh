@@ -13,6 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+# shellcheck source=scripts/bench-lib.sh
+source scripts/bench-lib.sh
 
 ROUNDS=3
 QUICK=0
@@ -52,36 +54,14 @@ fi
 HERALD=${HERALD_BIN:-$ROOT/target/release/herald}
 BENCH=${BENCH_BIN:-$ROOT/target/release/herald-bench}
 
-if ! command -v nginx >/dev/null || [ ! -e /usr/lib/nginx/modules/ngx_nchan_module.so ]; then
-  echo "== installing nginx-light and libnginx-mod-nchan"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y nginx-light libnginx-mod-nchan >/dev/null \
-    || { apt-get update >/dev/null && apt-get install -y nginx-light libnginx-mod-nchan >/dev/null; }
-fi
+ensure_nchan
 [ -f "$NCHAN_CONF_SRC" ] || { echo "missing $NCHAN_CONF_SRC" >&2; exit 1; }
 
 WORK=$(mktemp -d /tmp/herald-bench.XXXXXX)
 SERVER_PID=""
-stop_server() {
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-  fi
-  SERVER_PID=""
-}
+stop_server() { stop_pid "$SERVER_PID"; SERVER_PID=""; }
 cleanup() { stop_server; rm -rf "$WORK"; }
 trap cleanup EXIT
-
-wait_port() { # $1 = url; up to 10 s
-  for _ in $(seq 1 100); do
-    curl -s -o /dev/null --max-time 1 "$1" && return 0
-    sleep 0.1
-  done
-  echo "server did not come up: $1" >&2
-  return 1
-}
 
 start_herald() {
   rm -rf "$WORK/herald"
@@ -92,16 +72,10 @@ start_herald() {
   wait_port "http://127.0.0.1:$HERALD_PORT/healthz"
 }
 
-# A copy of the shared config with room for 10 000 subscribers and its paths under $WORK (the shared file
-# itself is not changed).
 start_nchan() {
   local dir=$WORK/nchan
   rm -rf "$dir"
-  mkdir -p "$dir/logs" "$dir/tmp"
-  sed -e "s#/tmp/nchan/#$dir/#g" \
-      -e 's/worker_connections [0-9]*;/worker_connections 19000;/' \
-      -e 's/^worker_processes 1;/worker_processes 1;\nworker_rlimit_nofile 20000;/' \
-      "$NCHAN_CONF_SRC" >"$dir/nchan.conf"
+  nchan_conf "$NCHAN_CONF_SRC" "$dir"
   nginx -c "$dir/nchan.conf" -p "$dir/" >"$dir/out.log" 2>&1 &
   SERVER_PID=$!
   wait_port "http://127.0.0.1:$NCHAN_PORT/nchan_status"

@@ -1,0 +1,53 @@
+# Shared by scripts/bench.sh and scripts/bench-cluster.sh (sourced, not run): starting and stopping the
+# servers under test, and nchan's config derived from the shared one.
+
+# Waits (up to 10 s) until $1 answers over HTTP.
+wait_port() {
+  for _ in $(seq 1 100); do
+    curl -s -o /dev/null --max-time 1 "$1" && return 0
+    sleep 0.1
+  done
+  echo "server did not come up: $1" >&2
+  return 1
+}
+
+# Stops a process: TERM, up to 10 s to exit, then KILL.
+stop_pid() {
+  local pid=$1
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  fi
+}
+
+# Installs nginx with the nchan module when either is missing.
+ensure_nchan() {
+  if ! command -v nginx >/dev/null || [ ! -e /usr/lib/nginx/modules/ngx_nchan_module.so ]; then
+    echo "== installing nginx-light and libnginx-mod-nchan"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y nginx-light libnginx-mod-nchan >/dev/null \
+      || { apt-get update >/dev/null && apt-get install -y nginx-light libnginx-mod-nchan >/dev/null; }
+  fi
+}
+
+# Writes a copy of the shared nchan config to $2/nchan.conf: its paths under $2, room for 10 000
+# subscribers, listening on port $3 (the shared file's 8089 otherwise), and, with a Redis URL as $4, every
+# channel kept in that Redis (nchan's cluster mode), so that several nginx instances act as one server. The
+# shared file itself is not changed.
+nchan_conf() {
+  local src=$1 dir=$2 port=${3:-8089} redis=${4:-}
+  mkdir -p "$dir/logs" "$dir/tmp"
+  local redis_sed=()
+  if [ -n "$redis" ]; then
+    redis_sed=(-e "s#^http {#http {\n  upstream bench_redis { nchan_redis_server $redis; }#"
+               -e 's#nchan_publisher;#nchan_publisher;\n      nchan_redis_pass bench_redis;#'
+               -e 's#nchan_subscriber;#nchan_subscriber;\n      nchan_redis_pass bench_redis;#')
+  fi
+  sed -e "s#/tmp/nchan/#$dir/#g" \
+      -e 's/worker_connections [0-9]*;/worker_connections 19000;/' \
+      -e 's/^worker_processes 1;/worker_processes 1;\nworker_rlimit_nofile 20000;/' \
+      -e "s/listen 127.0.0.1:8089;/listen 127.0.0.1:$port;/" \
+      "${redis_sed[@]}" "$src" >"$dir/nchan.conf"
+}
