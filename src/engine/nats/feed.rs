@@ -29,10 +29,11 @@ use crate::log::LogError;
 const FEED_CAPACITY: usize = 4096;
 /// Messages asked for in one pull.
 const PULL_BATCH: usize = 512;
-/// How long one pull waits for messages before it is renewed.
+/// How long one pull waits for messages before it is renewed. Pulls ask for no idle heartbeats:
+/// async-nats 0.46's `Batch` answers a heartbeat with `Pending` and no wake-up, which stalled the feed
+/// until the batch's own timer (expiry + 5 s); a dead connection is noticed by the connection watch and by
+/// that timer instead.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
-/// The server proves an idle pull is alive this often; two missed and the pull is renewed.
-const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
 
 pub(crate) fn start(shared: Arc<Shared>, after: u64) -> Feed {
     let (tx, rx) = mpsc::channel(FEED_CAPACITY);
@@ -150,7 +151,6 @@ async fn drain(
                 .batch()
                 .max_messages(PULL_BATCH)
                 .expires(PULL_EXPIRES)
-                .heartbeat(PULL_HEARTBEAT)
                 .messages(),
         )
         .await?;
