@@ -831,6 +831,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "limits",
     "retention",
     "console",
+    "inbox",
 ];
 
 /// Boolean settings that are unset by default (so the defaults cannot tell they are booleans).
