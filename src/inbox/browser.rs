@@ -5,6 +5,7 @@
 //! against `inbox.user_rate` per user: over it, 429 with `Retry-After`.
 
 use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -82,51 +83,89 @@ fn caller(
     Ok(user)
 }
 
+/// A refusal: Herald's error body, with `Retry-After` when the user is over their rate.
+#[derive(Debug)]
+pub enum Refused {
+    Api(ApiError),
+    Inbox(InboxError),
+}
+
+impl From<ApiError> for Refused {
+    fn from(e: ApiError) -> Self {
+        Refused::Api(e)
+    }
+}
+
+impl From<InboxError> for Refused {
+    fn from(e: InboxError) -> Self {
+        Refused::Inbox(e)
+    }
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        let e = match self {
+            Refused::Api(e) => return e.into_response(),
+            Refused::Inbox(e) => e,
+        };
+        let retry = match &e {
+            InboxError::RateLimited(d) => Some(d.as_secs_f64().ceil().max(1.0) as u64),
+            _ => None,
+        };
+        let mut resp = ApiError::from(e).into_response();
+        if let Some(s) = retry {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
 /// A change's caller, counted against the per-user rate.
 fn changer<'a>(
     st: &'a AppState,
     headers: &HeaderMap,
     query: Option<&str>,
-) -> Result<(String, &'a Inbox), Response> {
-    let inbox = inbox(st).map_err(IntoResponse::into_response)?;
-    let user = caller(st, headers, query, true).map_err(IntoResponse::into_response)?;
-    if let Err(e) = inbox.limit(&user) {
-        return Err(refusal(e));
-    }
+) -> Result<(String, &'a Inbox), Refused> {
+    let inbox = inbox(st)?;
+    let user = caller(st, headers, query, true)?;
+    inbox.limit(&user)?;
     Ok((user, inbox))
 }
 
-fn refusal(e: InboxError) -> Response {
-    let retry = match &e {
-        InboxError::RateLimited(d) => Some(d.as_secs_f64().ceil().max(1.0) as u64),
-        _ => None,
-    };
-    let mut resp = ApiError::from(e).into_response();
-    if let Some(s) = retry {
-        if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
-            resp.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-    }
-    resp
-}
-
-fn json_body<T: serde::de::DeserializeOwned>(b: &Bytes) -> Result<T, Response> {
-    serde_json::from_slice(b).map_err(|e| {
-        ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")).into_response()
-    })
+fn json_body<T: serde::de::DeserializeOwned>(b: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(b)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))
 }
 
 fn ok(v: impl Serialize) -> Response {
     Json(v).into_response()
 }
 
+/// Bad query parameters and path ids answer with Herald's error body, as every other refusal does.
+fn bad_query(e: QueryRejection) -> ApiError {
+    ApiError::bad_request("invalid_query", e.body_text())
+}
+
+fn item_id(p: Result<Path<i64>, PathRejection>) -> Result<i64, ApiError> {
+    p.map(|Path(id)| id).map_err(|_| {
+        ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "item_not_found",
+            "an item id is a number",
+        )
+    })
+}
+
 async fn list(
     State(st): State<AppState>,
     RawQuery(raw): RawQuery,
-    Query(q): Query<ListQuery>,
+    q: Result<Query<ListQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let inbox = inbox(&st)?;
+    let Query(q) = q.map_err(bad_query)?;
     let user = caller(&st, &headers, raw.as_deref(), false)?;
     Ok(ok(page(inbox, user, q).await?))
 }
@@ -144,61 +183,50 @@ async fn counts(
 
 async fn item(
     State(st): State<AppState>,
-    Path(id): Path<i64>,
+    id: Result<Path<i64>, PathRejection>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let inbox = inbox(&st)?;
     let user = caller(&st, &headers, raw.as_deref(), false)?;
+    let id = item_id(id)?;
     Ok(ok(inbox.store().get(user, id).await?))
 }
 
 async fn change_item(
     State(st): State<AppState>,
-    Path(id): Path<i64>,
+    id: Result<Path<i64>, PathRejection>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     b: Bytes,
-) -> Response {
-    let (user, inbox) = match changer(&st, &headers, raw.as_deref()) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let patch: Patch = match json_body(&b) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    match inbox.update(&user, Target::Ids(vec![id]), patch).await {
-        Ok(c) => ok(c),
-        Err(e) => refusal(e),
-    }
+) -> Result<Response, Refused> {
+    let (user, inbox) = changer(&st, &headers, raw.as_deref())?;
+    let id = item_id(id)?;
+    let patch: Patch = json_body(&b)?;
+    Ok(ok(inbox
+        .update(&user, Target::Ids(vec![id]), patch)
+        .await?))
 }
 
 async fn remove_item(
     State(st): State<AppState>,
-    Path(id): Path<i64>,
+    id: Result<Path<i64>, PathRejection>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
-) -> Response {
-    let (user, inbox) = match changer(&st, &headers, raw.as_deref()) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    match inbox.remove(&user, Target::Ids(vec![id])).await {
-        Ok(c) => ok(c),
-        Err(e) => refusal(e),
-    }
+) -> Result<Response, Refused> {
+    let (user, inbox) = changer(&st, &headers, raw.as_deref())?;
+    let id = item_id(id)?;
+    Ok(ok(inbox.remove(&user, Target::Ids(vec![id])).await?))
 }
 
-fn browser_target(p: &ChangeParams) -> Result<Target, Response> {
+fn browser_target(p: &ChangeParams) -> Result<Target, ApiError> {
     if !p.user.is_empty() {
         return Err(ApiError::bad_request(
             "invalid_target",
             "the inbox is the token's: a request names no user",
-        )
-        .into_response());
+        ));
     }
-    p.target().map_err(IntoResponse::into_response)
+    p.target()
 }
 
 /// Bulk changes: `{"ids": [..], "set": {..}}`, or `{"upto": ID, "category": .., "set": {"read": true}}`
@@ -208,26 +236,12 @@ async fn update(
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     b: Bytes,
-) -> Response {
-    let (user, inbox) = match changer(&st, &headers, raw.as_deref()) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let p: ChangeParams = match json_body(&b) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let target = match browser_target(&p) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    match inbox
-        .update(&user, target, p.set.clone().unwrap_or_default())
-        .await
-    {
-        Ok(c) => ok(c),
-        Err(e) => refusal(e),
-    }
+) -> Result<Response, Refused> {
+    let (user, inbox) = changer(&st, &headers, raw.as_deref())?;
+    let p: ChangeParams = json_body(&b)?;
+    let target = browser_target(&p)?;
+    let patch = p.set.clone().unwrap_or_default();
+    Ok(ok(inbox.update(&user, target, patch).await?))
 }
 
 async fn remove(
@@ -235,26 +249,14 @@ async fn remove(
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     b: Bytes,
-) -> Response {
-    let (user, inbox) = match changer(&st, &headers, raw.as_deref()) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let p: ChangeParams = match json_body(&b) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let target = match browser_target(&p) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
+) -> Result<Response, Refused> {
+    let (user, inbox) = changer(&st, &headers, raw.as_deref())?;
+    let p: ChangeParams = json_body(&b)?;
+    let target = browser_target(&p)?;
     if p.set.is_some() {
-        return ApiError::bad_request("invalid_target", "remove takes no `set`").into_response();
+        return Err(ApiError::bad_request("invalid_target", "remove takes no `set`").into());
     }
-    match inbox.remove(&user, target).await {
-        Ok(c) => ok(c),
-        Err(e) => refusal(e),
-    }
+    Ok(ok(inbox.remove(&user, target).await?))
 }
 
 async fn preferences(
@@ -273,17 +275,8 @@ async fn set_preferences(
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     b: Bytes,
-) -> Response {
-    let (user, inbox) = match changer(&st, &headers, raw.as_deref()) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let prefs: Preferences = match json_body(&b) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    match inbox.set_preferences(&user, prefs).await {
-        Ok(c) => ok(c),
-        Err(e) => refusal(e),
-    }
+) -> Result<Response, Refused> {
+    let (user, inbox) = changer(&st, &headers, raw.as_deref())?;
+    let prefs: Preferences = json_body(&b)?;
+    Ok(ok(inbox.set_preferences(&user, prefs).await?))
 }

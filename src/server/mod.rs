@@ -123,9 +123,23 @@ pub async fn open_engine(c: &Config) -> Result<Arc<dyn Engine>, crate::log::LogE
 }
 
 /// The whole HTTP surface of Herald as an `axum::Router`, ready to mount in any axum app.
-pub fn router(hub: Hub, mut config: Config) -> Result<Router, ConfigError> {
+pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
     config.validate()?;
-    let inbox = open_inbox(&hub, &mut config)?;
+    let inbox = open_inbox(&hub, &config)?;
+    router_with_inbox(hub, config, inbox)
+}
+
+/// Like [`router`], with an inbox the application opened itself ([`open_inbox`]) and keeps a handle to,
+/// to notify users from its own code (`inbox.notify(...)`).
+pub fn router_with_inbox(
+    hub: Hub,
+    mut config: Config,
+    inbox: Option<crate::inbox::Inbox>,
+) -> Result<Router, ConfigError> {
+    config.validate()?;
+    if let Some(inbox) = &inbox {
+        inbox_namespace(&mut config, &inbox.config().namespace);
+    }
     let auth = Auth::from_config(&config.auth)
         .and_then(|a| a.with_api_key(config.centrifugo.api_key.as_deref()))
         .map_err(ConfigError::Invalid)?;
@@ -166,26 +180,30 @@ pub fn router(hub: Hub, mut config: Config) -> Result<Router, ConfigError> {
         .with_state(state))
 }
 
-/// Opens the inbox store when `inbox.enabled` and starts its publisher, and gives the inbox channels'
-/// namespace the rules an inbox needs (authenticated readers, the `#` list admitting only the owner; no
-/// client publishes) unless the operator configured that namespace.
-fn open_inbox(hub: &Hub, config: &mut Config) -> Result<Option<crate::inbox::Inbox>, ConfigError> {
-    if !config.inbox.enabled {
-        return Ok(None);
-    }
-    let ns = config.inbox.namespace.clone();
+/// Gives the inbox channels' namespace the rules an inbox needs (authenticated readers, the `#` list
+/// admitting only the owner; no client publishes) unless the operator configured that namespace.
+fn inbox_namespace(config: &mut Config, ns: &str) {
     if !config.centrifugo.namespaces.iter().any(|n| n.name == ns) {
         config
             .centrifugo
             .namespaces
             .push(crate::config::NamespaceConfig {
-                name: ns,
+                name: ns.to_string(),
                 subscribe: crate::config::SubscribePolicy::Authenticated,
                 publish: crate::config::PublishPolicy::None,
                 presence: false,
                 ..Default::default()
             });
     }
+}
+
+/// Opens the inbox store when `inbox.enabled` (`None` otherwise), recounts it, and starts the publisher of
+/// its events on `hub`. Needs a tokio runtime.
+pub fn open_inbox(hub: &Hub, config: &Config) -> Result<Option<crate::inbox::Inbox>, ConfigError> {
+    if !config.inbox.enabled {
+        return Ok(None);
+    }
+    config.validate()?;
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(ConfigError::Invalid(
             "the inbox needs a tokio runtime: build the router inside one".into(),

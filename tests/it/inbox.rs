@@ -1003,3 +1003,39 @@ async fn spawn_herald(
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, url)
 }
+
+#[tokio::test]
+async fn an_embedding_app_notifies_from_its_own_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), &[("inbox.enabled", "true")]).unwrap();
+    let engine = herald::server::open_engine(&config).await.unwrap();
+    let hub = herald::Hub::new(engine, herald::server::hub_options(&config))
+        .await
+        .unwrap();
+    let inbox = herald::server::open_inbox(&hub, &config)
+        .unwrap()
+        .expect("enabled");
+    let app = herald::server::router_with_inbox(hub.clone(), config, Some(inbox.clone())).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut sse = Sse::get(&sse_url_at(&url, "dora")).await;
+    assert_eq!(sse.status, 200);
+    let item = herald::inbox::NewItem {
+        title: "From the app".into(),
+        ..Default::default()
+    };
+    let r = inbox.notify(vec!["dora".into()], item, None).await.unwrap();
+    assert_eq!(r.delivered[0].outcome, "created");
+    assert_eq!(next_data(&mut sse).await["item"]["title"], "From the app");
+    let (status, page) = browser(&url, "dora", "GET", "/inbox", None).await;
+    assert_eq!((status, page["counts"]["unread"].as_i64()), (200, Some(1)));
+}
+
+fn sse_url_at(url: &str, user: &str) -> String {
+    subscribe_url(
+        url,
+        &[&format!("inbox:#{user}")],
+        &[("authorization", &user_token(user))],
+    )
+}
