@@ -1039,3 +1039,59 @@ fn sse_url_at(url: &str, user: &str) -> String {
         &[("authorization", &user_token(user))],
     )
 }
+
+#[tokio::test]
+async fn snoozed_items_wake_and_expired_items_go_as_events() {
+    let s = start(&[]).await;
+    let mut sse = Sse::get(&sse_url(&s, "erin", None)).await;
+    let id = notify(&s.url, &["erin"], "wake me", json!({})).await["delivered"][0]["id"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(next_data(&mut sse).await["type"], "created");
+    let until = herald::inbox::now_ms() + 1500;
+    let (_, c) = browser(
+        &s.url,
+        "erin",
+        "POST",
+        &format!("/inbox/items/{id}"),
+        Some(json!({"snoozed_until": until})),
+    )
+    .await;
+    assert_eq!(c["counts"]["unread"], 0);
+    assert_eq!(
+        next_data(&mut sse).await["items"][0]["snoozed_until"],
+        until
+    );
+    // The sweeper wakes it: an event, not a poll, tells the client.
+    let woke = next_data(&mut sse).await;
+    assert_eq!(
+        (woke["type"].as_str(), woke["counts"]["unread"].as_i64()),
+        (Some("updated"), Some(1)),
+        "{woke}"
+    );
+    assert!(woke["items"][0]["snoozed_until"].is_null());
+    assert!(herald::inbox::now_ms() >= until, "not before its time");
+    // An item past its expiry is removed, with its event.
+    let expires = herald::inbox::now_ms() + 1000;
+    let gone = notify(
+        &s.url,
+        &["erin"],
+        "short-lived",
+        json!({"expires_at": expires}),
+    )
+    .await["delivered"][0]["id"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(next_data(&mut sse).await["type"], "created");
+    let removed = next_data(&mut sse).await;
+    assert_eq!(
+        (removed["type"].as_str(), removed["ids"].clone()),
+        (Some("removed"), json!([gone])),
+        "{removed}"
+    );
+    assert_eq!(removed["counts"]["total"], 1);
+    assert_eq!(
+        recount(&all_items(&s.url, "erin").await),
+        counts(&s.url, "erin").await
+    );
+}
