@@ -237,6 +237,12 @@ impl Idempotency {
 
 async fn publish_one(st: &AppState, channel: &str, p: &Payload) -> Result<Value, Refusal> {
     check_channel(st, channel)?;
+    if st.inbox.as_ref().is_some_and(|i| i.owns(channel)) {
+        return Err(Refusal::new(
+            103,
+            format!("{channel:?} is an inbox channel: its events come from the inbox only (inbox_notify)"),
+        ));
+    }
     let data = p.bytes()?;
     let publish = || async {
         let published = st

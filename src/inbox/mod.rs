@@ -597,6 +597,12 @@ impl Inbox {
         format!("{}:#{user}", self.inner.config.namespace)
     }
 
+    /// Whether `topic` is an inbox channel: only the inbox publishes there (an event forged by a publisher
+    /// with a broad grant would corrupt every device's view, whose order rests on the versions).
+    pub fn owns(&self, topic: &str) -> bool {
+        crate::channel::namespace_of(topic) == self.inner.config.namespace
+    }
+
     /// Counts a change of `user` against the per-user rate.
     pub fn limit(&self, user: &str) -> Result<(), InboxError> {
         self.inner.limiter.check(user)

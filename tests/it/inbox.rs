@@ -438,6 +438,27 @@ async fn bad_input_and_refusals() {
         (400, Some("empty_change")),
         "{e}"
     );
+    // Nobody publishes into an inbox channel but the inbox: not a Mercure publisher with a `*` grant, not the
+    // server API.
+    let resp = s
+        .publish_raw(
+            &[("topic", "inbox:#u"), ("data", "{\"version\": 999}")],
+            &publisher_token(),
+        )
+        .await;
+    assert_eq!(resp.status(), 403);
+    let (status, v) = get_json(
+        reqwest::Client::new()
+            .post(format!("{}/api/publish", s.url))
+            .header("x-api-key", API_KEY)
+            .json(&json!({"channel": "inbox:#u", "data": {"version": 999}})),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_i64()),
+        (200, Some(103)),
+        "{v}"
+    );
     // The backend API needs the key.
     let (status, e) =
         get_json(reqwest::Client::new().post(format!("{}/api/inbox_stats", s.url))).await;
