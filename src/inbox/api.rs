@@ -59,8 +59,16 @@ fn result(v: impl serde::Serialize) -> Json<Value> {
 #[serde(default, deny_unknown_fields)]
 struct NotifyParams {
     users: Vec<String>,
+    /// Instead of `users`: `{"all": true}`, every user that has an inbox.
+    audience: Option<Audience>,
     item: NewItem,
     idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Audience {
+    all: bool,
 }
 
 async fn notify(
@@ -70,6 +78,16 @@ async fn notify(
 ) -> Result<Json<Value>, ApiError> {
     let inbox = setup(&st, &headers)?;
     let p: NotifyParams = body(&b)?;
+    if let Some(a) = &p.audience {
+        if !a.all || !p.users.is_empty() {
+            return Err(ApiError::bad_request(
+                "invalid_audience",
+                "give either users or audience {\"all\": true}",
+            ));
+        }
+        let r = inbox.notify_all(p.item, p.idempotency_key).await?;
+        return Ok(result(json!({ "audience": r })));
+    }
     Ok(result(
         inbox.notify(p.users, p.item, p.idempotency_key).await?,
     ))

@@ -412,6 +412,14 @@ pub struct NotifyResult {
     pub event: Option<i64>,
 }
 
+/// What a notification to an audience did, in numbers.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AudienceResult {
+    pub created: u64,
+    pub duplicate: u64,
+    pub muted: u64,
+}
+
 /// A user's choices per category and channel (`inbox`, `push`); a category not listed is on.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -478,6 +486,8 @@ pub trait InboxStore: Send + Sync + 'static {
         idempotency_key: Option<String>,
     ) -> BoxFuture<'_, Result<NotifyResult, InboxError>>;
     fn list(&self, user: String, q: ListQuery) -> BoxFuture<'_, Result<Page, InboxError>>;
+    /// Users that have an inbox, sorted, after `after`, at most `limit` (for audiences).
+    fn users(&self, after: String, limit: usize) -> BoxFuture<'_, Result<Vec<String>, InboxError>>;
     fn counts(&self, user: String) -> BoxFuture<'_, Result<(Counts, i64), InboxError>>;
     fn get(&self, user: String, id: i64) -> BoxFuture<'_, Result<Item, InboxError>>;
     fn update(
@@ -656,6 +666,49 @@ impl Inbox {
             .await?;
         self.settle(r.event).await;
         Ok(r)
+    }
+
+    /// Notifies every user that has an inbox (has received a notification or set preferences), in
+    /// commits of `inbox.max_users` users each. With an idempotency key a retry after a failure part way
+    /// completes the rest and creates nothing twice.
+    pub async fn notify_all(
+        &self,
+        item: NewItem,
+        idempotency_key: Option<String>,
+    ) -> Result<AudienceResult, InboxError> {
+        item.validate()?;
+        if let Some(k) = &idempotency_key {
+            check_len("idempotency_key", k, MAX_IDEMPOTENCY_KEY_LEN)?;
+        }
+        let mut out = AudienceResult::default();
+        let mut after = String::new();
+        let mut last = None;
+        loop {
+            let users = self
+                .inner
+                .store
+                .users(after.clone(), self.inner.config.max_users)
+                .await?;
+            let Some(next) = users.last().cloned() else {
+                break;
+            };
+            let r = self
+                .inner
+                .store
+                .notify(users, item.clone(), idempotency_key.clone())
+                .await?;
+            for d in &r.delivered {
+                match d.outcome {
+                    "created" => out.created += 1,
+                    "duplicate" => out.duplicate += 1,
+                    _ => out.muted += 1,
+                }
+            }
+            last = r.event.or(last);
+            after = next;
+        }
+        self.settle(last).await;
+        Ok(out)
     }
 
     pub async fn update(

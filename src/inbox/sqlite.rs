@@ -853,6 +853,16 @@ impl InboxStore for SqliteInbox {
         Box::pin(self.read(move |conn| list_page(conn, &user, &q)))
     }
 
+    fn users(&self, after: String, limit: usize) -> BoxFuture<'_, Result<Vec<String>, InboxError>> {
+        Box::pin(self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT user FROM inboxes WHERE user > ?1 ORDER BY user LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after, limit as i64], |r| r.get(0))?;
+            Ok(rows.collect::<Result<Vec<String>, _>>()?)
+        }))
+    }
+
     fn counts(&self, user: String) -> BoxFuture<'_, Result<(Counts, i64), InboxError>> {
         Box::pin(self.read(move |conn| Ok((counts_of(conn, &user)?, version_of(conn, &user)?))))
     }

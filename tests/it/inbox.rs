@@ -1116,3 +1116,47 @@ async fn snoozed_items_wake_and_expired_items_go_as_events() {
         counts(&s.url, "erin").await
     );
 }
+
+#[tokio::test]
+async fn an_audience_of_every_inbox_and_its_retry() {
+    let s = start(&[("inbox.max_users", "2")]).await;
+    for u in ["ann", "ben", "cat"] {
+        notify(&s.url, &[u], "hello", json!({})).await;
+    }
+    let (status, _) = browser(
+        &s.url,
+        "dan",
+        "PUT",
+        "/inbox/preferences",
+        Some(json!({"categories": {"news": {"inbox": false}}})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let body = json!({"audience": {"all": true}, "item": {"title": "Maintenance tonight", "category": "news"}, "idempotency_key": "maint-1"});
+    let (status, r) = backend(&s.url, "notify", body.clone()).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(
+        r["result"]["audience"],
+        json!({"created": 3, "duplicate": 0, "muted": 1}),
+        "in commits of two users"
+    );
+    let (_, again) = backend(&s.url, "notify", body).await;
+    assert_eq!(
+        again["result"]["audience"],
+        json!({"created": 0, "duplicate": 3, "muted": 1})
+    );
+    for u in ["ann", "ben", "cat"] {
+        assert_eq!(counts(&s.url, u).await["total"], 2, "{u}");
+    }
+    assert_eq!(counts(&s.url, "dan").await["total"], 0);
+    let (status, e) = backend(
+        &s.url,
+        "notify",
+        json!({"users": ["ann"], "audience": {"all": true}, "item": {"title": "t"}}),
+    )
+    .await;
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (400, Some("invalid_audience"))
+    );
+}
