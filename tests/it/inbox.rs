@@ -1160,3 +1160,34 @@ async fn an_audience_of_every_inbox_and_its_retry() {
         (400, Some("invalid_audience"))
     );
 }
+
+#[tokio::test]
+async fn start_up_recount_repairs_damaged_counts() {
+    let s = start(&[]).await;
+    notify(&s.url, &["fay"], "one", json!({"category": "a"})).await;
+    notify(&s.url, &["fay"], "two", json!({"category": "b"})).await;
+    let before = counts(&s.url, "fay").await;
+    let mut s = s;
+    s.stop().await;
+    // Damage the counts behind Herald's back: one wrong, one missing, one for items that do not exist.
+    let db = rusqlite::Connection::open(s.dir.join("inbox.sqlite3")).unwrap();
+    db.execute_batch(
+        "UPDATE counts SET unread = 99 WHERE category = 'a';
+         DELETE FROM counts WHERE category = 'b';
+         INSERT INTO counts VALUES ('ghost', 'x', 5, 5, 5, 0);",
+    )
+    .unwrap();
+    drop(db);
+    let key = format!("{API_KEY:?}");
+    let s = s
+        .restart(&[("inbox.enabled", "true"), ("centrifugo.api_key", &key)])
+        .await;
+    assert_eq!(
+        counts(&s.url, "fay").await,
+        before,
+        "recounted from the items at start-up"
+    );
+    assert_eq!(counts(&s.url, "ghost").await["total"], 0);
+    let (_, st) = backend(&s.url, "stats", json!({})).await;
+    assert_eq!(st["result"]["count_mismatches"], 0, "{st}");
+}
