@@ -63,6 +63,48 @@ pub struct Config {
     pub retention: Vec<RetentionConfig>,
     /// The web console at `/` and its API under `/console/api/`.
     pub console: ConsoleConfig,
+    /// The notification centre: a durable inbox per user (`src/inbox/`).
+    pub inbox: InboxConfig,
+}
+
+/// The notification centre. Off by default: it keeps a database of its own beside the log, and it runs
+/// only on the local engine (on a cluster every node would keep a different inbox).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InboxConfig {
+    pub enabled: bool,
+    /// The inbox database (`<data_dir>/inbox.sqlite3` when not set).
+    pub path: Option<PathBuf>,
+    /// The namespace of the users' inbox channels (`<namespace>:#<user>`); created with the rules an
+    /// inbox needs (a user reads only their own, clients never publish) unless configured.
+    pub namespace: String,
+    /// Items kept per inbox; a new item beyond it removes the oldest.
+    pub max_items: usize,
+    /// Items older than this are removed (as are items past their own expiry).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Ids in one update or remove.
+    pub max_ids: usize,
+    /// Users in one `notify`.
+    pub max_users: usize,
+    /// Changes one user may make per second through the browser API (a burst of twice as many is let
+    /// through); over it, 429 with Retry-After.
+    pub user_rate: u32,
+}
+
+impl Default for InboxConfig {
+    fn default() -> Self {
+        InboxConfig {
+            enabled: false,
+            path: None,
+            namespace: "inbox".into(),
+            max_items: 10_000,
+            max_age: Duration::from_secs(90 * 24 * 3600),
+            max_ids: 500,
+            max_users: 1000,
+            user_rate: 20,
+        }
+    }
 }
 
 /// The web console: who may use it. Like Centrifugo's admin: a password, exchanged at login for a
@@ -380,6 +422,7 @@ impl Default for Config {
                 max_age: Some(Duration::from_secs(7 * 24 * 3600)),
             }],
             console: ConsoleConfig::default(),
+            inbox: InboxConfig::default(),
         }
     }
 }
@@ -559,6 +602,31 @@ impl Config {
                 )));
             }
         }
+        if self.inbox.enabled {
+            if self.engine.kind != EngineKind::Local {
+                return Err(ConfigError::Invalid(
+                    "inbox.enabled = true needs engine.kind = \"local\": the inbox store is an SQLite file \
+                     of this node, and on a cluster each node would keep a different inbox. Run the inbox \
+                     on one local node, or turn it off"
+                        .into(),
+                ));
+            }
+            let ns = &self.inbox.namespace;
+            if ns.is_empty() || ns.contains([':', '#', '$']) || ns.chars().any(char::is_control) {
+                return Err(ConfigError::Invalid(format!(
+                    "inbox.namespace = {ns:?} must be a non-empty name without ':', '#' or '$'"
+                )));
+            }
+            if self.inbox.max_items == 0
+                || self.inbox.max_ids == 0
+                || self.inbox.max_users == 0
+                || self.inbox.user_rate == 0
+            {
+                return Err(ConfigError::Invalid(
+                    "inbox.max_items, max_ids, max_users and user_rate must be at least 1".into(),
+                ));
+            }
+        }
         if self.console.session_ttl.is_zero() {
             return Err(ConfigError::Invalid(
                 "console.session_ttl must be more than 0s".into(),
@@ -639,6 +707,13 @@ impl Config {
                 self.engine.prefix
             ),
         }
+    }
+
+    pub fn inbox_path(&self) -> PathBuf {
+        self.inbox
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("inbox.sqlite3"))
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -756,6 +831,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "limits",
     "retention",
     "console",
+    "inbox",
 ];
 
 /// Boolean settings that are unset by default (so the defaults cannot tell they are booleans).

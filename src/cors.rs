@@ -134,7 +134,13 @@ pub fn layer(cfg: &CorsConfig) -> Result<CorsLayer, String> {
     Ok(CorsLayer::new()
         .allow_origin(allow_origin)
         .allow_credentials(cfg.allow_credentials)
-        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
         .allow_headers([
             header::AUTHORIZATION,
             header::CACHE_CONTROL,

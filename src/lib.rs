@@ -31,6 +31,7 @@ pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hub;
+pub mod inbox;
 pub mod log;
 pub mod mercure;
 pub mod metrics;

@@ -21,4 +21,6 @@ pub struct AppState {
     pub clients: Arc<Clients>,
     /// Results of server API publishes made with an idempotency key.
     pub idempotency: Arc<crate::centrifugo::Idempotency>,
+    /// The notification centre, when `inbox.enabled`.
+    pub inbox: Option<crate::inbox::Inbox>,
 }

@@ -108,7 +108,7 @@ fn wrap(method: Option<&str>, r: Result<Value, Refusal>) -> Value {
     }
 }
 
-fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(key) = st.auth.api_key.as_deref() else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -237,6 +237,12 @@ impl Idempotency {
 
 async fn publish_one(st: &AppState, channel: &str, p: &Payload) -> Result<Value, Refusal> {
     check_channel(st, channel)?;
+    if st.inbox.as_ref().is_some_and(|i| i.owns(channel)) {
+        return Err(Refusal::new(
+            103,
+            format!("{channel:?} is an inbox channel: its events come from the inbox only (inbox_notify)"),
+        ));
+    }
     let data = p.bytes()?;
     let publish = || async {
         let published = st

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::hub::ConnMeta;
 use crate::state::AppState;
 
-mod api;
+pub(crate) mod api;
 pub use api::Idempotency;
 mod conn;
 

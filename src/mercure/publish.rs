@@ -77,6 +77,16 @@ pub async fn publish(
     if let Some(t) = update
         .topics
         .iter()
+        .find(|t| st.inbox.as_ref().is_some_and(|i| i.owns(t)))
+    {
+        return Err(ApiError::forbidden(
+            "topic_reserved",
+            format!("{t:?} is an inbox channel: its events come from the inbox only (use /api/inbox_notify)"),
+        ));
+    }
+    if let Some(t) = update
+        .topics
+        .iter()
         .find(|t| !topic::any_match(&allowed, [t.as_str()]))
     {
         return Err(ApiError::forbidden(

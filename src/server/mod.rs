@@ -125,6 +125,21 @@ pub async fn open_engine(c: &Config) -> Result<Arc<dyn Engine>, crate::log::LogE
 /// The whole HTTP surface of Herald as an `axum::Router`, ready to mount in any axum app.
 pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
     config.validate()?;
+    let inbox = open_inbox(&hub, &config)?;
+    router_with_inbox(hub, config, inbox)
+}
+
+/// Like [`router`], with an inbox the application opened itself ([`open_inbox`]) and keeps a handle to,
+/// to notify users from its own code (`inbox.notify(...)`).
+pub fn router_with_inbox(
+    hub: Hub,
+    mut config: Config,
+    inbox: Option<crate::inbox::Inbox>,
+) -> Result<Router, ConfigError> {
+    config.validate()?;
+    if let Some(inbox) = &inbox {
+        inbox_namespace(&mut config, &inbox.config().namespace);
+    }
     let auth = Auth::from_config(&config.auth)
         .and_then(|a| a.with_api_key(config.centrifugo.api_key.as_deref()))
         .map_err(ConfigError::Invalid)?;
@@ -148,11 +163,14 @@ pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
         origins: Arc::new(origins),
         clients,
         idempotency: Arc::new(crate::centrifugo::Idempotency::default()),
+        inbox,
     };
     Ok(Router::new()
         .merge(crate::mercure::routes())
         .merge(crate::centrifugo::routes())
         .merge(crate::console::routes(Arc::new(console)))
+        .merge(crate::inbox::api::routes())
+        .merge(crate::inbox::browser::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -160,6 +178,54 @@ pub fn router(hub: Hub, config: Config) -> Result<Router, ConfigError> {
         .layer(tower::util::option_layer(cors))
         .layer(axum::middleware::from_fn(crate::error::log_refusals))
         .with_state(state))
+}
+
+/// Gives the inbox channels' namespace the rules an inbox needs (authenticated readers, the `#` list
+/// admitting only the owner; no client publishes) unless the operator configured that namespace.
+fn inbox_namespace(config: &mut Config, ns: &str) {
+    if !config.centrifugo.namespaces.iter().any(|n| n.name == ns) {
+        config
+            .centrifugo
+            .namespaces
+            .push(crate::config::NamespaceConfig {
+                name: ns.to_string(),
+                subscribe: crate::config::SubscribePolicy::Authenticated,
+                publish: crate::config::PublishPolicy::None,
+                presence: false,
+                ..Default::default()
+            });
+    }
+}
+
+/// Opens the inbox store when `inbox.enabled` (`None` otherwise), recounts it, and starts the publisher of
+/// its events on `hub`. Needs a tokio runtime.
+pub fn open_inbox(hub: &Hub, config: &Config) -> Result<Option<crate::inbox::Inbox>, ConfigError> {
+    if !config.inbox.enabled {
+        return Ok(None);
+    }
+    config.validate()?;
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(ConfigError::Invalid(
+            "the inbox needs a tokio runtime: build the router inside one".into(),
+        ));
+    }
+    let path = config.inbox_path();
+    let store = crate::inbox::SqliteInbox::open(
+        &path,
+        config.log.durable,
+        crate::inbox::sqlite::StoreLimits {
+            max_items: config.inbox.max_items,
+            max_age: config.inbox.max_age,
+        },
+    )
+    .map_err(|e| {
+        ConfigError::Invalid(format!("cannot open the inbox at {}: {e}", path.display()))
+    })?;
+    Ok(Some(crate::inbox::Inbox::start(
+        Arc::new(store),
+        hub.clone(),
+        config.inbox.clone(),
+    )))
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -10,6 +10,7 @@ mod cluster_redis;
 mod console;
 mod cors;
 mod engine;
+mod inbox;
 mod keys;
 mod lifecycle;
 mod limits;
