@@ -73,6 +73,7 @@ stop_servers() { for p in "${PIDS[@]}"; do stop_pid "$p"; done; PIDS=(); }
 cleanup() { stop_servers; stop_pid "$REDIS_PID"; stop_pid "$NATS_PID"; rm -rf "$WORK"; }
 trap cleanup EXIT
 
+for port in "$REDIS_PORT" "$NATS_PORT" "${HERALD_PORTS[@]}" "${NCHAN_PORTS[@]}"; do ensure_free "$port"; done
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
   >"$WORK/redis.log" 2>&1 &
 REDIS_PID=$!
@@ -82,6 +83,7 @@ for _ in $(seq 1 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && bre
 start_nats() {
   stop_pid "$NATS_PID"
   rm -rf "$WORK/nats"
+  ensure_free "$NATS_PORT"
   nats-server -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$WORK/nats" >"$WORK/nats.log" 2>&1 &
   NATS_PID=$!
   for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && return 0; sleep 0.1; done
@@ -102,6 +104,7 @@ start_herald_cluster() { # engine kind (redis | nats)
   for port in "${HERALD_PORTS[@]}"; do
     n=$((n + 1))
     rm -rf "$WORK/herald$n"
+    ensure_free "$port"
     mkdir -p "$WORK/herald$n"
     "$HERALD" serve --listen "127.0.0.1:$port" --allow-anonymous --data-dir "$WORK/herald$n" \
       --set limits.max_connections=20000 --set engine.kind="$kind" --set engine.url="$url" \
@@ -118,6 +121,7 @@ start_nchan_cluster() {
     n=$((n + 1))
     local dir=$WORK/nchan$n
     rm -rf "$dir"
+    ensure_free "$port"
     nchan_conf "$NCHAN_CONF_SRC" "$dir" "$port" "redis://127.0.0.1:$REDIS_PORT"
     nginx -c "$dir/nchan.conf" -p "$dir/" >"$dir/out.log" 2>&1 &
     PIDS+=($!)

@@ -11,6 +11,15 @@ wait_port() {
   return 1
 }
 
+# Fails when something already listens on 127.0.0.1:$1: a stray server there would answer in place of the
+# one about to start (which then fails to bind), and the run would measure the wrong process.
+ensure_free() {
+  if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+    echo "port $1 is already in use: stop whatever listens there first" >&2
+    return 1
+  fi
+}
+
 # Stops a process: TERM, up to 10 s to exit, then KILL.
 stop_pid() {
   local pid=$1

@@ -65,6 +65,7 @@ trap cleanup EXIT
 
 start_herald() {
   rm -rf "$WORK/herald"
+  ensure_free "$HERALD_PORT"
   mkdir -p "$WORK/herald"
   "$HERALD" serve --listen "127.0.0.1:$HERALD_PORT" --allow-anonymous --data-dir "$WORK/herald" \
     --set limits.max_connections=20000 >"$WORK/herald.out" 2>"$WORK/herald.err" &
@@ -75,6 +76,7 @@ start_herald() {
 start_nchan() {
   local dir=$WORK/nchan
   rm -rf "$dir"
+  ensure_free "$NCHAN_PORT"
   nchan_conf "$NCHAN_CONF_SRC" "$dir"
   nginx -c "$dir/nchan.conf" -p "$dir/" >"$dir/out.log" 2>&1 &
   SERVER_PID=$!
