@@ -109,7 +109,8 @@ pub async fn open(
     match transport {
         Transport::Sse => {
             let (status, body, first) =
-                http::get_stream(&mut stream, &addr.to_string(), &path, "text/event-stream").await?;
+                http::get_stream(&mut stream, &addr.to_string(), &path, "text/event-stream")
+                    .await?;
             if status != 200 {
                 bail!("subscribe: HTTP {status}");
             }

@@ -108,7 +108,7 @@ fn wrap(method: Option<&str>, r: Result<Value, Refusal>) -> Value {
     }
 }
 
-fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(key) = st.auth.api_key.as_deref() else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

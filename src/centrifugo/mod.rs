@@ -19,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 use crate::hub::ConnMeta;
 use crate::state::AppState;
 
-mod api;
+pub(crate) mod api;
 pub use api::Idempotency;
-mod conn;
+pub(crate) mod conn;
 
 pub const WS_PATH: &str = "/connection/websocket";
 

@@ -103,7 +103,12 @@ pub struct Retention {
 }
 
 impl Retention {
+    /// Reserved channels (`$`, a document's updates) match no rule: retention would drop edits nobody
+    /// merged; documents shrink by compaction instead.
     pub fn rule_for(&self, channel: &str) -> Option<&RetentionRule> {
+        if crate::access::is_reserved(channel) {
+            return None;
+        }
         self.rules.iter().find(|r| r.selector.matches(channel))
     }
 }
