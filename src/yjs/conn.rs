@@ -15,9 +15,8 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::Extension;
 use bytes::Bytes;
-use yrs::encoding::read::Cursor;
-use yrs::sync::{Message, MessageReader, SyncMessage};
-use yrs::updates::decoder::DecoderV1;
+use yrs::sync::{Message, SyncMessage};
+use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 
 use super::doc::{decode_update, valid_name, DocError, Docs, PeerHandle};
@@ -67,7 +66,14 @@ pub async fn upgrade(
             Ok(claims) => Ok(st.access.doc_right(Some(&claims), &name)),
             Err(e) => Err((CLOSE_UNAUTHORIZED, e.message.clone())),
         },
-        Ok(None) => Ok(st.access.doc_right(None, &name)),
+        Ok(None) => match st.access.doc_right(None, &name) {
+            DocRight::None => Err((
+                CLOSE_UNAUTHORIZED,
+                "no token: add ?authorization=<jwt> to the provider's params (or the header or cookie)"
+                    .to_string(),
+            )),
+            r => Ok(r),
+        },
         Err(e) => Err((CLOSE_UNAUTHORIZED, e.message.clone())),
     };
     let right = match right {
@@ -156,7 +162,8 @@ async fn run(
     }
 }
 
-/// Handles every message of one frame (a frame usually holds one).
+/// Handles the message of one frame. A frame holds one message, as every y-websocket client sends them
+/// (and as the reference server reads them); a truncated one is refused, not skipped.
 async fn on_frame(
     docs: &Docs,
     peer: &PeerHandle,
@@ -164,19 +171,20 @@ async fn on_frame(
     data: Bytes,
     told_read_only: &mut bool,
 ) -> Result<(), Close> {
-    let mut decoder = DecoderV1::new(Cursor::new(&data));
-    let messages: Vec<_> = MessageReader::new(&mut decoder).collect();
-    for msg in messages {
-        let msg = match msg {
-            Ok(m) => m,
-            Err(_) if data.len() > docs.config().max_update_size => {
-                return Err(close_for(&DocError::UpdateTooLarge {
-                    size: data.len(),
-                    max: docs.config().max_update_size,
-                }))
-            }
-            Err(e) => return Err((CLOSE_INVALID, format!("malformed y-websocket message: {e}"))),
-        };
+    let max = docs.config().max_update_size;
+    if data.len() > max {
+        return Err(close_for(&DocError::UpdateTooLarge {
+            size: data.len(),
+            max,
+        }));
+    }
+    // yrs is not hardened against every input: a panic while decoding is a refusal too.
+    let msg = match std::panic::catch_unwind(|| Message::decode_v1(&data)) {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => return Err((CLOSE_INVALID, format!("malformed y-websocket message: {e}"))),
+        Err(_) => return Err((CLOSE_INVALID, "malformed y-websocket message".into())),
+    };
+    {
         match msg {
             Message::Sync(SyncMessage::SyncStep1(sv)) => peer.doc.sync_step2(peer.id, &sv),
             Message::Sync(SyncMessage::SyncStep2(u)) | Message::Sync(SyncMessage::Update(u)) => {
@@ -191,19 +199,13 @@ async fn on_frame(
                         peer.doc
                             .send(peer.id, Message::Auth(Some(reason)).encode_v1().into());
                     }
-                    continue;
+                    return Ok(());
                 }
                 docs.submit_update(&peer.doc, Some(peer.id), u.into())
                     .await
                     .map_err(|e| close_for(&e))?;
             }
             Message::Awareness(update) => {
-                if data.len() > docs.config().max_update_size {
-                    return Err(close_for(&DocError::UpdateTooLarge {
-                        size: data.len(),
-                        max: docs.config().max_update_size,
-                    }));
-                }
                 docs.submit_awareness(&peer.doc, peer.id, &update)
                     .await
                     .map_err(|e| close_for(&e))?;

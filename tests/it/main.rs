@@ -21,3 +21,4 @@ mod resume;
 mod wire;
 mod ws;
 mod wsclient;
+mod yjs;
