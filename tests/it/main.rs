@@ -6,7 +6,7 @@ mod access;
 mod admission;
 mod auth;
 mod cluster_nats;
-mod cluster_redis;
+pub(crate) mod cluster_redis;
 mod console;
 mod cors;
 mod engine;

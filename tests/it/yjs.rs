@@ -571,3 +571,35 @@ async fn document_events_are_published_for_backends() {
     let b = Client::synced(&s, "evt", Some(&w)).await;
     assert_eq!(b.text(), "x");
 }
+
+/// Two nodes on one Redis: a document's updates and awareness reach the clients of the other node through
+/// the engine, and a client joining on either node gets everything.
+#[tokio::test]
+async fn documents_are_shared_by_the_nodes_of_a_cluster() {
+    let redis = crate::cluster_redis::Redis::start().await;
+    let url = format!("{:?}", redis.url());
+    let mut o = with_api(&[("engine.kind", "\"redis\""), ("engine.prefix", "\"yjs\"")]);
+    o.push(("engine.url", url));
+    let o: Vec<(&str, &str)> = o.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let n1 = TestServer::start(&o).await;
+    let n2 = TestServer::start(&o).await;
+    let w = doc_token(&[], &["*"]);
+    let mut a = Client::synced(&n1, "shared", Some(&w)).await;
+    let mut b = Client::synced(&n2, "shared", Some(&w)).await;
+    a.insert(0, "from node 1").await;
+    b.until(|c| c.text() == "from node 1").await.unwrap();
+    b.insert(0, "node 2 + ").await;
+    a.until(|c| c.text() == "node 2 + from node 1")
+        .await
+        .unwrap();
+    a.send(awareness(5, 1, r#"{"user":"a"}"#)).await;
+    b.until(|c| c.awareness.get(&5).is_some_and(|v| v.is_some()))
+        .await
+        .unwrap();
+    drop(a);
+    b.until(|c| c.awareness.get(&5).is_some_and(|v| v.is_none()))
+        .await
+        .unwrap();
+    let late = Client::synced(&n1, "shared", Some(&w)).await;
+    assert_eq!(late.text(), "node 2 + from node 1");
+}
