@@ -61,9 +61,13 @@ pub async fn upgrade(
         ));
     }
     // Decided before the upgrade, told after it: a browser shows a page nothing of a refused upgrade.
+    let mut exp = None;
     let right = match st.auth.extract(&headers, query.as_deref()) {
         Ok(Some((token, _))) => match st.auth.verify(Role::Subscriber, &token) {
-            Ok(claims) => Ok(st.access.doc_right(Some(&claims), &name)),
+            Ok(claims) => {
+                exp = claims.exp;
+                Ok(st.access.doc_right(Some(&claims), &name))
+            }
             Err(e) => Err((CLOSE_UNAUTHORIZED, e.message.clone())),
         },
         Ok(None) => match st.access.doc_right(None, &name) {
@@ -95,7 +99,7 @@ pub async fn upgrade(
         .max_message_size(cap)
         .max_frame_size(cap)
         .on_upgrade(move |socket| {
-            tokio::spawn(run(docs, socket, name, right, guard));
+            tokio::spawn(run(docs, socket, name, right, exp, guard));
             std::future::ready(())
         }))
 }
@@ -105,6 +109,7 @@ async fn run(
     mut socket: WebSocket,
     name: String,
     right: Result<DocRight, Close>,
+    exp: Option<u64>,
     _guard: ConnectionGuard,
 ) {
     let right = match right {
@@ -127,9 +132,18 @@ async fn run(
     let mut peer = docs.join(doc);
     let shutdown = docs.hub().shutdown_token();
     let mut told_read_only = false;
+    // Rights come from the token, so they end with it (as an SSE stream does): the provider stops on a
+    // 44xx close, and the app reconnects it with a fresh token.
+    let expires = exp.map(|e| {
+        let left = e.saturating_sub(crate::auth::unix_now());
+        tokio::time::Instant::now() + Duration::from_secs(left)
+    });
     let end: Option<Close> = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Some((CLOSE_RESTART, "server restarting".into())),
+            _ = sleep_until_opt(expires) => {
+                break Some((CLOSE_UNAUTHORIZED, "the token expired: reconnect with a fresh one".into()))
+            }
             frame = peer.rx.recv() => match frame {
                 Some(f) => {
                     if socket.send(WsMessage::Binary(f)).await.is_err() {
@@ -215,6 +229,13 @@ async fn on_frame(
         }
     }
     Ok(())
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn close_for(e: &DocError) -> Close {

@@ -404,6 +404,24 @@ async fn tokens_decide_who_reads_and_who_edits() {
 }
 
 #[tokio::test]
+async fn a_connection_ends_when_its_token_expires() {
+    let s = start(&[]).await;
+    let claims = Claims {
+        exp: Some(herald::auth::unix_now() + 2),
+        docs: Some(DocsClaim {
+            read: vec![],
+            write: vec!["*".into()],
+        }),
+        ..Default::default()
+    };
+    let t = sign_with(&claims, KEY, Algorithm::HS256);
+    let mut c = Client::synced(&s, "short", Some(&t)).await;
+    let (code, reason) = c.closed().await;
+    assert_eq!(code, herald::yjs::CLOSE_UNAUTHORIZED);
+    assert!(reason.contains("expired"), "{reason}");
+}
+
+#[tokio::test]
 async fn anonymous_access_only_where_configured() {
     let s = start(&[("yjs.anonymous", "\"read\"")]).await;
     let mut w = Client::synced(&s, "pub", Some(&doc_token(&[], &["pub"]))).await;
