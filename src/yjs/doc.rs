@@ -327,7 +327,9 @@ impl Docs {
             }
             // The hub cut the document off (it fell behind, or the hub is shutting down): what it holds
             // may miss updates, so it goes, and its clients reconnect and load it again.
-            tracing::warn!(doc = %task_doc.name, "document feed ended; unloading it");
+            if !docs.hub.is_shutting_down() {
+                tracing::warn!(doc = %task_doc.name, "document feed ended; unloading it");
+            }
             docs.forget(&task_doc);
         });
         Ok(())
