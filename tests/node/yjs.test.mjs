@@ -25,7 +25,7 @@ const open = [];
 
 before(async () => { herald = await startHerald({ config: CONFIG }); });
 after(async () => {
-  for (const p of open) p.destroy();
+  for (const p of open) close(p);
   await herald.stop();
   herald.cleanup();
 });
@@ -40,6 +40,12 @@ function once(target, name, pred = () => true, ms = 10000) {
 }
 
 const wsUrl = (h) => `${h.url.replace('http://', 'ws://')}/yjs`;
+
+/** Ends a provider for good: its awareness (and the interval it keeps) goes with the document. */
+function close(p) {
+  p.destroy();
+  p.doc.destroy();
+}
 
 /** A provider on a fresh Y.Doc, as an app creates one. */
 function provider(room, token, { h = herald, doc = new Y.Doc(), connect = true } = {}) {
@@ -71,7 +77,7 @@ async function storedText(room, want, h = herald) {
   await synced(p);
   if (want !== undefined) await until(p, () => text(p) === want, `stored ${JSON.stringify(want)}`);
   const t = text(p);
-  p.destroy();
+  close(p);
   return t;
 }
 
@@ -203,7 +209,7 @@ test('a restart keeps every accepted edit, and connected clients carry on', asyn
       a.doc.getText('t').insert(0, '0 ');
       assert.equal(await storedText('durable', '0 one two three ', again), '0 one two three ');
     } finally {
-      a.destroy();
+      close(a);
       await again.stop();
     }
   } finally {
