@@ -216,6 +216,24 @@ pub trait Log: Send + Sync + 'static {
 }
 
 #[cfg(test)]
+mod retention_tests {
+    use super::*;
+
+    #[test]
+    fn reserved_channels_match_no_rule() {
+        let r = Retention {
+            rules: vec![RetentionRule {
+                selector: Selector::parse("*"),
+                max_count: Some(1),
+                max_age: None,
+            }],
+        };
+        assert!(r.rule_for("news").is_some());
+        assert!(r.rule_for("$yjs:doc").is_none());
+    }
+}
+
+#[cfg(test)]
 pub(crate) mod contract {
     //! Behaviour every backend must have; each backend's tests run these against it.
     use super::*;

@@ -308,6 +308,39 @@ async fn updates_are_stored_before_anyone_sees_them_and_survive_a_restart_and_co
     assert_eq!(text, "one two three four five ");
 }
 
+/// Documents are not held to `limits.max_message_size` (64 KiB by default) but to `yjs.max_update_size`, and
+/// the default retention rule (`*`, 1000 records) never drops their updates.
+#[tokio::test]
+async fn large_updates_and_many_updates_are_kept() {
+    let s = start(&[
+        ("yjs.compact_after", "100000"),
+        ("log.prune_interval", "\"20ms\""),
+    ])
+    .await;
+    let w = doc_token(&[], &["*"]);
+    let mut a = Client::synced(&s, "big", Some(&w)).await;
+    let big = "b".repeat(100_000);
+    a.insert(0, &big).await;
+    stored(&s, "big", &big).await;
+    let mut b = Client::synced(&s, "many", Some(&w)).await;
+    for _ in 0..1100 {
+        b.insert(0, "m").await;
+    }
+    stored(&s, "many", &"m".repeat(1100)).await;
+    let stored = s
+        .hub
+        .engine()
+        .read_channel("$yjs:many".into(), 0, u64::MAX, 2000)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1100, "retention kept every update");
+    let o = with_api(&[]);
+    let o: Vec<(&str, &str)> = o.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s = s.restart(&o).await;
+    let c = Client::synced(&s, "many", Some(&w)).await;
+    assert_eq!(c.text().len(), 1100);
+}
+
 #[tokio::test]
 async fn a_client_that_edited_offline_merges_on_reconnect() {
     let s = start(&[]).await;
