@@ -17,6 +17,8 @@
 //! 3. **The record's flag**: a `private` publication is readable only with an explicit grant of one of its
 //!    topics (a matching grant, a subscription token for it, or a `#` list naming the user).
 //!
+//! Yjs documents (their own endpoint, `yjs`) are decided here too, by [`Access::doc_right`].
+//!
 //! A record reaches a subscription when one of its topics is selected by the subscription *and* passes 2
 //! for this identity, and it passes 3. Exact selectors are checked when subscribing (refused with a clear
 //! error); wildcards and templates cannot be, so the same check runs per record, live and in history.
@@ -26,7 +28,9 @@ use std::sync::{Arc, OnceLock};
 
 use crate::auth::Claims;
 use crate::channel;
-use crate::config::{CentrifugoConfig, NamespaceConfig, PublishPolicy, SubscribePolicy};
+use crate::config::{
+    AnonymousDocs, CentrifugoConfig, NamespaceConfig, PublishPolicy, SubscribePolicy,
+};
 use crate::log::Record;
 use crate::topic::Selector;
 
@@ -107,11 +111,20 @@ pub fn is_reserved(name: &str) -> bool {
     name.starts_with('$')
 }
 
+/// What a connection may do with one Yjs document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DocRight {
+    None,
+    Read,
+    Write,
+}
+
 /// The channel rules of the config, resolved once.
 #[derive(Debug)]
 pub struct Access {
     namespaces: HashMap<String, NamespaceConfig>,
     personal: String,
+    anonymous_docs: AnonymousDocs,
 }
 
 impl Access {
@@ -133,7 +146,37 @@ impl Access {
         Access {
             namespaces,
             personal: cfg.personal_namespace.clone(),
+            anonymous_docs: AnonymousDocs::None,
         }
+    }
+
+    /// What a connection without a token may do with documents (`yjs.anonymous`).
+    pub fn with_anonymous_docs(mut self, anonymous: AnonymousDocs) -> Access {
+        self.anonymous_docs = anonymous;
+        self
+    }
+
+    /// May the holder of `claims` (`None`: no token) read or edit the Yjs document `name`? The `docs`
+    /// claim grants on top of the anonymous right, which is everyone's floor. Documents live on their own
+    /// endpoint, so this is their whole read check: no channel rule of either face applies to them.
+    pub fn doc_right(&self, claims: Option<&Claims>, name: &str) -> DocRight {
+        let floor = match self.anonymous_docs {
+            AnonymousDocs::None => DocRight::None,
+            AnonymousDocs::Read => DocRight::Read,
+            AnonymousDocs::Write => DocRight::Write,
+        };
+        let Some(docs) = claims.and_then(|c| c.docs.as_ref()) else {
+            return floor;
+        };
+        let matches = |list: &[String]| list.iter().any(|s| Selector::parse(s).matches(name));
+        let granted = if matches(&docs.write) {
+            DocRight::Write
+        } else if matches(&docs.read) {
+            DocRight::Read
+        } else {
+            DocRight::None
+        };
+        granted.max(floor)
     }
 
     /// The namespace whose rules govern `name`, or `None` for a topic in no configured namespace.
@@ -377,6 +420,35 @@ mod tests {
             "reserved for Herald, whatever the grants"
         );
         assert!(a.channel("personal:#1").is_ok() && a.channel("plain").is_ok());
+    }
+
+    #[test]
+    fn document_rights() {
+        let claims = |read: &[&str], write: &[&str]| Claims {
+            docs: Some(crate::auth::DocsClaim {
+                read: read.iter().map(|s| s.to_string()).collect(),
+                write: write.iter().map(|s| s.to_string()).collect(),
+            }),
+            ..Default::default()
+        };
+        let a = Access::new(&CentrifugoConfig::default());
+        assert_eq!(a.doc_right(None, "notes"), DocRight::None);
+        assert_eq!(
+            a.doc_right(Some(&Claims::default()), "notes"),
+            DocRight::None
+        );
+        let c = claims(&["team/{id}"], &["team/7"]);
+        assert_eq!(a.doc_right(Some(&c), "team/7"), DocRight::Write);
+        assert_eq!(a.doc_right(Some(&c), "team/8"), DocRight::Read);
+        assert_eq!(a.doc_right(Some(&c), "other"), DocRight::None);
+        assert_eq!(
+            a.doc_right(Some(&claims(&[], &["*"])), "x"),
+            DocRight::Write
+        );
+        let anon =
+            Access::new(&CentrifugoConfig::default()).with_anonymous_docs(AnonymousDocs::Read);
+        assert_eq!(anon.doc_right(None, "notes"), DocRight::Read);
+        assert_eq!(anon.doc_right(Some(&c), "team/7"), DocRight::Write);
     }
 
     #[test]

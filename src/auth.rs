@@ -76,6 +76,19 @@ pub struct Claims {
     /// Centrifugo subscription token: the one channel it grants.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<String>,
+    /// Yjs documents this token may open (see `access::DocRight`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docs: Option<DocsClaim>,
+}
+
+/// The `docs` claim: selectors (`*`, a document name, an RFC 6570 template such as `team/{id}`) over
+/// document names, as Mercure's `subscribe` selects topics. `write` implies `read`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DocsClaim {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub read: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub write: Vec<String>,
 }
 
 impl Claims {

@@ -65,6 +65,8 @@ pub struct Config {
     pub console: ConsoleConfig,
     /// The notification centre: a durable inbox per user (`src/inbox/`).
     pub inbox: InboxConfig,
+    /// Yjs documents over the y-websocket protocol at `/yjs/<document>`.
+    pub yjs: YjsConfig,
 }
 
 /// The notification centre. Off by default: it keeps a database of its own beside the log, and it runs
@@ -103,6 +105,60 @@ impl Default for InboxConfig {
             max_ids: 500,
             max_users: 1000,
             user_rate: 20,
+        }
+    }
+}
+
+/// Who may open a document without a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnonymousDocs {
+    /// A token is required.
+    None,
+    /// Anyone may read every document; editing needs a token.
+    Read,
+    /// Anyone may read and edit every document (demos, trusted networks).
+    Write,
+}
+
+/// Yjs documents: the y-websocket endpoint, its limits and its background work.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct YjsConfig {
+    /// Serve `/yjs/<document>` and the document API.
+    pub enabled: bool,
+    /// What a connection without a token may do.
+    pub anonymous: AnonymousDocs,
+    /// Largest update (or awareness message) one client may send, in bytes; larger ones close the
+    /// connection (1009) and are not stored.
+    pub max_update_size: usize,
+    /// Largest document, in bytes of stored updates (the compacted state plus the updates after it); an
+    /// update that would make it larger is refused.
+    pub max_document_size: usize,
+    /// Documents held in memory at once on this node; idle ones are unloaded to make room, and a new one
+    /// is refused (close 1013) when none is idle.
+    pub max_documents: usize,
+    /// How long a document with no connection stays in memory.
+    #[serde(with = "humantime_serde")]
+    pub idle_unload: Duration,
+    /// Stored updates after which a loaded document is compacted (merged into one snapshot).
+    pub compact_after: u64,
+    /// The channel document events (`changed`, `idle`) are published on, as private publications; empty:
+    /// none are published.
+    pub events_channel: String,
+}
+
+impl Default for YjsConfig {
+    fn default() -> Self {
+        YjsConfig {
+            enabled: true,
+            anonymous: AnonymousDocs::None,
+            max_update_size: 1024 * 1024,
+            max_document_size: 32 * 1024 * 1024,
+            max_documents: 1000,
+            idle_unload: Duration::from_secs(30),
+            compact_after: 500,
+            events_channel: "yjs-events".into(),
         }
     }
 }
@@ -423,6 +479,7 @@ impl Default for Config {
             }],
             console: ConsoleConfig::default(),
             inbox: InboxConfig::default(),
+            yjs: YjsConfig::default(),
         }
     }
 }
@@ -626,6 +683,21 @@ impl Config {
                     "inbox.max_items, max_ids, max_users and user_rate must be at least 1".into(),
                 ));
             }
+        }
+        if self.yjs.max_documents == 0 || self.yjs.max_update_size == 0 {
+            return Err(ConfigError::Invalid(
+                "yjs.max_documents and yjs.max_update_size must be at least 1".into(),
+            ));
+        }
+        if self.yjs.max_document_size < self.yjs.max_update_size {
+            return Err(ConfigError::Invalid(
+                "yjs.max_document_size must be at least yjs.max_update_size".into(),
+            ));
+        }
+        if crate::access::is_reserved(&self.yjs.events_channel) {
+            return Err(ConfigError::Invalid(
+                "yjs.events_channel must not start with $ (those channels are Herald's own)".into(),
+            ));
         }
         if self.console.session_ttl.is_zero() {
             return Err(ConfigError::Invalid(
@@ -832,6 +904,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "retention",
     "console",
     "inbox",
+    "yjs",
 ];
 
 /// Boolean settings that are unset by default (so the defaults cannot tell they are booleans).

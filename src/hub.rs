@@ -549,7 +549,9 @@ impl Hub {
             return Err(HubError::NoTopic);
         }
         let max = self.inner.opts.max_message_size;
-        if p.data.len() > max {
+        // Reserved channels are written by Herald only (documents), which applies limits of its own
+        // (`yjs.max_update_size`; a compacted snapshot may be as large as a document).
+        if p.data.len() > max && !p.topics.iter().all(|t| crate::access::is_reserved(t)) {
             return Err(HubError::MessageTooLarge {
                 size: p.data.len(),
                 max,
@@ -681,6 +683,13 @@ impl Hub {
     pub fn outbox(&self, kill: Option<CancellationToken>) -> (Outbox, queue::Receiver<Delivery>) {
         let (tx, rx) = queue::channel(self.inner.opts.outbox_capacity.max(1));
         (Outbox { tx, kill }, rx)
+    }
+
+    /// An outbox of its own size, for a subscriber inside Herald that must not be cut off as soon as a
+    /// client would be (a loaded Yjs document, which relays to all of its clients).
+    pub fn outbox_with_capacity(&self, capacity: usize) -> (Outbox, queue::Receiver<Delivery>) {
+        let (tx, rx) = queue::channel(capacity.max(1));
+        (Outbox { tx, kill: None }, rx)
     }
 
     /// Registers a live subscription delivering into `outbox`.

@@ -40,6 +40,7 @@ pub mod queue;
 pub mod server;
 pub mod state;
 pub mod topic;
+pub mod yjs;
 
 pub use config::Config;
 pub use hub::Hub;

@@ -95,7 +95,7 @@ pub async fn upgrade(
         }))
 }
 
-fn check_origin(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn check_origin(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         return Ok(()); // not a browser
     };
@@ -158,7 +158,7 @@ impl Refusal {
 pub(super) const MAX_CLOSE_REASON: usize = 123;
 
 /// `reason` cut to [`MAX_CLOSE_REASON`] bytes on a character boundary.
-pub(super) fn fit_close_reason(reason: &str) -> &str {
+pub(crate) fn fit_close_reason(reason: &str) -> &str {
     if reason.len() <= MAX_CLOSE_REASON {
         return reason;
     }

@@ -21,7 +21,7 @@ use crate::state::AppState;
 
 pub(crate) mod api;
 pub use api::Idempotency;
-mod conn;
+pub(crate) mod conn;
 
 pub const WS_PATH: &str = "/connection/websocket";
 

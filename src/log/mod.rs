@@ -103,7 +103,12 @@ pub struct Retention {
 }
 
 impl Retention {
+    /// Reserved channels (`$`, a document's updates) match no rule: retention would drop edits nobody
+    /// merged; documents shrink by compaction instead.
     pub fn rule_for(&self, channel: &str) -> Option<&RetentionRule> {
+        if crate::access::is_reserved(channel) {
+            return None;
+        }
         self.rules.iter().find(|r| r.selector.matches(channel))
     }
 }
@@ -208,6 +213,24 @@ pub trait Log: Send + Sync + 'static {
 
     /// Makes everything appended so far durable and releases resources. Called on shutdown.
     fn flush(&self) -> Result<(), LogError>;
+}
+
+#[cfg(test)]
+mod retention_tests {
+    use super::*;
+
+    #[test]
+    fn reserved_channels_match_no_rule() {
+        let r = Retention {
+            rules: vec![RetentionRule {
+                selector: Selector::parse("*"),
+                max_count: Some(1),
+                max_age: None,
+            }],
+        };
+        assert!(r.rule_for("news").is_some());
+        assert!(r.rule_for("$yjs:doc").is_none());
+    }
 }
 
 #[cfg(test)]

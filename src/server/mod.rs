@@ -155,10 +155,14 @@ pub fn router_with_inbox(
     let clients = Arc::new(crate::centrifugo::Clients::default());
     let sink = clients.clone();
     hub.on_control(move |user, client, payload| sink.deliver(user, client, payload));
+    let yjs = crate::yjs::routes(&hub, &config.yjs);
     let state = AppState {
         hub,
         auth: Arc::new(auth),
-        access: Arc::new(crate::access::Access::new(&config.centrifugo)),
+        access: Arc::new(
+            crate::access::Access::new(&config.centrifugo)
+                .with_anonymous_docs(config.yjs.anonymous),
+        ),
         config: Arc::new(config),
         origins: Arc::new(origins),
         clients,
@@ -168,6 +172,7 @@ pub fn router_with_inbox(
     Ok(Router::new()
         .merge(crate::mercure::routes())
         .merge(crate::centrifugo::routes())
+        .merge(yjs)
         .merge(crate::console::routes(Arc::new(console)))
         .merge(crate::inbox::api::routes())
         .merge(crate::inbox::browser::routes())

@@ -45,14 +45,14 @@ where
 }
 
 /// A `redis-server` of the test's own.
-struct Redis {
+pub(crate) struct Redis {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
 }
 
 impl Redis {
-    async fn start() -> Redis {
+    pub(crate) async fn start() -> Redis {
         let mut r = Redis {
             child: None,
             port: free_port(),
@@ -62,7 +62,7 @@ impl Redis {
         r
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 

@@ -1,0 +1,259 @@
+//! One y-websocket connection: a task that owns the socket, reads the client's messages and writes what
+//! its document queue holds (sync answers and the other clients' updates and awareness, in order).
+//!
+//! A refusal is said twice, because the stock provider shows only one of them: the protocol's auth
+//! message (the provider passes its reason to `permissionDeniedHandler`), then a close frame whose code
+//! and reason say why (a close code of the 4xxx range for auth, standard codes otherwise).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::Extension;
+use bytes::Bytes;
+use yrs::sync::{Message, SyncMessage};
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+
+use super::doc::{decode_update, valid_name, DocError, Docs, PeerHandle};
+use crate::access::DocRight;
+use crate::auth::Role;
+use crate::centrifugo::conn::{check_origin, fit_close_reason};
+use crate::error::ApiError;
+use crate::hub::{ConnectionGuard, Transport};
+use crate::state::AppState;
+
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Small: an idle connection keeps it; updates larger than it take a few reads.
+const READ_BUFFER: usize = 1024;
+
+/// Close codes. The 44xx ones mirror HTTP statuses, as y-websocket servers commonly do.
+pub const CLOSE_UNAUTHORIZED: u16 = 4401;
+pub const CLOSE_FORBIDDEN: u16 = 4403;
+pub const CLOSE_DOCUMENT_FULL: u16 = 4413;
+pub const CLOSE_INVALID: u16 = 1007;
+pub const CLOSE_TOO_BIG: u16 = 1009;
+pub const CLOSE_INTERNAL: u16 = 1011;
+pub const CLOSE_RESTART: u16 = 1012;
+pub const CLOSE_TRY_LATER: u16 = 1013;
+
+type Close = (u16, String);
+
+/// `GET /yjs/<document>`: the provider's `serverUrl` is `ws(s)://host/yjs`, and it appends the room.
+pub async fn upgrade(
+    State(st): State<AppState>,
+    Extension(docs): Extension<Arc<Docs>>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    remote: Option<Extension<ConnectInfo<SocketAddr>>>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    check_origin(&st, &headers)?;
+    if !valid_name(&name) {
+        return Err(ApiError::bad_request(
+            "invalid_document",
+            "a document name is 1 to 255 bytes without control characters",
+        ));
+    }
+    // Decided before the upgrade, told after it: a browser shows a page nothing of a refused upgrade.
+    let mut exp = None;
+    let right = match st.auth.extract(&headers, query.as_deref()) {
+        Ok(Some((token, _))) => match st.auth.verify(Role::Subscriber, &token) {
+            Ok(claims) => {
+                exp = claims.exp;
+                Ok(st.access.doc_right(Some(&claims), &name))
+            }
+            Err(e) => Err((CLOSE_UNAUTHORIZED, e.message.clone())),
+        },
+        Ok(None) => match st.access.doc_right(None, &name) {
+            DocRight::None => Err((
+                CLOSE_UNAUTHORIZED,
+                "no token: add ?authorization=<jwt> to the provider's params (or the header or cookie)"
+                    .to_string(),
+            )),
+            r => Ok(r),
+        },
+        Err(e) => Err((CLOSE_UNAUTHORIZED, e.message.clone())),
+    };
+    let right = match right {
+        Ok(DocRight::None) => Err((
+            CLOSE_FORBIDDEN,
+            format!("no access to document {name}: the token's docs claim must select it"),
+        )),
+        Ok(r) => Ok(r),
+        Err(e) => Err(e),
+    };
+    let guard = st
+        .hub
+        .connect(Transport::WebSocket, remote.map(|r| r.0 .0))?;
+    let max = docs.config().max_update_size;
+    // Frames up to twice the limit are read, so that an oversized update is refused with a clear close.
+    let cap = max.saturating_mul(2).max(64 * 1024);
+    Ok(ws
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(cap)
+        .max_frame_size(cap)
+        .on_upgrade(move |socket| {
+            tokio::spawn(run(docs, socket, name, right, exp, guard));
+            std::future::ready(())
+        }))
+}
+
+async fn run(
+    docs: Arc<Docs>,
+    mut socket: WebSocket,
+    name: String,
+    right: Result<DocRight, Close>,
+    exp: Option<u64>,
+    _guard: ConnectionGuard,
+) {
+    let right = match right {
+        Ok(r) => r,
+        Err((code, reason)) => {
+            let denied = Message::Auth(Some(reason.clone())).encode_v1();
+            let _ = socket.send(WsMessage::Binary(denied.into())).await;
+            close(&mut socket, code, &reason).await;
+            return;
+        }
+    };
+    let doc = match docs.open(&name).await {
+        Ok(d) => d,
+        Err(e) => {
+            let (code, reason) = close_for(&e);
+            close(&mut socket, code, &reason).await;
+            return;
+        }
+    };
+    let mut peer = docs.join(doc);
+    let shutdown = docs.hub().shutdown_token();
+    let mut told_read_only = false;
+    // Rights come from the token, so they end with it (as an SSE stream does): the provider stops on a
+    // 44xx close, and the app reconnects it with a fresh token.
+    let expires = exp.map(|e| {
+        let left = e.saturating_sub(crate::auth::unix_now());
+        tokio::time::Instant::now() + Duration::from_secs(left)
+    });
+    let end: Option<Close> = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Some((CLOSE_RESTART, "server restarting".into())),
+            _ = sleep_until_opt(expires) => {
+                break Some((CLOSE_UNAUTHORIZED, "the token expired: reconnect with a fresh one".into()))
+            }
+            frame = peer.rx.recv() => match frame {
+                Some(f) => {
+                    if socket.send(WsMessage::Binary(f)).await.is_err() {
+                        break None;
+                    }
+                }
+                None => break Some((
+                    CLOSE_TRY_LATER,
+                    "closed by the server (too slow, or the document was unloaded); reconnect".into(),
+                )),
+            },
+            msg = socket.recv() => match msg {
+                None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => break None,
+                Some(Ok(WsMessage::Binary(data))) => {
+                    if let Err(c) = Box::pin(on_frame(&docs, &peer, right, data, &mut told_read_only)).await {
+                        break Some(c);
+                    }
+                }
+                Some(Ok(WsMessage::Text(_))) => {
+                    break Some((CLOSE_INVALID, "y-websocket messages are binary frames".into()))
+                }
+                Some(Ok(_)) => {}
+            },
+        }
+    };
+    docs.leave(&peer.doc, peer.id).await;
+    if let Some((code, reason)) = end {
+        tracing::debug!(doc = %name, code, reason, "closing y-websocket connection");
+        close(&mut socket, code, &reason).await;
+    }
+}
+
+/// Handles the message of one frame. A frame holds one message, as every y-websocket client sends them
+/// (and as the reference server reads them); a truncated one is refused, not skipped.
+async fn on_frame(
+    docs: &Docs,
+    peer: &PeerHandle,
+    right: DocRight,
+    data: Bytes,
+    told_read_only: &mut bool,
+) -> Result<(), Close> {
+    let max = docs.config().max_update_size;
+    if data.len() > max {
+        return Err(close_for(&DocError::UpdateTooLarge {
+            size: data.len(),
+            max,
+        }));
+    }
+    // yrs is not hardened against every input: a panic while decoding is a refusal too.
+    let msg = match std::panic::catch_unwind(|| Message::decode_v1(&data)) {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => return Err((CLOSE_INVALID, format!("malformed y-websocket message: {e}"))),
+        Err(_) => return Err((CLOSE_INVALID, "malformed y-websocket message".into())),
+    };
+    {
+        match msg {
+            Message::Sync(SyncMessage::SyncStep1(sv)) => peer.doc.sync_step2(peer.id, &sv),
+            Message::Sync(SyncMessage::SyncStep2(u)) | Message::Sync(SyncMessage::Update(u)) => {
+                if right < DocRight::Write {
+                    // A read-only client's provider answers the server's sync step 1 with what it has;
+                    // that is nothing unless it edited, and only an edit is refused.
+                    let update = decode_update(&u).map_err(|e| close_for(&e))?;
+                    if !update.is_empty() && !*told_read_only {
+                        *told_read_only = true;
+                        let reason =
+                            format!("read-only: this token may not edit {}", peer.doc.name);
+                        peer.doc
+                            .send(peer.id, Message::Auth(Some(reason)).encode_v1().into());
+                    }
+                    return Ok(());
+                }
+                docs.submit_update(&peer.doc, Some(peer.id), u.into())
+                    .await
+                    .map_err(|e| close_for(&e))?;
+            }
+            Message::Awareness(update) => {
+                docs.submit_awareness(&peer.doc, peer.id, &update)
+                    .await
+                    .map_err(|e| close_for(&e))?;
+            }
+            Message::AwarenessQuery => peer.doc.send_awareness(peer.id),
+            Message::Auth(_) | Message::Custom(..) => {}
+        }
+    }
+    Ok(())
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn close_for(e: &DocError) -> Close {
+    let code = match e {
+        DocError::TooMany(_) => CLOSE_TRY_LATER,
+        DocError::Hub(_) | DocError::Log(_) => CLOSE_INTERNAL,
+        DocError::Corrupt(_) => CLOSE_INVALID,
+        DocError::UpdateTooLarge { .. } => CLOSE_TOO_BIG,
+        DocError::DocumentFull(_) => CLOSE_DOCUMENT_FULL,
+        DocError::Unloaded => CLOSE_TRY_LATER,
+    };
+    (code, e.to_string())
+}
+
+async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from(fit_close_reason(reason)),
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(WsMessage::Close(Some(frame)))).await;
+}

@@ -1,0 +1,701 @@
+//! Loaded documents: one yrs `Doc` (inside an `Awareness`) per document in use on this node, rebuilt from
+//! the engine and kept current by the hub.
+//!
+//! The engine is the truth, memory a cache. A document's updates are publications on its reserved
+//! channel `$yjs:<name>`: a client's update is published there (stored, then fanned out), and every node
+//! that holds the document applies it when the hub delivers it, the node it came from included. So an
+//! update reaches other clients only once the engine acknowledged it, and clients on other nodes get it
+//! through the engine's feed exactly as local ones do. Loading subscribes first and then reads what was
+//! stored up to the registration boundary, so no update falls between the read and the live feed. Order
+//! does not matter to Yjs (updates commute, and one applied twice is a no-op), which is what lets a
+//! snapshot be stored after the updates it merges and loading simply apply everything on the channel.
+//!
+//! Awareness (cursors, presence) travels the same way with history off: it is state that expires, not
+//! something to replay.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use yrs::block::ClientID;
+use yrs::sync::awareness::{AwarenessUpdate, AwarenessUpdateEntry};
+use yrs::sync::{Awareness, Message, SyncMessage};
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::{ReadTxn, StateVector, Transact, Update};
+
+use crate::config::YjsConfig;
+use crate::hub::{Delivery, Hub, HubError, NewPublication, SubscribeSpec};
+use crate::log::{LogError, Record};
+use crate::queue;
+use crate::topic::Selector;
+
+/// The reserved channel that stores a document.
+pub const CHANNEL_PREFIX: &str = "$yjs:";
+/// Longest document name.
+pub const MAX_NAME_LEN: usize = 255;
+
+const KIND_UPDATE: &str = "update";
+const KIND_SNAPSHOT: &str = "snapshot";
+const KIND_AWARENESS: &str = "awareness";
+/// Records read per page when a document loads.
+const LOAD_PAGE: usize = 500;
+/// Frames queued for one connection before it is cut off as too slow.
+const PEER_QUEUE: usize = 1024;
+/// Publications queued for a document before the hub cuts it off; it is then reloaded.
+const DOC_QUEUE: usize = 65_536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DocError {
+    #[error("too many documents are open on this server ({0}); try again later")]
+    TooMany(usize),
+    #[error("storage: {0}")]
+    Hub(#[from] HubError),
+    #[error("storage: {0}")]
+    Log(#[from] LogError),
+    #[error("the update is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the update ({size} bytes) is larger than yjs.max_update_size ({max})")]
+    UpdateTooLarge { size: usize, max: usize },
+    #[error("the document would exceed yjs.max_document_size ({0} bytes)")]
+    DocumentFull(usize),
+    #[error("the document was unloaded; reconnect")]
+    Unloaded,
+}
+
+/// The reserved channel of document `name`.
+pub fn channel_of(name: &str) -> String {
+    format!("{CHANNEL_PREFIX}{name}")
+}
+
+/// Whether `name` is acceptable as a document name.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_NAME_LEN && !name.chars().any(char::is_control)
+}
+
+/// Decodes a Yjs v1 update, refusing bytes that are not one. yrs is not hardened against arbitrary input
+/// everywhere, so a panic while decoding is a refusal too, not a dead task.
+pub fn decode_update(bytes: &[u8]) -> Result<Update, DocError> {
+    match std::panic::catch_unwind(|| Update::decode_v1(bytes)) {
+        Ok(Ok(u)) => Ok(u),
+        Ok(Err(e)) => Err(DocError::Corrupt(e.to_string())),
+        Err(_) => Err(DocError::Corrupt("undecodable".into())),
+    }
+}
+
+/// Applies `update` to the document, turning a yrs panic into an error.
+fn apply(awareness: &Awareness, update: Update) -> Result<(), DocError> {
+    let doc = awareness.doc();
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        doc.transact_mut().apply_update(update)
+    }))
+    .map_err(|_| DocError::Corrupt("the update could not be applied".into()))?
+    .map_err(|e| DocError::Corrupt(e.to_string()))
+}
+
+/// Every loaded document of this node.
+pub struct Docs {
+    hub: Hub,
+    cfg: YjsConfig,
+    /// Names this node in the origin of what it publishes, so a node does not echo a client's own update
+    /// back to it.
+    node: String,
+    loaded: Mutex<HashMap<Arc<str>, Arc<Loaded>>>,
+    next_peer: AtomicU64,
+    /// The background task ([`Docs::run`]) starts with the first document, inside the runtime.
+    started: std::sync::OnceLock<()>,
+}
+
+/// One document in memory.
+pub struct Loaded {
+    pub name: Arc<str>,
+    channel: String,
+    state: Mutex<DocState>,
+    ready: tokio::sync::OnceCell<()>,
+    /// Ends the document's task (unload).
+    stop: CancellationToken,
+}
+
+struct DocState {
+    awareness: Awareness,
+    peers: HashMap<u64, Peer>,
+    /// The highest stored seq applied: everything at or below it is in `awareness.doc()`.
+    applied: u64,
+    /// Bytes stored for the document: its last snapshot and the updates after it (approximate: what
+    /// this node saw).
+    stored_bytes: usize,
+    /// Updates stored since the last snapshot.
+    since_snapshot: u64,
+    compacting: bool,
+    /// No connection since then.
+    idle_since: Option<Instant>,
+    /// Changed by a client of this node since the last `changed` event.
+    changed: bool,
+    /// The hub subscription feeding the document; dropped on unload.
+    sub: Option<crate::hub::Subscription>,
+}
+
+/// A connection's place in a document.
+struct Peer {
+    tx: queue::Sender<Bytes>,
+    /// The awareness client ids this connection announced, removed when it leaves.
+    clients: HashSet<ClientID>,
+}
+
+/// A connection's handle on a document: the queue its frames arrive in, and its id for the others.
+pub struct PeerHandle {
+    pub doc: Arc<Loaded>,
+    pub id: u64,
+    pub rx: queue::Receiver<Bytes>,
+}
+
+fn encode(msg: &Message) -> Bytes {
+    Bytes::from(msg.encode_v1())
+}
+
+impl Docs {
+    pub fn new(hub: Hub, cfg: YjsConfig) -> Arc<Docs> {
+        Arc::new(Docs {
+            hub,
+            cfg,
+            node: uuid::Uuid::new_v4().simple().to_string(),
+            loaded: Mutex::new(HashMap::new()),
+            next_peer: AtomicU64::new(1),
+            started: std::sync::OnceLock::new(),
+        })
+    }
+
+    pub fn config(&self) -> &YjsConfig {
+        &self.cfg
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Names of the loaded documents.
+    pub fn loaded_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.loaded.lock().keys().map(|k| k.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    /// The document `name`, loaded from the engine if it is not in memory.
+    pub async fn open(self: &Arc<Self>, name: &str) -> Result<Arc<Loaded>, DocError> {
+        self.started.get_or_init(|| {
+            tokio::spawn(self.clone().run(self.hub.shutdown_token()));
+        });
+        let doc = {
+            let mut map = self.loaded.lock();
+            match map.get(name) {
+                Some(d) => d.clone(),
+                None => {
+                    if map.len() >= self.cfg.max_documents {
+                        self.evict_one(&mut map);
+                    }
+                    if map.len() >= self.cfg.max_documents {
+                        return Err(DocError::TooMany(self.cfg.max_documents));
+                    }
+                    let name: Arc<str> = name.into();
+                    let d = Arc::new(Loaded {
+                        channel: channel_of(&name),
+                        name: name.clone(),
+                        state: Mutex::new(DocState {
+                            awareness: Awareness::new(yrs::Doc::new()),
+                            peers: HashMap::new(),
+                            applied: 0,
+                            stored_bytes: 0,
+                            since_snapshot: 0,
+                            compacting: false,
+                            idle_since: Some(Instant::now()),
+                            changed: false,
+                            sub: None,
+                        }),
+                        ready: tokio::sync::OnceCell::new(),
+                        stop: CancellationToken::new(),
+                    });
+                    map.insert(name, d.clone());
+                    d
+                }
+            }
+        };
+        let loading = doc.ready.get_or_try_init(|| self.load(doc.clone())).await;
+        if let Err(e) = loading {
+            self.forget(&doc);
+            return Err(e);
+        }
+        if doc.stop.is_cancelled() {
+            return Err(DocError::Unloaded);
+        }
+        Ok(doc)
+    }
+
+    /// Removes the document that has been idle longest, if one is idle.
+    fn evict_one(&self, map: &mut HashMap<Arc<str>, Arc<Loaded>>) {
+        let victim = map
+            .values()
+            .filter_map(|d| {
+                let st = d.state.lock();
+                match (st.peers.is_empty(), st.idle_since) {
+                    (true, Some(t)) if d.ready.initialized() => Some((t, d.clone())),
+                    _ => None,
+                }
+            })
+            .min_by_key(|(t, _)| *t);
+        if let Some((_, d)) = victim {
+            map.remove(&d.name);
+            d.unload();
+        }
+    }
+
+    fn forget(&self, doc: &Arc<Loaded>) {
+        let mut map = self.loaded.lock();
+        if map.get(&doc.name).is_some_and(|d| Arc::ptr_eq(d, doc)) {
+            map.remove(&doc.name);
+        }
+        drop(map);
+        doc.unload();
+    }
+
+    /// Subscribes the document's channel, then applies what the engine stored up to the registration
+    /// boundary; the task started last applies what arrives live.
+    async fn load(self: &Arc<Self>, doc: Arc<Loaded>) -> Result<(), DocError> {
+        let (outbox, mut rx) = self.hub.outbox_with_capacity(DOC_QUEUE);
+        let spec = SubscribeSpec::new(
+            vec![Selector::Exact(doc.channel.as_str().into())],
+            crate::access::Identity::anonymous(),
+            format!("yjs:{}", doc.name),
+        );
+        let sub = self.hub.subscribe(spec, &outbox)?;
+        let upto = sub.registered_at;
+        let engine = self.hub.engine().clone();
+        let mut after = 0;
+        let (mut bytes, mut count) = (0usize, 0u64);
+        loop {
+            let page = engine
+                .read_channel(doc.channel.clone(), after, upto, LOAD_PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            let full = page.len() == LOAD_PAGE;
+            let st = doc.state.lock();
+            for r in &page {
+                match r.event_type.as_deref() {
+                    Some(KIND_SNAPSHOT) => {
+                        bytes = r.data.len();
+                        count = 0;
+                    }
+                    _ => {
+                        bytes += r.data.len();
+                        count += 1;
+                    }
+                }
+                // A stored update that no longer applies is skipped, not fatal: the rest still loads.
+                if let Err(e) = decode_update(&r.data).and_then(|u| apply(&st.awareness, u)) {
+                    tracing::warn!(doc = %doc.name, seq = r.seq, error = %e, "stored Yjs update skipped");
+                }
+            }
+            drop(st);
+            if !full {
+                break;
+            }
+        }
+        {
+            let mut st = doc.state.lock();
+            st.applied = upto;
+            st.stored_bytes = bytes;
+            st.since_snapshot = count;
+            st.sub = Some(sub);
+        }
+        let docs = self.clone();
+        let task_doc = doc.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = task_doc.stop.cancelled() => return,
+                    d = rx.recv() => match d {
+                        Some(Delivery::Pub { publication, .. }) => task_doc.deliver(&docs, &publication.record),
+                        Some(_) => {}
+                        None => break,
+                    },
+                }
+            }
+            // The hub cut the document off (it fell behind, or the hub is shutting down): what it holds
+            // may miss updates, so it goes, and its clients reconnect and load it again.
+            if !docs.hub.is_shutting_down() {
+                tracing::warn!(doc = %task_doc.name, "document feed ended; unloading it");
+            }
+            docs.forget(&task_doc);
+        });
+        Ok(())
+    }
+
+    /// Stores a client's update (`origin`: its connection), after checking it. Returns once the engine
+    /// acknowledged it; the document and the other clients get it from the hub.
+    pub async fn submit_update(
+        &self,
+        doc: &Loaded,
+        origin: Option<u64>,
+        data: Bytes,
+    ) -> Result<(), DocError> {
+        let max = self.cfg.max_update_size;
+        if data.len() > max {
+            return Err(DocError::UpdateTooLarge {
+                size: data.len(),
+                max,
+            });
+        }
+        let update = decode_update(&data)?;
+        if update.is_empty() {
+            return Ok(());
+        }
+        {
+            let st = doc.state.lock();
+            if st.stored_bytes + data.len() > self.cfg.max_document_size {
+                return Err(DocError::DocumentFull(self.cfg.max_document_size));
+            }
+        }
+        self.publish(doc, origin, data, KIND_UPDATE, false).await?;
+        doc.state.lock().changed = true;
+        Ok(())
+    }
+
+    /// Relays a client's awareness update to every client of the document, on every node; returns the
+    /// client ids it names (the connection owns them from then on).
+    pub async fn submit_awareness(
+        &self,
+        doc: &Loaded,
+        origin: u64,
+        update: &AwarenessUpdate,
+    ) -> Result<(), DocError> {
+        {
+            let mut st = doc.state.lock();
+            if let Some(p) = st.peers.get_mut(&origin) {
+                p.clients.extend(update.clients.keys().copied());
+            }
+        }
+        let data = Bytes::from(update.encode_v1());
+        self.publish(doc, Some(origin), data, KIND_AWARENESS, true)
+            .await
+    }
+
+    async fn publish(
+        &self,
+        doc: &Loaded,
+        origin: Option<u64>,
+        data: Bytes,
+        kind: &str,
+        skip_history: bool,
+    ) -> Result<(), DocError> {
+        let mut tags = std::collections::BTreeMap::new();
+        if let Some(o) = origin {
+            tags.insert("origin".to_string(), format!("{}:{o}", self.node));
+        }
+        self.hub
+            .publish(NewPublication {
+                topics: vec![doc.channel.clone()],
+                data,
+                event_type: Some(kind.to_string()),
+                tags,
+                skip_history,
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Adds a connection to the document. Its queue starts with the server's sync step 1 and the
+    /// awareness states known, in the same lock as every broadcast, so nothing is lost or reordered.
+    pub fn join(&self, doc: Arc<Loaded>) -> PeerHandle {
+        let id = self.next_peer.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = queue::channel(PEER_QUEUE);
+        {
+            let mut st = doc.state.lock();
+            let sv = st.awareness.doc().transact().state_vector();
+            let _ = tx.try_send(encode(&Message::Sync(SyncMessage::SyncStep1(sv))));
+            if let Ok(u) = st.awareness.update() {
+                if !u.clients.is_empty() {
+                    let _ = tx.try_send(encode(&Message::Awareness(u)));
+                }
+            }
+            if doc.stop.is_cancelled() {
+                tx.close(); // unloaded meanwhile: the connection ends and reconnects
+            }
+            st.peers.insert(
+                id,
+                Peer {
+                    tx,
+                    clients: HashSet::new(),
+                },
+            );
+            st.idle_since = None;
+        }
+        PeerHandle { doc, id, rx }
+    }
+
+    /// Removes a connection, and its awareness states for everyone.
+    pub async fn leave(&self, doc: &Loaded, id: u64) {
+        let gone = {
+            let mut st = doc.state.lock();
+            let peer = st.peers.remove(&id);
+            if st.peers.is_empty() {
+                st.idle_since = Some(Instant::now());
+            }
+            let Some(peer) = peer else { return };
+            let mut clients = HashMap::new();
+            for c in peer.clients {
+                let clock = st.awareness.meta(c).map_or(0, |(clock, _)| clock);
+                clients.insert(
+                    c,
+                    AwarenessUpdateEntry {
+                        clock: clock + 1,
+                        json: "null".into(),
+                    },
+                );
+            }
+            clients
+        };
+        if gone.is_empty() {
+            return;
+        }
+        let update = AwarenessUpdate { clients: gone };
+        let data = Bytes::from(update.encode_v1());
+        if let Err(e) = self.publish(doc, None, data, KIND_AWARENESS, true).await {
+            tracing::debug!(doc = %doc.name, error = %e, "awareness removal not relayed");
+        }
+    }
+
+    /// Background work, once a second until `shutdown`: `changed` events, compaction, idle unloading.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let docs: Vec<Arc<Loaded>> = self.loaded.lock().values().cloned().collect();
+            for d in docs {
+                if !d.ready.initialized() {
+                    continue;
+                }
+                let (changed, compact, idle) = {
+                    let mut st = d.state.lock();
+                    let changed = std::mem::take(&mut st.changed);
+                    let compact =
+                        !st.compacting && st.since_snapshot >= self.cfg.compact_after.max(1);
+                    let idle = st
+                        .idle_since
+                        .is_some_and(|t| t.elapsed() >= self.cfg.idle_unload);
+                    if compact || (idle && st.since_snapshot > 1) {
+                        st.compacting = true;
+                    }
+                    (changed, compact, idle)
+                };
+                if changed {
+                    self.event(&d.name, "changed").await;
+                }
+                if compact {
+                    let docs = self.clone();
+                    tokio::spawn(async move { docs.compact(&d).await });
+                } else if idle {
+                    if d.state.lock().compacting {
+                        self.compact(&d).await;
+                    }
+                    // Still idle after the compaction's awaits (nobody joined meanwhile)?
+                    let still = d.state.lock().peers.is_empty();
+                    if still {
+                        self.forget(&d);
+                        self.event(&d.name, "idle").await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Merges the document into one snapshot, stores it, and drops the updates it holds. Safe at any
+    /// moment: the snapshot holds every update up to `applied`, and updates stored meanwhile stay.
+    pub async fn compact(&self, doc: &Loaded) {
+        let (snapshot, upto) = {
+            let st = doc.state.lock();
+            let txn = st.awareness.doc().transact();
+            (
+                Bytes::from(txn.encode_state_as_update_v1(&StateVector::default())),
+                st.applied,
+            )
+        };
+        let result = async {
+            self.publish(doc, None, snapshot, KIND_SNAPSHOT, false)
+                .await?;
+            let trimmed = self
+                .hub
+                .engine()
+                .trim_channel(doc.channel.clone(), upto)
+                .await?;
+            Ok::<u64, DocError>(trimmed)
+        }
+        .await;
+        match result {
+            Ok(n) => tracing::debug!(doc = %doc.name, upto, trimmed = n, "document compacted"),
+            Err(e) => tracing::warn!(doc = %doc.name, error = %e, "compaction failed"),
+        }
+        doc.state.lock().compacting = false;
+    }
+
+    /// Publishes a document event on `yjs.events_channel` (private: readers need a grant of it).
+    async fn event(&self, name: &str, kind: &str) {
+        if self.cfg.events_channel.is_empty() {
+            return;
+        }
+        let data = serde_json::json!({"type": kind, "doc": name}).to_string();
+        let r = self
+            .hub
+            .publish(NewPublication {
+                topics: vec![self.cfg.events_channel.clone()],
+                data: data.into(),
+                private: true,
+                event_type: Some(format!("yjs.{kind}")),
+                ..Default::default()
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(doc = %name, error = %e, "document event not published");
+        }
+    }
+}
+
+impl Loaded {
+    fn unload(&self) {
+        self.stop.cancel();
+        let mut st = self.state.lock();
+        st.sub = None;
+        // Closing their queues ends the connections, which then reconnect and load it again.
+        for p in st.peers.values() {
+            p.tx.close();
+        }
+    }
+
+    /// Applies what the hub delivered and passes it on to this node's clients (but the one it came from).
+    fn deliver(&self, docs: &Docs, r: &Record) {
+        let mut st = self.state.lock();
+        let origin = r
+            .tags
+            .get("origin")
+            .and_then(|o| o.split_once(':'))
+            .filter(|(node, _)| *node == docs.node)
+            .and_then(|(_, id)| id.parse::<u64>().ok());
+        let frame = match r.event_type.as_deref() {
+            Some(KIND_AWARENESS) => {
+                let Ok(u) = AwarenessUpdate::decode_v1(&r.data) else {
+                    return;
+                };
+                if let Err(e) = st.awareness.apply_update(u.clone()) {
+                    tracing::debug!(doc = %self.name, error = %e, "awareness update not applied");
+                }
+                encode(&Message::Awareness(u))
+            }
+            kind => {
+                if r.seq <= st.applied {
+                    return;
+                }
+                st.applied = r.seq;
+                if kind == Some(KIND_SNAPSHOT) {
+                    st.stored_bytes = r.data.len();
+                    st.since_snapshot = 0;
+                } else {
+                    st.stored_bytes += r.data.len();
+                    st.since_snapshot += 1;
+                }
+                let update = match decode_update(&r.data) {
+                    Ok(u) => u,
+                    Err(e) => {
+                        tracing::warn!(doc = %self.name, seq = r.seq, error = %e, "stored update skipped");
+                        return;
+                    }
+                };
+                if let Err(e) = apply(&st.awareness, update) {
+                    tracing::warn!(doc = %self.name, seq = r.seq, error = %e, "update not applied");
+                }
+                if kind == Some(KIND_SNAPSHOT) {
+                    return; // nothing new for clients: it merges what they already had
+                }
+                encode(&Message::Sync(SyncMessage::Update(r.data.to_vec())))
+            }
+        };
+        for (id, p) in &st.peers {
+            if Some(*id) == origin {
+                continue;
+            }
+            if p.tx.try_send(frame.clone()).is_err() {
+                p.tx.close(); // too slow: its connection ends and it reconnects
+            }
+        }
+    }
+
+    /// Answers a client's sync step 1 with what it lacks, queued behind everything already sent to it.
+    pub fn sync_step2(&self, peer: u64, sv: &StateVector) {
+        let st = self.state.lock();
+        let diff = st.awareness.doc().transact().encode_state_as_update_v1(sv);
+        if let Some(p) = st.peers.get(&peer) {
+            if p.tx
+                .try_send(encode(&Message::Sync(SyncMessage::SyncStep2(diff))))
+                .is_err()
+            {
+                p.tx.close();
+            }
+        }
+    }
+
+    /// Queues a frame for one connection, behind what is already queued for it.
+    pub fn send(&self, peer: u64, frame: Bytes) {
+        let st = self.state.lock();
+        if let Some(p) = st.peers.get(&peer) {
+            let _ = p.tx.try_send(frame);
+        }
+    }
+
+    /// Sends a connection every awareness state known (its query-awareness).
+    pub fn send_awareness(&self, peer: u64) {
+        let st = self.state.lock();
+        if let (Some(p), Ok(u)) = (st.peers.get(&peer), st.awareness.update()) {
+            let _ = p.tx.try_send(encode(&Message::Awareness(u)));
+        }
+    }
+
+    /// The whole document as one Yjs v1 update.
+    pub fn state_update(&self) -> Vec<u8> {
+        let st = self.state.lock();
+        let txn = st.awareness.doc().transact();
+        txn.encode_state_as_update_v1(&StateVector::default())
+    }
+
+    /// The JSON of the root type `name` (`kind`: text, map, array, xml), `None` when the document has
+    /// no such root.
+    pub fn root_json(&self, name: &str, kind: &str) -> Option<serde_json::Value> {
+        use yrs::types::ToJson;
+        use yrs::GetString;
+        let st = self.state.lock();
+        let txn = st.awareness.doc().transact();
+        let any = match kind {
+            "text" => yrs::Any::from(txn.get_text(name)?.get_string(&txn)),
+            "map" => txn.get_map(name)?.to_json(&txn),
+            "array" => txn.get_array(name)?.to_json(&txn),
+            "xml" => yrs::Any::from(txn.get_xml_fragment(name)?.get_string(&txn)),
+            _ => return None,
+        };
+        let mut s = String::new();
+        any.to_json(&mut s);
+        serde_json::from_str(&s).ok()
+    }
+
+    /// Bytes stored for the document and updates since its last snapshot.
+    pub fn stats(&self) -> (usize, u64, usize) {
+        let st = self.state.lock();
+        (st.stored_bytes, st.since_snapshot, st.peers.len())
+    }
+}

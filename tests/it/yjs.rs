@@ -1,0 +1,656 @@
+//! Yjs documents over y-websocket, with yrs as the client: sync, updates reaching others only once
+//! stored, awareness, the docs claim, refusals with their close codes, restarts, compaction, the API and
+//! document events.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use herald::auth::{Claims, DocsClaim};
+use jsonwebtoken::Algorithm;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message as Ws;
+use yrs::encoding::read::Cursor;
+use yrs::sync::awareness::{AwarenessUpdate, AwarenessUpdateEntry};
+use yrs::sync::{Message, MessageReader, SyncMessage};
+use yrs::updates::decoder::{Decode, DecoderV1};
+use yrs::updates::encoder::Encode;
+use yrs::{Doc, GetString, ReadTxn, Text, Transact, Update};
+
+use crate::common::*;
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+const API_KEY: &str = "yjs-api-key";
+
+fn doc_token(read: &[&str], write: &[&str]) -> String {
+    let claims = Claims {
+        sub: Some("u".into()),
+        docs: Some(DocsClaim {
+            read: read.iter().map(|s| s.to_string()).collect(),
+            write: write.iter().map(|s| s.to_string()).collect(),
+        }),
+        ..Default::default()
+    };
+    sign_with(&claims, KEY, Algorithm::HS256)
+}
+
+/// A y-websocket client on a yrs document, as the JS provider behaves: it answers the server's sync
+/// step 1, sends its own, applies what arrives.
+struct Client {
+    ws: Socket,
+    doc: Doc,
+    /// Awareness states seen, by client id (`None`: removed).
+    awareness: std::collections::HashMap<u64, Option<String>>,
+    denied: Vec<String>,
+    synced: bool,
+}
+
+#[derive(Debug)]
+enum End {
+    Closed(u16, String),
+}
+
+async fn open(s: &TestServer, doc: &str, token: Option<&str>) -> Socket {
+    let mut url = format!("{}/yjs/{doc}", s.url.replace("http://", "ws://"));
+    if let Some(t) = token {
+        url.push_str(&format!("?authorization={t}"));
+    }
+    tokio_tungstenite::connect_async(url).await.expect("ws").0
+}
+
+impl Client {
+    async fn connect(s: &TestServer, doc: &str, token: Option<&str>) -> Client {
+        let mut c = Client {
+            ws: open(s, doc, token).await,
+            doc: Doc::new(),
+            awareness: Default::default(),
+            denied: Vec::new(),
+            synced: false,
+        };
+        let sv = c.doc.transact().state_vector();
+        c.send(Message::Sync(SyncMessage::SyncStep1(sv))).await;
+        c
+    }
+
+    /// Connects and waits until the server answered its sync step 1.
+    async fn synced(s: &TestServer, doc: &str, token: Option<&str>) -> Client {
+        let mut c = Client::connect(s, doc, token).await;
+        c.until(|c| c.synced).await.expect("synced");
+        c
+    }
+
+    async fn send(&mut self, m: Message) {
+        self.ws
+            .send(Ws::Binary(m.encode_v1().into()))
+            .await
+            .expect("send");
+    }
+
+    fn text(&self) -> String {
+        let t = self.doc.get_or_insert_text("t");
+        t.get_string(&self.doc.transact())
+    }
+
+    /// Edits the text and sends the update, as the provider does on a local change.
+    async fn insert(&mut self, at: u32, s: &str) {
+        let before = self.doc.transact().state_vector();
+        {
+            let t = self.doc.get_or_insert_text("t");
+            let mut txn = self.doc.transact_mut();
+            t.insert(&mut txn, at, s);
+        }
+        let update = self.doc.transact().encode_state_as_update_v1(&before);
+        self.send(Message::Sync(SyncMessage::Update(update))).await;
+    }
+
+    /// Reads messages until `pred` holds; `Err` when the server closed first.
+    async fn until(&mut self, pred: impl Fn(&Client) -> bool) -> Result<(), End> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !pred(self) {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("timed out waiting for the server");
+            match msg {
+                Some(Ok(Ws::Binary(b))) => self.handle(&b).await,
+                Some(Ok(Ws::Close(f))) => {
+                    let f = f.expect("close frame");
+                    return Err(End::Closed(f.code.into(), f.reason.to_string()));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("socket error: {e}"),
+                None => panic!("socket ended without a close frame"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads until the server closes; returns its close code and reason.
+    async fn closed(&mut self) -> (u16, String) {
+        match self.until(|_| false).await {
+            Err(End::Closed(code, reason)) => (code, reason),
+            Ok(()) => unreachable!(),
+        }
+    }
+
+    async fn handle(&mut self, frame: &[u8]) {
+        let mut dec = DecoderV1::new(Cursor::new(frame));
+        let msgs: Vec<Message> = MessageReader::new(&mut dec)
+            .map(|m| m.expect("server message"))
+            .collect();
+        for m in msgs {
+            match m {
+                Message::Sync(SyncMessage::SyncStep1(sv)) => {
+                    let u = self.doc.transact().encode_state_as_update_v1(&sv);
+                    self.send(Message::Sync(SyncMessage::SyncStep2(u))).await;
+                }
+                Message::Sync(SyncMessage::SyncStep2(u)) => {
+                    self.apply(&u);
+                    self.synced = true;
+                }
+                Message::Sync(SyncMessage::Update(u)) => self.apply(&u),
+                Message::Awareness(u) => {
+                    for (id, e) in u.clients {
+                        let v = (&*e.json != "null").then(|| e.json.to_string());
+                        self.awareness.insert(id.get(), v);
+                    }
+                }
+                Message::Auth(Some(reason)) => self.denied.push(reason),
+                _ => {}
+            }
+        }
+    }
+
+    fn apply(&self, u: &[u8]) {
+        self.doc
+            .transact_mut()
+            .apply_update(Update::decode_v1(u).expect("update"))
+            .expect("apply");
+    }
+}
+
+fn awareness(client: u64, clock: u32, json: &str) -> Message {
+    let mut clients = std::collections::HashMap::new();
+    clients.insert(
+        yrs::block::ClientID::new(client),
+        AwarenessUpdateEntry {
+            clock,
+            json: json.into(),
+        },
+    );
+    Message::Awareness(AwarenessUpdate { clients })
+}
+
+/// The text of document `doc`'s type `t`, through the document API.
+async fn api_text(s: &TestServer, doc: &str) -> (u16, Value) {
+    get_json(
+        reqwest::Client::new()
+            .get(format!("{}/api/yjs/doc/json?name={doc}&type=t", s.url))
+            .header("x-api-key", API_KEY),
+    )
+    .await
+}
+
+/// Waits until the server's document (read through the API) has text `want`: y-websocket has no
+/// acknowledgement, so a test that needs an edit stored before its next step waits for it this way.
+async fn stored(s: &TestServer, doc: &str, want: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, v) = api_text(s, doc).await;
+        if v["value"] == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{doc} is {v}, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn with_api(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, String)> {
+    let mut v = vec![("centrifugo.api_key", format!("{API_KEY:?}"))];
+    v.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+    v
+}
+
+async fn start(extra: &[(&'static str, &'static str)]) -> TestServer {
+    let o = with_api(extra);
+    let o: Vec<(&str, &str)> = o.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    TestServer::start(&o).await
+}
+
+#[tokio::test]
+async fn clients_converge_and_a_late_joiner_gets_the_whole_document() {
+    let s = start(&[]).await;
+    let w = doc_token(&[], &["notes/{id}"]);
+    let mut a = Client::synced(&s, "notes/1", Some(&w)).await;
+    let mut b = Client::synced(&s, "notes/1", Some(&w)).await;
+    // Concurrent edits at the same place: each client sends before seeing the other's.
+    a.insert(0, "alpha ").await;
+    b.insert(0, "beta ").await;
+    a.until(|c| c.text().len() == 11).await.unwrap();
+    b.until(|c| c.text().len() == 11).await.unwrap();
+    assert_eq!(a.text(), b.text(), "converged");
+    assert!(a.text().contains("alpha ") && a.text().contains("beta "));
+
+    let late = Client::synced(&s, "notes/1", Some(&w)).await;
+    assert_eq!(
+        late.text(),
+        a.text(),
+        "the late joiner's sync step 2 holds everything"
+    );
+    // Another document is another document.
+    let other = Client::synced(&s, "notes/2", Some(&w)).await;
+    assert_eq!(other.text(), "");
+}
+
+#[tokio::test]
+async fn updates_are_stored_before_anyone_sees_them_and_survive_a_restart_and_compaction() {
+    let s = start(&[("yjs.compact_after", "3")]).await;
+    let w = doc_token(&[], &["*"]);
+    let mut a = Client::synced(&s, "plan", Some(&w)).await;
+    let mut b = Client::synced(&s, "plan", Some(&w)).await;
+    for (i, word) in ["one ", "two ", "three ", "four ", "five "]
+        .iter()
+        .enumerate()
+    {
+        a.insert(a.text().len() as u32, word).await;
+        b.until(|c| c.text().split(' ').count() == i + 2)
+            .await
+            .unwrap();
+        // Whatever b saw is in the store already.
+        let stored = s
+            .hub
+            .engine()
+            .read_channel("$yjs:plan".into(), 0, u64::MAX, 100)
+            .await
+            .unwrap();
+        let replay = Doc::new();
+        for r in &stored {
+            replay
+                .transact_mut()
+                .apply_update(Update::decode_v1(&r.data).unwrap())
+                .unwrap();
+        }
+        let t = replay.get_or_insert_text("t");
+        assert_eq!(t.get_string(&replay.transact()), b.text());
+    }
+    // Compaction (after 3 updates) leaves a snapshot and fewer records; wait for it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stored = s
+            .hub
+            .engine()
+            .read_channel("$yjs:plan".into(), 0, u64::MAX, 100)
+            .await
+            .unwrap();
+        if stored
+            .first()
+            .is_some_and(|r| r.event_type.as_deref() == Some("snapshot"))
+            && stored.len() < 5
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no compaction: {stored:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = a.text();
+    drop((a, b));
+    let o = with_api(&[]);
+    let o: Vec<(&str, &str)> = o.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s = s.restart(&o).await;
+    let c = Client::synced(&s, "plan", Some(&w)).await;
+    assert_eq!(c.text(), text);
+    assert_eq!(text, "one two three four five ");
+}
+
+/// Documents are not held to `limits.max_message_size` (64 KiB by default) but to `yjs.max_update_size`, and
+/// the default retention rule (`*`, 1000 records) never drops their updates.
+#[tokio::test]
+async fn large_updates_and_many_updates_are_kept() {
+    let s = start(&[
+        ("yjs.compact_after", "100000"),
+        ("log.prune_interval", "\"20ms\""),
+    ])
+    .await;
+    let w = doc_token(&[], &["*"]);
+    let mut a = Client::synced(&s, "big", Some(&w)).await;
+    let big = "b".repeat(100_000);
+    a.insert(0, &big).await;
+    stored(&s, "big", &big).await;
+    let mut b = Client::synced(&s, "many", Some(&w)).await;
+    for _ in 0..1100 {
+        b.insert(0, "m").await;
+    }
+    stored(&s, "many", &"m".repeat(1100)).await;
+    let stored = s
+        .hub
+        .engine()
+        .read_channel("$yjs:many".into(), 0, u64::MAX, 2000)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1100, "retention kept every update");
+    let o = with_api(&[]);
+    let o: Vec<(&str, &str)> = o.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s = s.restart(&o).await;
+    let c = Client::synced(&s, "many", Some(&w)).await;
+    assert_eq!(c.text().len(), 1100);
+}
+
+#[tokio::test]
+async fn a_client_that_edited_offline_merges_on_reconnect() {
+    let s = start(&[]).await;
+    let w = doc_token(&[], &["*"]);
+    let mut a = Client::synced(&s, "d", Some(&w)).await;
+    a.insert(0, "online").await;
+    stored(&s, "d", "online").await;
+    let b = Client::synced(&s, "d", Some(&w)).await;
+    assert_eq!(b.text(), "online");
+    // b goes offline and edits; a edits meanwhile.
+    let offline = b.doc.clone();
+    drop(b);
+    {
+        let t = offline.get_or_insert_text("t");
+        t.insert(&mut offline.transact_mut(), 0, "[b] ");
+    }
+    a.insert(6, " [a]").await;
+    // b reconnects with its document: its answer to the server's sync step 1 carries its offline edit.
+    let mut b = Client::connect(&s, "d", Some(&w)).await;
+    b.doc = offline;
+    b.synced = false;
+    b.until(|c| c.synced && c.text().contains("[a]"))
+        .await
+        .unwrap();
+    a.until(|c| c.text().contains("[b]")).await.unwrap();
+    assert_eq!(a.text(), b.text());
+    assert_eq!(a.text(), "[b] online [a]");
+}
+
+#[tokio::test]
+async fn awareness_reaches_the_others_and_goes_when_its_client_leaves() {
+    let s = start(&[]).await;
+    let w = doc_token(&[], &["*"]);
+    let mut a = Client::synced(&s, "room", Some(&w)).await;
+    let mut b = Client::synced(&s, "room", Some(&w)).await;
+    a.send(awareness(77, 1, r#"{"user":{"name":"ada"}}"#)).await;
+    b.until(|c| c.awareness.get(&77).is_some_and(|v| v.is_some()))
+        .await
+        .unwrap();
+    // A newcomer gets the states known with its first messages; query-awareness asks again.
+    let mut c = Client::synced(&s, "room", Some(&w)).await;
+    c.until(|c| c.awareness.contains_key(&77)).await.unwrap();
+    c.awareness.clear();
+    c.send(Message::AwarenessQuery).await;
+    c.until(|c| c.awareness.contains_key(&77)).await.unwrap();
+    drop(a);
+    b.until(|c| c.awareness.get(&77).is_some_and(|v| v.is_none()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn tokens_decide_who_reads_and_who_edits() {
+    let s = start(&[]).await;
+    // No token: refused with the auth message and 4401.
+    let mut anon = Client::connect(&s, "secret", None).await;
+    let (code, reason) = anon.closed().await;
+    assert_eq!(code, herald::yjs::CLOSE_UNAUTHORIZED, "{reason}");
+    assert!(
+        anon.denied[0].contains("authorization"),
+        "{:?}",
+        anon.denied
+    );
+    let mut bad = Client::connect(&s, "secret", Some("not-a-jwt")).await;
+    assert_eq!(bad.closed().await.0, herald::yjs::CLOSE_UNAUTHORIZED);
+    // A token for other documents: 4403, with a reason that names the claim.
+    let mut other = Client::connect(&s, "secret", Some(&doc_token(&["public/*"], &[]))).await;
+    let (code, reason) = other.closed().await;
+    assert_eq!(code, herald::yjs::CLOSE_FORBIDDEN);
+    assert!(
+        reason.contains("docs claim") && reason.len() <= 123,
+        "{reason}"
+    );
+
+    let w = doc_token(&[], &["secret"]);
+    let mut writer = Client::synced(&s, "secret", Some(&w)).await;
+    writer.insert(0, "mine").await;
+    stored(&s, "secret", "mine").await;
+    let mut reader = Client::synced(&s, "secret", Some(&doc_token(&["secret"], &[]))).await;
+    assert_eq!(reader.text(), "mine", "read-only clients read");
+    // A read-only client's edit is refused (auth message), applied nowhere, and stored nowhere.
+    reader.insert(0, "theirs ").await;
+    reader.until(|c| !c.denied.is_empty()).await.unwrap();
+    assert!(
+        reader.denied[0].contains("read-only"),
+        "{:?}",
+        reader.denied
+    );
+    writer.insert(4, "!").await;
+    reader.until(|c| c.text().contains('!')).await.unwrap();
+    assert_eq!(api_text(&s, "secret").await.1["value"], "mine!");
+    let fresh = Client::synced(&s, "secret", Some(&w)).await;
+    assert_eq!(fresh.text(), "mine!");
+}
+
+#[tokio::test]
+async fn a_connection_ends_when_its_token_expires() {
+    let s = start(&[]).await;
+    let claims = Claims {
+        exp: Some(herald::auth::unix_now() + 2),
+        docs: Some(DocsClaim {
+            read: vec![],
+            write: vec!["*".into()],
+        }),
+        ..Default::default()
+    };
+    let t = sign_with(&claims, KEY, Algorithm::HS256);
+    let mut c = Client::synced(&s, "short", Some(&t)).await;
+    let (code, reason) = c.closed().await;
+    assert_eq!(code, herald::yjs::CLOSE_UNAUTHORIZED);
+    assert!(reason.contains("expired"), "{reason}");
+}
+
+#[tokio::test]
+async fn anonymous_access_only_where_configured() {
+    let s = start(&[("yjs.anonymous", "\"read\"")]).await;
+    let mut w = Client::synced(&s, "pub", Some(&doc_token(&[], &["pub"]))).await;
+    w.insert(0, "hello").await;
+    stored(&s, "pub", "hello").await;
+    let mut anon = Client::synced(&s, "pub", None).await;
+    assert_eq!(anon.text(), "hello");
+    anon.insert(0, "x").await;
+    anon.until(|c| !c.denied.is_empty()).await.unwrap();
+    assert_eq!(api_text(&s, "pub").await.1["value"], "hello");
+}
+
+#[tokio::test]
+async fn corrupt_and_oversized_updates_close_the_connection_and_leave_the_document_intact() {
+    let s = start(&[("yjs.max_update_size", "1000")]).await;
+    let w = doc_token(&[], &["*"]);
+    let mut a = Client::synced(&s, "doc", Some(&w)).await;
+    a.insert(0, "intact").await;
+    stored(&s, "doc", "intact").await;
+    let mut watcher = Client::synced(&s, "doc", Some(&w)).await;
+    assert_eq!(watcher.text(), "intact");
+
+    let mut bad = Client::synced(&s, "doc", Some(&w)).await;
+    bad.send(Message::Sync(SyncMessage::Update(vec![
+        0xff, 0xff, 0xff, 0x7f, 1, 2, 3,
+    ])))
+    .await;
+    let (code, reason) = bad.closed().await;
+    assert_eq!(code, herald::yjs::CLOSE_INVALID, "{reason}");
+    assert!(reason.contains("corrupt"), "{reason}");
+
+    let mut big = Client::synced(&s, "doc", Some(&w)).await;
+    big.insert(0, &"x".repeat(1500)).await;
+    let (code, reason) = big.closed().await;
+    assert_eq!(code, herald::yjs::CLOSE_TOO_BIG, "{reason}");
+    assert!(reason.contains("max_update_size"), "{reason}");
+
+    // Not a y-websocket message at all.
+    let mut junk = open(&s, "doc", Some(&w)).await;
+    junk.send(Ws::Binary(vec![9, 200].into())).await.unwrap();
+    let code = loop {
+        match tokio::time::timeout(WAIT, junk.next())
+            .await
+            .expect("close in time")
+        {
+            Some(Ok(Ws::Close(Some(f)))) => break u16::from(f.code),
+            Some(Ok(_)) => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(code, herald::yjs::CLOSE_INVALID);
+
+    // The watcher got nothing of them, and the document is what it was.
+    a.insert(6, ".").await;
+    watcher.until(|c| c.text() == "intact.").await.unwrap();
+    assert_eq!(api_text(&s, "doc").await.1["value"], "intact.");
+}
+
+#[tokio::test]
+async fn the_document_api_reads_lists_and_applies_updates() {
+    let s = start(&[]).await;
+    let w = doc_token(&[], &["*"]);
+    let mut a = Client::synced(&s, "api/one", Some(&w)).await;
+    a.insert(0, "from a client").await;
+    stored(&s, "api/one", "from a client").await;
+    let http = reqwest::Client::new();
+
+    // Without the key: refused.
+    let resp = http
+        .get(format!("{}/api/yjs/docs", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+
+    let (status, body) = get_json(
+        http.get(format!("{}/api/yjs/docs?prefix=api/", s.url))
+            .header("x-api-key", API_KEY),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["docs"], json!(["api/one"]));
+
+    // As a Yjs update: a client applies it.
+    let bytes = http
+        .get(format!("{}/api/yjs/doc?name=api/one", s.url))
+        .header("x-api-key", API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let copy = Doc::new();
+    copy.transact_mut()
+        .apply_update(Update::decode_v1(&bytes).unwrap())
+        .unwrap();
+    assert_eq!(
+        copy.get_or_insert_text("t").get_string(&copy.transact()),
+        "from a client"
+    );
+    assert_eq!(api_text(&s, "api/one").await.1["value"], "from a client");
+    let (status, _) = get_json(
+        http.get(format!("{}/api/yjs/doc/json?name=api/one&type=nope", s.url))
+            .header("x-api-key", API_KEY),
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // A backend's update reaches the connected client.
+    let before = copy.transact().state_vector();
+    copy.get_or_insert_text("t")
+        .push(&mut copy.transact_mut(), " and the backend");
+    let update = copy.transact().encode_state_as_update_v1(&before);
+    let resp = http
+        .post(format!("{}/api/yjs/doc/update?name=api/one", s.url))
+        .header("x-api-key", API_KEY)
+        .body(update)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    a.until(|c| c.text() == "from a client and the backend")
+        .await
+        .unwrap();
+    let resp = http
+        .post(format!("{}/api/yjs/doc/update?name=api/one", s.url))
+        .header("x-api-key", API_KEY)
+        .body(vec![0xff, 0xff, 0xff, 0x7f, 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+}
+
+#[tokio::test]
+async fn document_events_are_published_for_backends() {
+    let s = start(&[("yjs.idle_unload", "\"1s\"")]).await;
+    let grant = token(&[], &["yjs-events"], None);
+    let mut sse = Sse::open(
+        reqwest::Client::new()
+            .get(subscribe_url(&s.url, &["yjs-events"], &[]))
+            .bearer_auth(&grant),
+    )
+    .await;
+    // Events are private: a reader without a grant of the channel sees none of them.
+    let mut outsider = Sse::open(
+        reqwest::Client::new()
+            .get(subscribe_url(&s.url, &["yjs-events"], &[]))
+            .bearer_auth(token(&[], &["other"], None)),
+    )
+    .await;
+    let w = doc_token(&[], &["*"]);
+    let mut a = Client::synced(&s, "evt", Some(&w)).await;
+    a.insert(0, "x").await;
+    let ev = sse.next_event().await.unwrap();
+    let v: Value = serde_json::from_str(&ev.data).unwrap();
+    assert_eq!(v, json!({"type": "changed", "doc": "evt"}));
+    drop(a);
+    let ev = sse.next_event().await.unwrap();
+    let v: Value = serde_json::from_str(&ev.data).unwrap();
+    assert_eq!(v, json!({"type": "idle", "doc": "evt"}));
+    outsider.assert_quiet(Duration::from_millis(300)).await;
+    // Unloaded, then loaded again from the store.
+    let b = Client::synced(&s, "evt", Some(&w)).await;
+    assert_eq!(b.text(), "x");
+}
+
+/// Two nodes on one Redis: a document's updates and awareness reach the clients of the other node through
+/// the engine, and a client joining on either node gets everything.
+#[tokio::test]
+async fn documents_are_shared_by_the_nodes_of_a_cluster() {
+    let redis = crate::cluster_redis::Redis::start().await;
+    let url = format!("{:?}", redis.url());
+    let mut o = with_api(&[("engine.kind", "\"redis\""), ("engine.prefix", "\"yjs\"")]);
+    o.push(("engine.url", url));
+    let o: Vec<(&str, &str)> = o.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let n1 = TestServer::start(&o).await;
+    let n2 = TestServer::start(&o).await;
+    let w = doc_token(&[], &["*"]);
+    let mut a = Client::synced(&n1, "shared", Some(&w)).await;
+    let mut b = Client::synced(&n2, "shared", Some(&w)).await;
+    a.insert(0, "from node 1").await;
+    b.until(|c| c.text() == "from node 1").await.unwrap();
+    b.insert(0, "node 2 + ").await;
+    a.until(|c| c.text() == "node 2 + from node 1")
+        .await
+        .unwrap();
+    a.send(awareness(5, 1, r#"{"user":"a"}"#)).await;
+    b.until(|c| c.awareness.get(&5).is_some_and(|v| v.is_some()))
+        .await
+        .unwrap();
+    drop(a);
+    b.until(|c| c.awareness.get(&5).is_some_and(|v| v.is_none()))
+        .await
+        .unwrap();
+    let late = Client::synced(&n1, "shared", Some(&w)).await;
+    assert_eq!(late.text(), "node 2 + from node 1");
+}
