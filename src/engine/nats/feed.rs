@@ -29,11 +29,12 @@ use crate::log::LogError;
 const FEED_CAPACITY: usize = 4096;
 /// Messages asked for in one pull.
 const PULL_BATCH: usize = 512;
-/// How long one pull waits for messages before it is renewed. Pulls ask for no idle heartbeats:
-/// async-nats 0.46's `Batch` answers a heartbeat with `Pending` and no wake-up, which stalled the feed
-/// until the batch's own timer (expiry + 5 s); a dead connection is noticed by the connection watch and by
-/// that timer instead.
+/// How long one pull waits for messages before it is renewed.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// The server proves an idle pull is alive this often; two missed and the stream reports an error. (Not
+/// with async-nats 0.46's one-shot `Batch`, which answers a heartbeat with `Pending` and no wake-up and so
+/// stalled the feed until its own timer: the feed uses the continuous `stream()`.)
+const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
 
 pub(crate) fn start(shared: Arc<Shared>, after: u64) -> Feed {
     let (tx, rx) = mpsc::channel(FEED_CAPACITY);
@@ -142,69 +143,68 @@ async fn drain(
     tx: &mpsc::Sender<FeedEvent>,
     connections: &mut tokio::sync::watch::Receiver<u64>,
 ) -> Result<Restart, LogError> {
-    let mut delivered = 0u64; // consumer seq of the last message taken
+    // The consumer seq of the last message taken.
+    let mut delivered = 0u64;
+    // One continuous stream of pulls: async-nats keeps the next pull requested before the current one
+    // runs out and counts what each has left, so a busy feed never waits on a pull's expiry, and missed
+    // heartbeats come out as errors (a dead connection) instead of stalls.
+    let mut messages = within(
+        shared.op_timeout,
+        "pull",
+        consumer
+            .stream()
+            .max_messages_per_batch(PULL_BATCH)
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_HEARTBEAT)
+            .messages(),
+    )
+    .await?;
     loop {
-        let mut batch = within(
-            shared.op_timeout,
-            "pull",
-            consumer
-                .batch()
-                .max_messages(PULL_BATCH)
-                .expires(PULL_EXPIRES)
-                .messages(),
-        )
-        .await?;
-        loop {
-            let m = tokio::select! {
-                m = batch.next() => m,
-                changed = connections.changed() => {
-                    if changed.is_err() { return Ok(Restart::Closed); }
-                    return Ok(Restart::Resume("reconnected".into()));
-                }
-                _ = shared.stop.cancelled() => return Ok(Restart::Closed),
-            };
-            let Some(m) = m else { break };
-            let m = m.map_err(storage)?;
-            let info = m.info().map_err(storage)?;
-            let (seq, cseq) = (info.stream_sequence, info.consumer_sequence);
-            if cseq != delivered + 1 {
-                metrics::counter!("herald_engine_feed_gaps_total").increment(1);
-                return Ok(Restart::Resume(format!(
-                    "consumer sequence {cseq} after {delivered}: refilling from {next}"
-                )));
+        let m = tokio::select! {
+            m = messages.next() => m,
+            changed = connections.changed() => {
+                if changed.is_err() { return Ok(Restart::Closed); }
+                return Ok(Restart::Resume("reconnected".into()));
             }
-            delivered = cseq;
-            if seq < *next {
-                continue; // already delivered (cannot happen with a fresh consumer; cheap to keep)
-            }
-            if seq > *next {
-                lost(
-                    tx,
-                    format!(
-                        "publications {next}..{} were removed before this node delivered them",
-                        seq - 1
-                    ),
-                )
-                .await?;
-            }
-            *next = seq + 1;
-            let record = match codec::decode(seq, &m.payload, &shared.epoch()) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(error = %e, "nats feed: skipping a message that is not a record");
-                    continue;
-                }
-            };
-            if tx.send(FeedEvent::Publication(record)).await.is_err() {
-                return Ok(Restart::Closed);
-            }
+            _ = shared.stop.cancelled() => return Ok(Restart::Closed),
+        };
+        let Some(m) = m else {
+            return Ok(Restart::Resume("the pull stream ended".into()));
+        };
+        let m = m.map_err(storage)?;
+        let info = m.info().map_err(storage)?;
+        let (seq, cseq) = (info.stream_sequence, info.consumer_sequence);
+        if cseq != delivered + 1 {
+            metrics::counter!("herald_engine_feed_gaps_total").increment(1);
+            return Ok(Restart::Resume(format!(
+                "consumer sequence {cseq} after {delivered}: refilling from {next}"
+            )));
         }
-        // The pull ended (expired, or its batch was delivered): pull again on the same consumer, unless
-        // the connection changed meanwhile.
-        if connections.has_changed().unwrap_or(true) {
-            return Ok(Restart::Resume("reconnected".into()));
+        delivered = cseq;
+        if seq < *next {
+            continue; // already delivered (cannot happen with a fresh consumer; cheap to keep)
         }
-        shared.connected()?;
+        if seq > *next {
+            lost(
+                tx,
+                format!(
+                    "publications {next}..{} were removed before this node delivered them",
+                    seq - 1
+                ),
+            )
+            .await?;
+        }
+        *next = seq + 1;
+        let record = match codec::decode(seq, &m.payload, &shared.epoch()) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "nats feed: skipping a message that is not a record");
+                continue;
+            }
+        };
+        if tx.send(FeedEvent::Publication(record)).await.is_err() {
+            return Ok(Restart::Closed);
+        }
     }
 }
 
