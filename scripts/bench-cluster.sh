@@ -19,29 +19,7 @@ ROOT=$PWD
 # shellcheck source=scripts/bench-lib.sh
 source scripts/bench-lib.sh
 
-ROUNDS=3
-QUICK=0
-ONLY=""
-OUT=""
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --quick) QUICK=1; ROUNDS=1 ;;
-    --rounds) ROUNDS=$2; shift ;;
-    --only) ONLY=$2; shift ;;
-    --out) OUT=$2; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
-    *) echo "unknown argument: $1" >&2; exit 2 ;;
-  esac
-  shift
-done
-OUT=${OUT:-target/bench/cluster-$(date +%Y%m%d-%H%M%S)}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-RESULTS=$OUT/results.jsonl
-: > "$RESULTS"
-
-ulimit -n "$(ulimit -Hn)"
-echo "== open-file limit: $(ulimit -n)"
+bench_setup cluster- 15 "$@"
 
 REDIS_PORT=16379
 NATS_PORT=14222
@@ -49,14 +27,6 @@ HERALD_PORTS=(18081 18082 18083)
 NCHAN_PORTS=(8091 8092 8093)
 NCHAN_CONF_SRC=$ROOT/../shared/bench/nchan.nginx.conf
 
-if [ -z "${HERALD_BIN:-}" ] || [ -z "${BENCH_BIN:-}" ]; then
-  echo "== cargo build --release --workspace"
-  cargo build --release --workspace --quiet
-fi
-HERALD=${HERALD_BIN:-$ROOT/target/release/herald}
-BENCH=${BENCH_BIN:-$ROOT/target/release/herald-bench}
-
-ensure_nchan
 if ! command -v redis-server >/dev/null || ! command -v nats-server >/dev/null; then
   echo "== installing redis-server and nats-server"
   export DEBIAN_FRONTEND=noninteractive
@@ -180,10 +150,4 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 
-{
-  echo "Rounds: $ROUNDS$([ "$QUICK" = 1 ] && echo ' (quick mode: sizes scaled down)'). Medians over rounds."
-  echo "Herald: 3 nodes on one engine; nchan: 3 nginx instances on one Redis (nchan_redis_pass)."
-  echo
-  "$BENCH" table "$RESULTS"
-} | tee "$OUT/results.md"
-echo "== results: $OUT/results.md (raw: $RESULTS, logs: $OUT/runs.log)"
+bench_report "Herald: 3 nodes on one engine; nchan: 3 nginx instances on one Redis (nchan_redis_pass)."

@@ -1,6 +1,57 @@
 # Shared by scripts/bench.sh and scripts/bench-cluster.sh (sourced, not run): starting and stopping the
 # servers under test, and nchan's config derived from the shared one.
 
+# The start shared by both scripts: parses --quick/--rounds/--only/--out (sets QUICK, ROUNDS, ONLY, OUT,
+# RESULTS), raises the open-file limit (10 000 subscribers need 10 000 descriptors in the bench process and
+# in each server), builds the release binaries unless HERALD_BIN and BENCH_BIN name prebuilt ones (copies,
+# so that a rebuild during a long run cannot swap the binary under it; sets HERALD, BENCH), and makes sure
+# nginx and nchan are there. $1: the results directory's name prefix; $2: the last line of the calling
+# script's usage comment (for --help); then the script's arguments.
+bench_setup() {
+  local prefix=$1 help_end=$2
+  shift 2
+  ROUNDS=3 QUICK=0 ONLY="" OUT=""
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --quick) QUICK=1; ROUNDS=1 ;;
+      --rounds) ROUNDS=$2; shift ;;
+      --only) ONLY=$2; shift ;;
+      --out) OUT=$2; shift ;;
+      -h|--help) sed -n "2,${help_end}p" "$0"; exit 0 ;;
+      *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+    shift
+  done
+  OUT=${OUT:-target/bench/$prefix$(date +%Y%m%d-%H%M%S)}
+  mkdir -p "$OUT"
+  OUT=$(cd "$OUT" && pwd)
+  RESULTS=$OUT/results.jsonl
+  : > "$RESULTS"
+
+  ulimit -n "$(ulimit -Hn)"
+  echo "== open-file limit: $(ulimit -n)"
+
+  if [ -z "${HERALD_BIN:-}" ] || [ -z "${BENCH_BIN:-}" ]; then
+    echo "== cargo build --release --workspace"
+    cargo build --release --workspace --quiet
+  fi
+  HERALD=${HERALD_BIN:-$PWD/target/release/herald}
+  BENCH=${BENCH_BIN:-$PWD/target/release/herald-bench}
+  ensure_nchan
+}
+
+# Writes the markdown table of medians of $RESULTS to $OUT/results.md and the terminal; $1: a line that
+# describes the setup (may be empty).
+bench_report() {
+  {
+    echo "Rounds: $ROUNDS$([ "$QUICK" = 1 ] && echo ' (quick mode: sizes scaled down)'). Medians over rounds."
+    [ -n "${1:-}" ] && echo "$1"
+    echo
+    "$BENCH" table "$RESULTS"
+  } | tee "$OUT/results.md"
+  echo "== results: $OUT/results.md (raw: $RESULTS, logs: $OUT/runs.log)"
+}
+
 # Waits (up to 10 s) until $1 answers over HTTP.
 wait_port() {
   for _ in $(seq 1 100); do

@@ -16,45 +16,12 @@ ROOT=$PWD
 # shellcheck source=scripts/bench-lib.sh
 source scripts/bench-lib.sh
 
-ROUNDS=3
-QUICK=0
-ONLY=""
-OUT=""
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --quick) QUICK=1; ROUNDS=1 ;;
-    --rounds) ROUNDS=$2; shift ;;
-    --only) ONLY=$2; shift ;;
-    --out) OUT=$2; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
-    *) echo "unknown argument: $1" >&2; exit 2 ;;
-  esac
-  shift
-done
-OUT=${OUT:-target/bench/$(date +%Y%m%d-%H%M%S)}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-RESULTS=$OUT/results.jsonl
-: > "$RESULTS"
-
-# 10 000 subscribers need 10 000 descriptors in the bench process and in each server.
-ulimit -n "$(ulimit -Hn)"
-echo "== open-file limit: $(ulimit -n)"
+bench_setup '' 12 "$@"
 
 HERALD_PORT=${HERALD_PORT:-18080}
 NCHAN_PORT=8089   # fixed by the shared nginx config
 NCHAN_CONF_SRC=$ROOT/../shared/bench/nchan.nginx.conf
 
-# HERALD_BIN / BENCH_BIN: run prebuilt binaries (e.g. copies, so that a rebuild during a long run cannot
-# swap the binary under it); otherwise build them.
-if [ -z "${HERALD_BIN:-}" ] || [ -z "${BENCH_BIN:-}" ]; then
-  echo "== cargo build --release --workspace"
-  cargo build --release --workspace --quiet
-fi
-HERALD=${HERALD_BIN:-$ROOT/target/release/herald}
-BENCH=${BENCH_BIN:-$ROOT/target/release/herald-bench}
-
-ensure_nchan
 [ -f "$NCHAN_CONF_SRC" ] || { echo "missing $NCHAN_CONF_SRC" >&2; exit 1; }
 
 WORK=$(mktemp -d /tmp/herald-bench.XXXXXX)
@@ -143,9 +110,4 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 
-{
-  echo "Rounds: $ROUNDS$([ "$QUICK" = 1 ] && echo ' (quick mode: sizes scaled down)'). Medians over rounds."
-  echo
-  "$BENCH" table "$RESULTS"
-} | tee "$OUT/results.md"
-echo "== results: $OUT/results.md (raw: $RESULTS, logs: $OUT/runs.log)"
+bench_report

@@ -374,7 +374,7 @@ async fn next_event(feed: &mut Feed) -> FeedEvent {
 /// A feed that has been idle long enough for the server to send heartbeats still delivers the next
 /// publication at once. (async-nats 0.46's pull `Batch` swallows an idle heartbeat by returning `Pending`
 /// without a wake-up registered, which stalled the feed until the batch's own 10 s timer: seen as a 5 s p99
-/// in the cluster benchmark. The feed now asks for no heartbeats.)
+/// in the cluster benchmark. The feed now reads a continuous pull stream, which handles heartbeats.)
 #[tokio::test]
 async fn an_idle_feed_delivers_the_next_publication_at_once() {
     let nats = server_or_skip!();
@@ -387,7 +387,7 @@ async fn an_idle_feed_delivers_the_next_publication_at_once() {
     let mut feed = b.feed(0).unwrap();
     a.append(vec![rec(&["x"], "first", "1")]).await.unwrap();
     assert!(matches!(next_event(&mut feed).await, FeedEvent::Publication(r) if r.id == "first"));
-    // Idle for longer than a heartbeat interval (1 s, as the feed used) and less than the pull's expiry
+    // Idle for longer than a heartbeat interval (1 s, the feed's) and less than the pull's expiry
     // (5 s): this is the state in which the feed stalled, not a wait for an event.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     a.append(vec![rec(&["x"], "second", "2")]).await.unwrap();
