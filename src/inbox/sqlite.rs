@@ -671,54 +671,43 @@ fn notify_one(
     ))
 }
 
+/// Rows of (user, category, total, unread, unseen, archived), keyed by (user, category).
+fn tallies(conn: &Connection, sql: &str) -> Result<BTreeMap<(String, String), Tally>, InboxError> {
+    let mut stmt = conn.prepare(sql)?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+            Tally {
+                total: r.get(2)?,
+                unread: r.get(3)?,
+                unseen: r.get(4)?,
+                archived: r.get(5)?,
+            },
+        ))
+    })?;
+    let mut map = BTreeMap::new();
+    for row in rows {
+        let (k, t) = row?;
+        map.insert(k, t);
+    }
+    Ok(map)
+}
+
 /// Compares the stored counts with a recount of the items; with `repair`, replaces them. Returns the
 /// number of (user, category) rows that differed.
 fn recount(conn: &Connection, repair: bool) -> Result<i64, InboxError> {
-    let mut actual: BTreeMap<(String, String), Tally> = BTreeMap::new();
-    {
-        let mut stmt = conn.prepare(
-            "SELECT user, category, COUNT(*),
-                 SUM(archived_ms IS NULL AND snoozed_until IS NULL AND read_ms IS NULL),
-                 SUM(archived_ms IS NULL AND snoozed_until IS NULL AND seen_ms IS NULL),
-                 SUM(archived_ms IS NOT NULL)
-             FROM items GROUP BY user, category",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
-                Tally {
-                    total: r.get(2)?,
-                    unread: r.get(3)?,
-                    unseen: r.get(4)?,
-                    archived: r.get(5)?,
-                },
-            ))
-        })?;
-        for row in rows {
-            let (k, t) = row?;
-            actual.insert(k, t);
-        }
-    }
-    let mut stored: BTreeMap<(String, String), Tally> = BTreeMap::new();
-    {
-        let mut stmt =
-            conn.prepare("SELECT user, category, total, unread, unseen, archived FROM counts")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
-                Tally {
-                    total: r.get(2)?,
-                    unread: r.get(3)?,
-                    unseen: r.get(4)?,
-                    archived: r.get(5)?,
-                },
-            ))
-        })?;
-        for row in rows {
-            let (k, t) = row?;
-            stored.insert(k, t);
-        }
-    }
+    let actual = tallies(
+        conn,
+        "SELECT user, category, COUNT(*),
+             SUM(archived_ms IS NULL AND snoozed_until IS NULL AND read_ms IS NULL),
+             SUM(archived_ms IS NULL AND snoozed_until IS NULL AND seen_ms IS NULL),
+             SUM(archived_ms IS NOT NULL)
+         FROM items GROUP BY user, category",
+    )?;
+    let stored = tallies(
+        conn,
+        "SELECT user, category, total, unread, unseen, archived FROM counts",
+    )?;
     let mut differ = 0i64;
     for (k, t) in &actual {
         if stored.get(k) != Some(t) {
