@@ -33,8 +33,8 @@ use crate::error::ApiError;
 use crate::frame::centrifugo::codec::{Codec, PROTOBUF_SUBPROTOCOL};
 use crate::frame::centrifugo::{proto, publication};
 use crate::hub::{
-    ClientInfo, ConnectionGuard, Delivery, NewPublication, Outbox, PresenceGuard, SubscribeSpec,
-    Subscription, Transport,
+    ClientInfo, ConnectionGuard, Delivery, DisconnectReason, NewPublication, Outbox, PresenceGuard,
+    SubscribeSpec, Subscription, Transport,
 };
 use crate::state::AppState;
 use crate::topic::Selector;
@@ -174,6 +174,9 @@ pub(crate) fn fit_close_reason(reason: &str) -> &str {
 enum Exit {
     /// Close with this code and reason.
     Close(u16, String),
+    /// Close with this code and reason, for a reason the hub decided (this client fell behind, or the
+    /// server is shutting down): the hub has counted the disconnect already, so it is not counted twice.
+    Ended(u16, &'static str),
     /// The peer is gone; nothing to say.
     Gone,
 }
@@ -320,22 +323,24 @@ impl Conn {
     /// dropped, however the task ends: returning, or unwinding from a panic.
     async fn run(mut self: Box<Self>) {
         self.reschedule();
-        let exit = self.serve().await;
-        if let Exit::Close(code, reason) = exit {
-            Box::pin(self.close(code, reason)).await;
+        match self.serve().await {
+            Exit::Close(code, reason) => {
+                self.st.hub.count_disconnect(match code {
+                    3008 => DisconnectReason::SlowConsumer,
+                    3005 => DisconnectReason::TokenExpired,
+                    3001 => DisconnectReason::Shutdown,
+                    _ => DisconnectReason::Server,
+                });
+                Box::pin(self.close(code, reason)).await;
+            }
+            Exit::Ended(code, reason) => Box::pin(self.close(code, reason.to_string())).await,
+            Exit::Gone => {}
         }
     }
 
     async fn close(&mut self, code: u16, reason: String) {
         tracing::debug!(client = %self.client, code, reason, "closing WebSocket");
         let reason = fit_close_reason(&reason).to_string();
-        let label = match code {
-            3008 => "slow_consumer",
-            3005 => "token_expired",
-            3001 => "shutdown",
-            _ => "server",
-        };
-        metrics::counter!("herald_disconnects_total", "reason" => label).increment(1);
         let frame = CloseFrame {
             code,
             reason: Utf8Bytes::from(reason),
@@ -378,12 +383,12 @@ impl Conn {
         }
     }
 
-    /// The hub closed the outbox: at shutdown, or because this client fell behind.
+    /// The hub closed the outbox: at shutdown, or because this client fell behind (counted there).
     fn closed_exit(&self) -> Exit {
         if self.st.hub.is_shutting_down() {
-            close(3001, "shutdown")
+            Exit::Ended(3001, "shutdown")
         } else {
-            close(3008, "slow")
+            Exit::Ended(3008, "slow")
         }
     }
 
@@ -538,7 +543,7 @@ impl Conn {
     async fn act_on_deadlines(&mut self) -> Result<(), Exit> {
         let cfg = &self.st.config.centrifugo;
         if self.st.hub.is_shutting_down() {
-            return Err(close(3001, "shutdown"));
+            return Err(Exit::Ended(3001, "shutdown"));
         }
         if !self.connected && self.opened.elapsed() > cfg.connect_timeout {
             return Err(close(3502, "stale: no connect command"));

@@ -284,6 +284,9 @@ async fn slow_client_is_closed_with_3008_and_others_keep_receiving() {
     // When it reads again it finds what was already in flight, then the reason: 3008.
     let (code, reason) = closed(&mut slow).await;
     assert_eq!((code, reason.as_str()), (3008, "slow"));
+    // The hub counted it; the connection closing on the hub's word does not count it again.
+    let stats = s.hub.stats();
+    assert_eq!(stats.disconnects.get("slow_consumer"), Some(&1));
 }
 
 #[tokio::test]
