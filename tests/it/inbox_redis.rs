@@ -241,7 +241,8 @@ async fn concurrent_changes_on_two_nodes_keep_counts_equal_to_a_recount() {
             }
         }));
     }
-    for (k, chunk) in ids.chunks(4).enumerate() {
+    // Two togglers per user, one starting on each node, change the same items at the same time.
+    for (k, chunk) in ids.chunks(4).chain(ids.chunks(4)).enumerate() {
         let urls = urls.clone();
         let chunk = chunk.to_vec();
         tasks.push(tokio::spawn(async move {
