@@ -1032,6 +1032,29 @@ mod tests {
     }
 
     #[test]
+    fn inbox_on_redis_takes_its_prefix_from_the_engine_unless_set() {
+        let redis = |extra: &[(&str, &str)]| {
+            let mut o: Vec<(String, String)> = vec![
+                ("inbox.enabled".into(), "true".into()),
+                ("engine.kind".into(), "\"redis\"".into()),
+                ("engine.url".into(), "\"redis://127.0.0.1:6379\"".into()),
+                ("engine.prefix".into(), "\"app1\"".into()),
+            ];
+            o.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            Config::load(None, vec![], &o)
+        };
+        assert_eq!(redis(&[]).unwrap().inbox_prefix(), "app1:inbox");
+        assert_eq!(
+            redis(&[("inbox.prefix", "\"notes\"")])
+                .unwrap()
+                .inbox_prefix(),
+            "notes"
+        );
+        let err = redis(&[("inbox.prefix", "\"\"")]).unwrap_err().to_string();
+        assert!(err.contains("inbox.prefix"), "{err}");
+    }
+
+    #[test]
     fn star_with_credentials_is_refused() {
         let err = Config::load(None, vec![], &[("cors.allowed_origins".into(), "*".into())])
             .unwrap_err()

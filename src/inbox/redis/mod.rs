@@ -985,9 +985,13 @@ impl RedisInbox {
         Ok(out)
     }
 
-    /// Waits until the next message on `P:wake` (or `max`).
+    /// Waits until the next message on `P:wake`, `max`, or the hub's shutdown.
     async fn wait_wake(&self, rx: &mut watch::Receiver<u64>, max: Duration) {
-        let _ = tokio::time::timeout(max, rx.changed()).await;
+        let shutdown = self.hub.shutdown_token();
+        tokio::select! {
+            _ = tokio::time::timeout(max, rx.changed()) => {}
+            () = shutdown.cancelled() => {}
+        }
     }
 
     async fn progress(&self) -> Result<(i64, i64), InboxError> {
@@ -1007,6 +1011,9 @@ impl RedisInbox {
             limit.clamp(1, BATCH).to_string().into_bytes(),
         ];
         for _ in 0..1000 {
+            if self.hub.shutdown_token().is_cancelled() {
+                return Ok(Vec::new());
+            }
             let mut parts = array(self.eval(&self.scripts.drain, &args).await?)?.into_iter();
             let state = parts.next().and_then(text).unwrap_or_default();
             if state == "other" {
