@@ -83,7 +83,118 @@ on_both_stores!(
     concurrent_toggles_during_a_notify_storm_keep_counts_exact,
     snoozed_items_wake_and_expired_items_go_as_events,
     an_audience_of_every_inbox_and_its_retry,
+    the_cap_removes_the_oldest_and_large_changes_are_bulk_events,
+    items_older_than_max_age_are_removed_with_an_event,
 );
+
+async fn items_older_than_max_age_are_removed_with_an_event(store: Store) {
+    let s = start_on(store, &[("inbox.max_age", "\"1s\"")]).await;
+    let mut sse = Sse::get(&sse_url(&s, "hal", None)).await;
+    assert_eq!(sse.status, 200);
+    let before = herald::inbox::now_ms();
+    let id = notify(&s.url, &["hal"], "old soon", json!({})).await["delivered"][0]["id"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(next_data(&mut sse).await["type"], "created");
+    let removed = next_data(&mut sse).await;
+    assert_eq!(
+        (
+            removed["type"].as_str(),
+            removed["ids"].clone(),
+            removed["counts"]["total"].as_i64()
+        ),
+        (Some("removed"), json!([id]), Some(0)),
+        "{removed}"
+    );
+    assert!(
+        herald::inbox::now_ms() > before + 1000,
+        "not before max_age"
+    );
+    assert_eq!(counts(&s.url, "hal").await["total"], 0);
+}
+
+/// `max_items` removes the oldest item in the change that adds one (the `created` event says which), and a
+/// change of more than 200 items is one `bulk` event with the new counts.
+async fn the_cap_removes_the_oldest_and_large_changes_are_bulk_events(store: Store) {
+    let s = start_on(store, &[("inbox.max_items", "210")]).await;
+    let mut sse = Sse::get(&sse_url(&s, "gil", None)).await;
+    assert_eq!(sse.status, 200);
+    let mut ids = Vec::new();
+    for i in 0..211 {
+        let cat = if i % 3 == 0 { "a" } else { "b" };
+        let r = notify(
+            &s.url,
+            &["gil"],
+            &format!("n{i}"),
+            json!({ "category": cat }),
+        )
+        .await;
+        ids.push(r["delivered"][0]["id"].as_i64().unwrap());
+    }
+    let mut last = Value::Null;
+    for _ in 0..211 {
+        last = next_data(&mut sse).await;
+    }
+    assert_eq!(last["type"], "created", "{last}");
+    assert_eq!(last["removed"], json!([ids[0]]), "the oldest went: {last}");
+    assert_eq!(last["counts"]["total"], 210, "{last}");
+    let (status, _) = browser(
+        &s.url,
+        "gil",
+        "GET",
+        &format!("/inbox/items/{}", ids[0]),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    // Mark all read up to the newest: 210 items change, more than an event lists.
+    let (status, c) = browser(
+        &s.url,
+        "gil",
+        "POST",
+        "/inbox/update",
+        Some(json!({"upto": ids[210], "set": {"read": true}})),
+    )
+    .await;
+    assert_eq!((status, c["changed"].as_i64()), (200, Some(210)), "{c}");
+    let ev = next_data(&mut sse).await;
+    assert_eq!(
+        (
+            ev["type"].as_str(),
+            ev["changed"].as_i64(),
+            ev["counts"]["unread"].as_i64()
+        ),
+        (Some("bulk"), Some(210), Some(0)),
+        "{ev}"
+    );
+    assert_eq!(ev["version"], 212);
+    assert_eq!(ev["counts"], counts(&s.url, "gil").await);
+    assert_eq!(
+        recount(&all_items(&s.url, "gil").await),
+        counts(&s.url, "gil").await
+    );
+    // Removing them all is one bulk event too, and the counts go to nothing.
+    let (status, c) = browser(
+        &s.url,
+        "gil",
+        "POST",
+        "/inbox/remove",
+        Some(json!({"upto": ids[210]})),
+    )
+    .await;
+    assert_eq!((status, c["changed"].as_i64()), (200, Some(210)), "{c}");
+    let ev = next_data(&mut sse).await;
+    assert_eq!(
+        (
+            ev["type"].as_str(),
+            ev["removed"].as_i64(),
+            ev["counts"]["total"].as_i64()
+        ),
+        (Some("bulk"), Some(210), Some(0)),
+        "{ev}"
+    );
+    assert_eq!(ev["counts"]["categories"], json!({}), "{ev}");
+}
 
 pub(crate) fn user_token(sub: &str) -> String {
     wsclient::sign_json(&json!({"sub": sub, "exp": herald::auth::unix_now() + 600}))
