@@ -69,14 +69,16 @@ pub struct Config {
     pub yjs: YjsConfig,
 }
 
-/// The notification centre. Off by default: it keeps a database of its own beside the log, and it runs
-/// only on the local engine (on a cluster every node would keep a different inbox).
+/// The notification centre. Off by default. On the local engine it keeps an SQLite file of its own beside
+/// the log; on the Redis engine it lives in the engine's Redis, shared by every node. Not on NATS yet.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct InboxConfig {
     pub enabled: bool,
-    /// The inbox database (`<data_dir>/inbox.sqlite3` when not set).
+    /// The inbox database (`<data_dir>/inbox.sqlite3` when not set); local engine only.
     pub path: Option<PathBuf>,
+    /// Redis engine only: the prefix of the inbox's keys (`<engine.prefix>:inbox` when not set).
+    pub prefix: Option<String>,
     /// The namespace of the users' inbox channels (`<namespace>:#<user>`); created with the rules an
     /// inbox needs (a user reads only their own, clients never publish) unless configured.
     pub namespace: String,
@@ -99,6 +101,7 @@ impl Default for InboxConfig {
         InboxConfig {
             enabled: false,
             path: None,
+            prefix: None,
             namespace: "inbox".into(),
             max_items: 10_000,
             max_age: Duration::from_secs(90 * 24 * 3600),
@@ -660,13 +663,20 @@ impl Config {
             }
         }
         if self.inbox.enabled {
-            if self.engine.kind != EngineKind::Local {
+            if self.engine.kind == EngineKind::Nats {
                 return Err(ConfigError::Invalid(
-                    "inbox.enabled = true needs engine.kind = \"local\": the inbox store is an SQLite file \
-                     of this node, and on a cluster each node would keep a different inbox. Run the inbox \
-                     on one local node, or turn it off"
+                    "inbox.enabled = true needs engine.kind = \"local\" or \"redis\": there is no inbox \
+                     store on NATS yet (each node would keep a different inbox). Run the cluster on Redis, \
+                     the inbox on one local node, or turn it off"
                         .into(),
                 ));
+            }
+            if let Some(p) = &self.inbox.prefix {
+                if p.is_empty() || p.chars().any(char::is_control) {
+                    return Err(ConfigError::Invalid(format!(
+                        "inbox.prefix = {p:?} must be a non-empty name without control characters"
+                    )));
+                }
             }
             let ns = &self.inbox.namespace;
             if ns.is_empty() || ns.contains([':', '#', '$']) || ns.chars().any(char::is_control) {
@@ -779,6 +789,17 @@ impl Config {
                 self.engine.prefix
             ),
         }
+    }
+
+    /// The prefix of the inbox's keys on the Redis engine.
+    pub fn inbox_prefix(&self) -> String {
+        self.inbox.prefix.clone().unwrap_or_else(|| {
+            if self.engine.prefix.is_empty() {
+                "inbox".into()
+            } else {
+                format!("{}:inbox", self.engine.prefix)
+            }
+        })
     }
 
     pub fn inbox_path(&self) -> PathBuf {
@@ -1008,6 +1029,29 @@ mod tests {
         assert!(c.auth.allow_anonymous);
         assert_eq!(c.mercure.heartbeat, Duration::from_secs(5));
         assert_eq!(c.cors.allowed_origins, ["https://a.com", "https://*.b.com"]);
+    }
+
+    #[test]
+    fn inbox_on_redis_takes_its_prefix_from_the_engine_unless_set() {
+        let redis = |extra: &[(&str, &str)]| {
+            let mut o: Vec<(String, String)> = vec![
+                ("inbox.enabled".into(), "true".into()),
+                ("engine.kind".into(), "\"redis\"".into()),
+                ("engine.url".into(), "\"redis://127.0.0.1:6379\"".into()),
+                ("engine.prefix".into(), "\"app1\"".into()),
+            ];
+            o.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            Config::load(None, vec![], &o)
+        };
+        assert_eq!(redis(&[]).unwrap().inbox_prefix(), "app1:inbox");
+        assert_eq!(
+            redis(&[("inbox.prefix", "\"notes\"")])
+                .unwrap()
+                .inbox_prefix(),
+            "notes"
+        );
+        let err = redis(&[("inbox.prefix", "\"\"")]).unwrap_err().to_string();
+        assert!(err.contains("inbox.prefix"), "{err}");
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //!   counts. A page is read at a version and at a log position taken just before the read: a client that
 //!   subscribes from that position and ignores events at or below the page's version misses nothing and
 //!   applies nothing twice.
-//! - **The store is a seam** ([`InboxStore`]): SQLite on one node now; a cluster store can come later.
+//! - **The store is a seam** ([`InboxStore`]): SQLite on one node ([`sqlite`]), Redis for a cluster on
+//!   the Redis engine ([`redis`]: one node at a time drains the shared outbox).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -28,8 +29,10 @@ use crate::hub::{Hub, NewPublication};
 
 pub mod api;
 pub mod browser;
+pub mod redis;
 pub mod sqlite;
 
+pub use redis::RedisInbox;
 pub use sqlite::SqliteInbox;
 
 /// Longest user id: it is part of a channel name (255 bytes at most) and of event ids.
@@ -509,6 +512,11 @@ pub trait InboxStore: Send + Sync + 'static {
     fn pending(&self, limit: usize) -> BoxFuture<'_, Result<Vec<PendingEvent>, InboxError>>;
     /// Forgets published events up to `seq`.
     fn published(&self, upto: i64) -> BoxFuture<'_, Result<(), InboxError>>;
+    /// The outbox position up to which events are published by whichever node publishes them (a cluster
+    /// store, where one node drains the shared outbox); `None` when only this node's publisher does.
+    fn published_upto(&self) -> BoxFuture<'_, Result<Option<i64>, InboxError>> {
+        Box::pin(async { Ok(None) })
+    }
     /// Compares the counts with the items and, with `repair`, rewrites the ones that differ; returns how
     /// many differed.
     fn recount(&self, repair: bool) -> BoxFuture<'_, Result<i64, InboxError>>;
@@ -820,6 +828,16 @@ async fn publisher(inner: Arc<InboxInner>) {
             }
         };
         if batch.is_empty() {
+            // Another node may have published this node's events (a cluster store).
+            if let Ok(Some(upto)) = inner.store.published_upto().await {
+                inner.published.send_if_modified(|p| {
+                    let newer = upto > *p;
+                    if newer {
+                        *p = upto;
+                    }
+                    newer
+                });
+            }
             tokio::select! {
                 () = inner.wake.notified() => {}
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -214,6 +214,13 @@ pub fn open_inbox(hub: &Hub, config: &Config) -> Result<Option<crate::inbox::Inb
             "the inbox needs a tokio runtime: build the router inside one".into(),
         ));
     }
+    if config.engine.kind == EngineKind::Redis {
+        return Err(ConfigError::Invalid(
+            "the inbox on the Redis engine connects to Redis: open it with \
+             herald::server::connect_inbox (async) and pass it to router_with_inbox"
+                .into(),
+        ));
+    }
     let path = config.inbox_path();
     let store = crate::inbox::SqliteInbox::open(
         &path,
@@ -226,6 +233,39 @@ pub fn open_inbox(hub: &Hub, config: &Config) -> Result<Option<crate::inbox::Inb
     .map_err(|e| {
         ConfigError::Invalid(format!("cannot open the inbox at {}: {e}", path.display()))
     })?;
+    Ok(Some(crate::inbox::Inbox::start(
+        Arc::new(store),
+        hub.clone(),
+        config.inbox.clone(),
+    )))
+}
+
+/// Like [`open_inbox`], for every engine: on the Redis engine the store lives in the engine's Redis
+/// (`engine.url`, keys under [`Config::inbox_prefix`]), shared by every node; it is connected to and
+/// recounted here.
+pub async fn connect_inbox(
+    hub: &Hub,
+    config: &Config,
+) -> Result<Option<crate::inbox::Inbox>, ConfigError> {
+    if !config.inbox.enabled || config.engine.kind != EngineKind::Redis {
+        return open_inbox(hub, config);
+    }
+    config.validate()?;
+    let store = crate::inbox::RedisInbox::open(
+        crate::inbox::redis::RedisInboxOptions {
+            url: config.engine.url.clone(),
+            prefix: config.inbox_prefix(),
+            connect_timeout: config.engine.connect_timeout,
+            op_timeout: config.engine.op_timeout,
+            limits: crate::inbox::sqlite::StoreLimits {
+                max_items: config.inbox.max_items,
+                max_age: config.inbox.max_age,
+            },
+        },
+        hub.clone(),
+    )
+    .await
+    .map_err(|e| ConfigError::Invalid(format!("cannot open the inbox on Redis: {e}")))?;
     Ok(Some(crate::inbox::Inbox::start(
         Arc::new(store),
         hub.clone(),
@@ -323,7 +363,10 @@ impl Server {
         let shutdown_timeout = config.shutdown_timeout;
         let limits = config.limits.clone();
         // The standalone server's front page is the console (an embedding app keeps `/` for itself).
-        let router = router(hub.clone(), config)?.route("/", get(crate::console::page));
+        config.validate()?;
+        let inbox = connect_inbox(&hub, &config).await?;
+        let router =
+            router_with_inbox(hub.clone(), config, inbox)?.route("/", get(crate::console::page));
         let listener = listen(addr).map_err(|e| {
             let hint = match e.kind() {
                 std::io::ErrorKind::AddrInUse => {

@@ -9,21 +9,199 @@ use serde_json::{json, Value};
 use crate::common::*;
 use crate::wsclient::{self, call, next, API_KEY};
 
-const CHANNEL_ALICE: &str = "inbox:#alice";
+pub(crate) const CHANNEL_ALICE: &str = "inbox:#alice";
 
 async fn start(extra: &[(&str, &str)]) -> TestServer {
-    let key = format!("{API_KEY:?}");
-    let mut o: Vec<(&str, &str)> = vec![("inbox.enabled", "true"), ("centrifugo.api_key", &key)];
-    o.extend_from_slice(extra);
-    TestServer::start(&o).await
+    start_on(Store::Sqlite, extra).await.server
 }
 
-fn user_token(sub: &str) -> String {
+/// Where a test's inboxes are kept: the tests of behaviour run on both stores.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Store {
+    Sqlite,
+    /// The Redis engine on the shared test Redis, under a prefix of the test's own (removed at the end).
+    Redis,
+}
+
+/// A server with the inbox on `store`; its Redis keys (if any) are removed when it is dropped.
+pub(crate) struct Started {
+    pub server: TestServer,
+    pub keys: Option<crate::inbox_redis::Keys>,
+}
+
+impl std::ops::Deref for Started {
+    type Target = TestServer;
+    fn deref(&self) -> &TestServer {
+        &self.server
+    }
+}
+
+pub(crate) async fn start_on(store: Store, extra: &[(&str, &str)]) -> Started {
+    let key = format!("{API_KEY:?}");
+    let mut o: Vec<(String, String)> = vec![
+        ("inbox.enabled".into(), "true".into()),
+        ("centrifugo.api_key".into(), key),
+    ];
+    let keys = match store {
+        Store::Sqlite => None,
+        Store::Redis => {
+            let keys = crate::inbox_redis::Keys::new();
+            o.extend(keys.overrides());
+            Some(keys)
+        }
+    };
+    o.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let o: Vec<(&str, &str)> = o.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Started {
+        server: TestServer::start(&o).await,
+        keys,
+    }
+}
+
+/// Runs each named `async fn name(store: Store)` as two tests, `name::sqlite` and `name::redis`.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test]
+                async fn sqlite() {
+                    super::$name(super::Store::Sqlite).await
+                }
+                #[tokio::test]
+                async fn redis() {
+                    super::$name(super::Store::Redis).await
+                }
+            }
+        )*
+    };
+}
+
+on_both_stores!(
+    notify_list_change_and_counts,
+    every_change_is_an_event_for_the_owner_only,
+    a_page_then_a_subscription_from_its_position_misses_nothing,
+    concurrent_toggles_during_a_notify_storm_keep_counts_exact,
+    snoozed_items_wake_and_expired_items_go_as_events,
+    an_audience_of_every_inbox_and_its_retry,
+    the_cap_removes_the_oldest_and_large_changes_are_bulk_events,
+    items_older_than_max_age_are_removed_with_an_event,
+);
+
+async fn items_older_than_max_age_are_removed_with_an_event(store: Store) {
+    let s = start_on(store, &[("inbox.max_age", "\"1s\"")]).await;
+    let mut sse = Sse::get(&sse_url(&s, "hal", None)).await;
+    assert_eq!(sse.status, 200);
+    let before = herald::inbox::now_ms();
+    let id = notify(&s.url, &["hal"], "old soon", json!({})).await["delivered"][0]["id"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(next_data(&mut sse).await["type"], "created");
+    let removed = next_data(&mut sse).await;
+    assert_eq!(
+        (
+            removed["type"].as_str(),
+            removed["ids"].clone(),
+            removed["counts"]["total"].as_i64()
+        ),
+        (Some("removed"), json!([id]), Some(0)),
+        "{removed}"
+    );
+    assert!(
+        herald::inbox::now_ms() > before + 1000,
+        "not before max_age"
+    );
+    assert_eq!(counts(&s.url, "hal").await["total"], 0);
+}
+
+/// `max_items` removes the oldest item in the change that adds one (the `created` event says which), and a
+/// change of more than 200 items is one `bulk` event with the new counts.
+async fn the_cap_removes_the_oldest_and_large_changes_are_bulk_events(store: Store) {
+    let s = start_on(store, &[("inbox.max_items", "210")]).await;
+    let mut sse = Sse::get(&sse_url(&s, "gil", None)).await;
+    assert_eq!(sse.status, 200);
+    let mut ids = Vec::new();
+    for i in 0..211 {
+        let cat = if i % 3 == 0 { "a" } else { "b" };
+        let r = notify(
+            &s.url,
+            &["gil"],
+            &format!("n{i}"),
+            json!({ "category": cat }),
+        )
+        .await;
+        ids.push(r["delivered"][0]["id"].as_i64().unwrap());
+    }
+    let mut last = Value::Null;
+    for _ in 0..211 {
+        last = next_data(&mut sse).await;
+    }
+    assert_eq!(last["type"], "created", "{last}");
+    assert_eq!(last["removed"], json!([ids[0]]), "the oldest went: {last}");
+    assert_eq!(last["counts"]["total"], 210, "{last}");
+    let (status, _) = browser(
+        &s.url,
+        "gil",
+        "GET",
+        &format!("/inbox/items/{}", ids[0]),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    // Mark all read up to the newest: 210 items change, more than an event lists.
+    let (status, c) = browser(
+        &s.url,
+        "gil",
+        "POST",
+        "/inbox/update",
+        Some(json!({"upto": ids[210], "set": {"read": true}})),
+    )
+    .await;
+    assert_eq!((status, c["changed"].as_i64()), (200, Some(210)), "{c}");
+    let ev = next_data(&mut sse).await;
+    assert_eq!(
+        (
+            ev["type"].as_str(),
+            ev["changed"].as_i64(),
+            ev["counts"]["unread"].as_i64()
+        ),
+        (Some("bulk"), Some(210), Some(0)),
+        "{ev}"
+    );
+    assert_eq!(ev["version"], 212);
+    assert_eq!(ev["counts"], counts(&s.url, "gil").await);
+    assert_eq!(
+        recount(&all_items(&s.url, "gil").await),
+        counts(&s.url, "gil").await
+    );
+    // Removing them all is one bulk event too, and the counts go to nothing.
+    let (status, c) = browser(
+        &s.url,
+        "gil",
+        "POST",
+        "/inbox/remove",
+        Some(json!({"upto": ids[210]})),
+    )
+    .await;
+    assert_eq!((status, c["changed"].as_i64()), (200, Some(210)), "{c}");
+    let ev = next_data(&mut sse).await;
+    assert_eq!(
+        (
+            ev["type"].as_str(),
+            ev["removed"].as_i64(),
+            ev["counts"]["total"].as_i64()
+        ),
+        (Some("bulk"), Some(210), Some(0)),
+        "{ev}"
+    );
+    assert_eq!(ev["counts"]["categories"], json!({}), "{ev}");
+}
+
+pub(crate) fn user_token(sub: &str) -> String {
     wsclient::sign_json(&json!({"sub": sub, "exp": herald::auth::unix_now() + 600}))
 }
 
 /// A backend call: (status, body).
-async fn backend(url: &str, method: &str, body: Value) -> (u16, Value) {
+pub(crate) async fn backend(url: &str, method: &str, body: Value) -> (u16, Value) {
     get_json(
         reqwest::Client::new()
             .post(format!("{url}/api/inbox_{method}"))
@@ -33,7 +211,7 @@ async fn backend(url: &str, method: &str, body: Value) -> (u16, Value) {
     .await
 }
 
-async fn notify(url: &str, users: &[&str], title: &str, extra: Value) -> Value {
+pub(crate) async fn notify(url: &str, users: &[&str], title: &str, extra: Value) -> Value {
     let mut item = json!({"title": title});
     if let Value::Object(m) = extra {
         for (k, v) in m {
@@ -46,7 +224,7 @@ async fn notify(url: &str, users: &[&str], title: &str, extra: Value) -> Value {
 }
 
 /// A browser call with `user`'s token.
-async fn browser(
+pub(crate) async fn browser(
     url: &str,
     user: &str,
     method: &str,
@@ -70,7 +248,7 @@ async fn browser(
 }
 
 /// Every item of `user`'s inbox (all states), paged through the browser API.
-async fn all_items(url: &str, user: &str) -> Vec<Value> {
+pub(crate) async fn all_items(url: &str, user: &str) -> Vec<Value> {
     let mut out = Vec::new();
     let mut cursor: Option<i64> = None;
     loop {
@@ -89,7 +267,7 @@ async fn all_items(url: &str, user: &str) -> Vec<Value> {
 }
 
 /// The counts a client computes from the items themselves.
-fn recount(items: &[Value]) -> Value {
+pub(crate) fn recount(items: &[Value]) -> Value {
     let mut cats: BTreeMap<String, [i64; 4]> = BTreeMap::new();
     for i in items {
         let active = i["archived_at"].is_null() && i["snoozed_until"].is_null();
@@ -115,15 +293,14 @@ fn recount(items: &[Value]) -> Value {
     json!({"total": all[0], "unread": all[1], "unseen": all[2], "archived": all[3], "categories": categories})
 }
 
-async fn counts(url: &str, user: &str) -> Value {
+pub(crate) async fn counts(url: &str, user: &str) -> Value {
     let (status, v) = browser(url, user, "GET", "/inbox/counts", None).await;
     assert_eq!(status, 200, "{v}");
     v["counts"].clone()
 }
 
-#[tokio::test]
-async fn notify_list_change_and_counts() {
-    let s = start(&[]).await;
+async fn notify_list_change_and_counts(store: Store) {
+    let s = start_on(store, &[]).await;
     let first = notify(
         &s.url,
         &["alice", "bob"],
@@ -507,17 +684,30 @@ async fn bad_input_and_refusals() {
 }
 
 #[tokio::test]
-async fn inbox_off_and_refused_on_cluster_engines() {
+async fn inbox_off_and_refused_on_nats() {
     let s = TestServer::start(&[("centrifugo.api_key", &format!("{API_KEY:?}"))]).await;
     let (status, e) = backend(&s.url, "stats", json!({})).await;
     assert_eq!((status, e["code"].as_str()), (404, Some("inbox_disabled")));
     let dir = tempfile::tempdir().unwrap();
     let err = config(
         dir.path(),
-        &[("inbox.enabled", "true"), ("engine.kind", "\"redis\"")],
+        &[
+            ("inbox.enabled", "true"),
+            ("engine.kind", "\"nats\""),
+            ("engine.url", "\"nats://127.0.0.1:4222\""),
+        ],
     )
     .unwrap_err();
-    assert!(err.to_string().contains("engine.kind = \"local\""), "{err}");
+    assert!(err.to_string().contains("no inbox store on NATS"), "{err}");
+    config(
+        dir.path(),
+        &[
+            ("inbox.enabled", "true"),
+            ("engine.kind", "\"redis\""),
+            ("engine.url", "\"redis://127.0.0.1:6379\""),
+        ],
+    )
+    .expect("the inbox runs on the Redis engine");
 }
 
 #[tokio::test]
@@ -569,7 +759,7 @@ fn sse_url(s: &TestServer, user: &str, last_event_id: Option<&str>) -> String {
     subscribe_url(&s.url, &[&format!("inbox:#{user}")], &extra)
 }
 
-async fn next_data(sse: &mut Sse) -> Value {
+pub(crate) async fn next_data(sse: &mut Sse) -> Value {
     let ev = sse.next_event().await.expect("an event");
     serde_json::from_str(&ev.data).expect("json")
 }
@@ -584,9 +774,8 @@ async fn next_pub(ws: &mut wsclient::Ws) -> Value {
     }
 }
 
-#[tokio::test]
-async fn every_change_is_an_event_for_the_owner_only() {
-    let s = start(&[]).await;
+async fn every_change_is_an_event_for_the_owner_only(store: Store) {
+    let s = start_on(store, &[]).await;
     // Alice on two devices: SSE and WebSocket.
     let mut sse = Sse::get(&sse_url(&s, "alice", None)).await;
     assert_eq!(sse.status, 200);
@@ -687,9 +876,8 @@ async fn every_change_is_an_event_for_the_owner_only() {
     assert_eq!(next_data(&mut sse).await["item"]["title"], "After");
 }
 
-#[tokio::test]
-async fn a_page_then_a_subscription_from_its_position_misses_nothing() {
-    let s = start(&[]).await;
+async fn a_page_then_a_subscription_from_its_position_misses_nothing(store: Store) {
+    let s = start_on(store, &[]).await;
     for i in 0..3 {
         notify(&s.url, &["alice"], &format!("old {i}"), json!({})).await;
     }
@@ -802,9 +990,8 @@ async fn an_offline_device_resumes_exactly_after_a_restart() {
     assert_eq!(counts(&s.url, "alice").await["unread"], 2);
 }
 
-#[tokio::test]
-async fn concurrent_toggles_during_a_notify_storm_keep_counts_exact() {
-    let s = start(&[("inbox.user_rate", "100000")]).await;
+async fn concurrent_toggles_during_a_notify_storm_keep_counts_exact(store: Store) {
+    let s = start_on(store, &[("inbox.user_rate", "100000")]).await;
     let users = ["u0", "u1", "u2", "u3"];
     let mut ids: Vec<(String, i64)> = Vec::new();
     for u in users {
@@ -837,7 +1024,8 @@ async fn concurrent_toggles_during_a_notify_storm_keep_counts_exact() {
         }
     });
     let mut togglers = Vec::new();
-    for (k, chunk) in ids.chunks(5).enumerate() {
+    // Two togglers per user change the same items at the same time.
+    for (k, chunk) in ids.chunks(5).chain(ids.chunks(5)).enumerate() {
         let url = s.url.clone();
         let chunk = chunk.to_vec();
         togglers.push(tokio::spawn(async move {
@@ -993,7 +1181,7 @@ async fn sigkill_mid_batch_loses_no_acknowledged_notification() {
 }
 
 /// The real binary on `dir`, and its URL.
-async fn spawn_herald(
+pub(crate) async fn spawn_herald(
     dir: &std::path::Path,
     envs: &[(&str, &str)],
 ) -> (tokio::process::Child, String) {
@@ -1053,7 +1241,7 @@ async fn an_embedding_app_notifies_from_its_own_code() {
     assert_eq!((status, page["counts"]["unread"].as_i64()), (200, Some(1)));
 }
 
-fn sse_url_at(url: &str, user: &str) -> String {
+pub(crate) fn sse_url_at(url: &str, user: &str) -> String {
     subscribe_url(
         url,
         &[&format!("inbox:#{user}")],
@@ -1061,9 +1249,8 @@ fn sse_url_at(url: &str, user: &str) -> String {
     )
 }
 
-#[tokio::test]
-async fn snoozed_items_wake_and_expired_items_go_as_events() {
-    let s = start(&[]).await;
+async fn snoozed_items_wake_and_expired_items_go_as_events(store: Store) {
+    let s = start_on(store, &[]).await;
     let mut sse = Sse::get(&sse_url(&s, "erin", None)).await;
     let id = notify(&s.url, &["erin"], "wake me", json!({})).await["delivered"][0]["id"]
         .as_i64()
@@ -1117,9 +1304,8 @@ async fn snoozed_items_wake_and_expired_items_go_as_events() {
     );
 }
 
-#[tokio::test]
-async fn an_audience_of_every_inbox_and_its_retry() {
-    let s = start(&[("inbox.max_users", "2")]).await;
+async fn an_audience_of_every_inbox_and_its_retry(store: Store) {
+    let s = start_on(store, &[("inbox.max_users", "2")]).await;
     for u in ["ann", "ben", "cat"] {
         notify(&s.url, &[u], "hello", json!({})).await;
     }
