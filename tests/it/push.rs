@@ -320,6 +320,34 @@ async fn a_connected_user_gets_no_push_and_preferences_turn_it_off() {
     let seen = ps.next().await;
     assert_eq!(seen.device, "alice");
     assert_eq!(alice.open(&seen.body)["title"], "after");
+
+    // A notification to every inbox pushes too, by the same rules: alice and bob, not carol (general is
+    // off for her); her push in another category comes next, so none of hers was queued before it.
+    let (status, v) = get_json(
+        reqwest::Client::new()
+            .post(format!("{}/api/inbox_notify", s.url))
+            .header("x-api-key", API_KEY)
+            .json(&json!({"audience": {"all": true}, "item": {"title": "everyone"}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let mut got = [ps.next().await, ps.next().await];
+    got.sort_by(|a, b| a.device.cmp(&b.device));
+    assert_eq!(got[0].device, "alice");
+    assert_eq!(alice.open(&got[0].body)["title"], "everyone");
+    assert_eq!(got[1].device, "bob");
+    assert_eq!(bob.open(&got[1].body)["title"], "everyone");
+    let (status, v) = get_json(
+        reqwest::Client::new()
+            .post(format!("{}/api/inbox_notify", s.url))
+            .header("x-api-key", API_KEY)
+            .json(&json!({"users": ["carol"], "item": {"title": "mentioned", "category": "mentions"}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let seen = ps.next().await;
+    assert_eq!(seen.device, "carol");
+    assert_eq!(carol.open(&seen.body)["title"], "mentioned");
 }
 
 #[tokio::test]

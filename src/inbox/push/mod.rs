@@ -180,7 +180,7 @@ pub fn validate(input: SubscriptionInput, allow_insecure: bool) -> Result<Subscr
         return Err(invalid("invalid_endpoint", "the endpoint has no host"));
     }
     match uri.scheme_str() {
-        Some("https") if allow_insecure || !is_internal_ip(host) => {}
+        Some("https") if !is_internal_ip(host) || (allow_insecure && is_loopback(host)) => {}
         Some("https") => {
             return Err(invalid(
                 "invalid_endpoint",
@@ -709,6 +709,7 @@ mod tests {
         assert!(validate(input("http://127.0.0.1:8090/notify/x"), true).is_ok());
         assert!(validate(input("http://localhost:8090/notify/x"), true).is_ok());
         assert!(validate(input("http://push.example.com/x"), true).is_err());
+        assert!(validate(input("https://10.0.0.1/x"), true).is_err());
     }
 
     #[test]
