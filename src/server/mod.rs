@@ -226,11 +226,8 @@ pub fn open_inbox(hub: &Hub, config: &Config) -> Result<Option<crate::inbox::Inb
     .map_err(|e| {
         ConfigError::Invalid(format!("cannot open the inbox at {}: {e}", path.display()))
     })?;
-    let store: Arc<dyn crate::inbox::InboxStore> = Arc::new(store);
-    let inbox = crate::inbox::Inbox::start(store.clone(), hub.clone(), config.inbox.clone());
-    if config.inbox.push.enabled {
-        inbox.attach_push(crate::inbox::push::open(hub, config, store)?);
-    }
+    let inbox = crate::inbox::Inbox::start(Arc::new(store), hub.clone(), config.inbox.clone());
+    crate::inbox::push::attach(&inbox, hub, config)?;
     Ok(Some(inbox))
 }
 

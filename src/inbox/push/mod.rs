@@ -8,7 +8,8 @@
 //!   the push is dropped and counted. Workers read the user's preferences and subscriptions, then send.
 //! - **Connected means an exact subscriber of the user's inbox channel on this node.** The inbox runs only
 //!   on the local engine, so this node sees every connection. A catch-all subscription (the console's tail)
-//!   is not the user.
+//!   is not the user. Should the inbox run on a cluster, a user reading on another node would be pushed too
+//!   (cluster presence is not consulted).
 //! - **A subscription the push service calls gone (404, 410) is removed**; 429 and 5xx are retried a
 //!   bounded number of times after `Retry-After` (or a doubling delay); other refusals are counted and
 //!   dropped, as retrying cannot change them.
@@ -416,6 +417,18 @@ impl Push {
             );
         }
     }
+}
+
+/// Gives `inbox` Web Push when `inbox.push.enabled` (see [`open`]).
+pub fn attach(
+    inbox: &super::Inbox,
+    hub: &Hub,
+    config: &crate::config::Config,
+) -> Result<(), crate::config::ConfigError> {
+    if config.inbox.push.enabled {
+        inbox.attach_push(open(hub, config, inbox.store().clone())?);
+    }
+    Ok(())
 }
 
 /// Opens the subscriptions and the VAPID key where the config says and starts the workers; a failure is
