@@ -94,6 +94,99 @@ pub struct InboxConfig {
     /// Changes one user may make per second through the browser API (a burst of twice as many is let
     /// through); over it, 429 with Retry-After.
     pub user_rate: u32,
+    /// Web Push to users with no open connection (`[inbox.push]`).
+    pub push: PushConfig,
+}
+
+/// Web Push (RFC 8030, payloads encrypted per RFC 8291, VAPID per RFC 8292). Off by default: it sends
+/// users' notifications to third-party push services, which an operator turns on knowingly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushConfig {
+    pub enabled: bool,
+    /// The subscriptions database (`<data_dir>/push.sqlite3` when not set).
+    pub path: Option<PathBuf>,
+    /// The VAPID private key, a P-256 key in PEM (`<data_dir>/vapid.pem` when not set); generated with
+    /// mode 0600 on first start. Changing it invalidates every subscription browsers made.
+    pub vapid_key: Option<PathBuf>,
+    /// The VAPID `sub` claim: how a push service reaches the operator (`mailto:` or `https:`).
+    pub subject: String,
+    /// How long a push service keeps a message for an offline device.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// The `Urgency` header: `very-low`, `low`, `normal` or `high`.
+    pub urgency: String,
+    /// Pushes waiting for a worker; beyond it a push is dropped (and counted), never waited for.
+    pub queue: usize,
+    /// Tasks sending pushes concurrently.
+    pub workers: usize,
+    /// Subscriptions (devices) kept per user; a new one beyond it replaces the oldest.
+    pub max_subscriptions: usize,
+    /// Retries of a push answered 429 or 5xx (or not answered).
+    pub retries: u32,
+    /// The first wait before a retry when the push service sent no `Retry-After`; doubled each time.
+    #[serde(with = "humantime_serde")]
+    pub retry_delay: Duration,
+    /// One request to a push service, connection included.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Accept `http://` endpoints on loopback hosts (tests with a local mock push service only).
+    pub allow_insecure_endpoints: bool,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            enabled: false,
+            path: None,
+            vapid_key: None,
+            subject: String::new(),
+            ttl: Duration::from_secs(24 * 3600),
+            urgency: "normal".into(),
+            queue: 10_000,
+            workers: 4,
+            max_subscriptions: 10,
+            retries: 3,
+            retry_delay: Duration::from_secs(1),
+            timeout: Duration::from_secs(10),
+            allow_insecure_endpoints: false,
+        }
+    }
+}
+
+impl PushConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !(self.subject.starts_with("mailto:") || self.subject.starts_with("https://"))
+            || self.subject.len() < 10
+        {
+            return bad(format!(
+                "inbox.push.subject = {:?} must be a contact for the push services, \
+                 \"mailto:you@example.com\" or \"https://example.com/contact\" (RFC 8292)",
+                self.subject
+            ));
+        }
+        if !["very-low", "low", "normal", "high"].contains(&self.urgency.as_str()) {
+            return bad(format!(
+                "inbox.push.urgency = {:?} must be very-low, low, normal or high",
+                self.urgency
+            ));
+        }
+        if self.ttl > Duration::from_secs(28 * 24 * 3600) {
+            return bad("inbox.push.ttl must be at most 28 days".into());
+        }
+        if self.queue == 0 || self.workers == 0 || self.workers > 256 || self.max_subscriptions == 0
+        {
+            return bad(
+                "inbox.push.queue and max_subscriptions must be at least 1, workers 1 to 256"
+                    .into(),
+            );
+        }
+        if self.retries > 10 || self.timeout.is_zero() {
+            return bad("inbox.push.retries must be at most 10 and timeout above 0".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for InboxConfig {
@@ -108,6 +201,7 @@ impl Default for InboxConfig {
             max_ids: 500,
             max_users: 1000,
             user_rate: 20,
+            push: PushConfig::default(),
         }
     }
 }
@@ -693,6 +787,21 @@ impl Config {
                     "inbox.max_items, max_ids, max_users and user_rate must be at least 1".into(),
                 ));
             }
+            if self.inbox.push.enabled {
+                self.inbox.push.validate()?;
+                if self.engine.kind != EngineKind::Local {
+                    return Err(ConfigError::Invalid(
+                        "inbox.push.enabled = true needs engine.kind = \"local\" for now: push \
+                         subscriptions and the VAPID key are kept by one node"
+                            .into(),
+                    ));
+                }
+            }
+        } else if self.inbox.push.enabled {
+            return Err(ConfigError::Invalid(
+                "inbox.push.enabled = true needs inbox.enabled = true: pushes carry inbox notifications"
+                    .into(),
+            ));
         }
         if self.yjs.max_documents == 0 || self.yjs.max_update_size == 0 {
             return Err(ConfigError::Invalid(
@@ -807,6 +916,22 @@ impl Config {
             .path
             .clone()
             .unwrap_or_else(|| self.data_dir.join("inbox.sqlite3"))
+    }
+
+    pub fn push_path(&self) -> PathBuf {
+        self.inbox
+            .push
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("push.sqlite3"))
+    }
+
+    pub fn vapid_key_path(&self) -> PathBuf {
+        self.inbox
+            .push
+            .vapid_key
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("vapid.pem"))
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -1052,6 +1177,22 @@ mod tests {
         );
         let err = redis(&[("inbox.prefix", "\"\"")]).unwrap_err().to_string();
         assert!(err.contains("inbox.prefix"), "{err}");
+    }
+
+    #[test]
+    fn push_on_a_cluster_engine_is_refused_until_subscriptions_are_shared() {
+        let mut o: Vec<(String, String)> = vec![
+            ("inbox.enabled".into(), "true".into()),
+            ("inbox.push.enabled".into(), "true".into()),
+            (
+                "inbox.push.subject".into(),
+                "\"mailto:ops@example.com\"".into(),
+            ),
+        ];
+        assert!(Config::load(None, vec![], &o).is_ok());
+        o.push(("engine.kind".into(), "\"redis\"".into()));
+        let err = Config::load(None, vec![], &o).unwrap_err().to_string();
+        assert!(err.contains("inbox.push.enabled"), "{err}");
     }
 
     #[test]

@@ -818,6 +818,12 @@ impl Hub {
         v
     }
 
+    /// Whether `channel` has a subscriber of its own on this node (one whose selectors are exact names):
+    /// a live reader of that very channel, which a catch-all `*` subscription is not.
+    pub fn has_exact_subscriber(&self, channel: &str) -> bool {
+        self.inner.registry.read().exact.contains_key(channel)
+    }
+
     /// Id of the last publication dispatched, if any.
     pub fn last_event_id(&self) -> Option<String> {
         self.inner.last_id.lock().clone()

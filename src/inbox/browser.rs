@@ -15,6 +15,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::api::{inbox, ChangeParams};
+use super::push::{Push, SubscriptionInput};
 use super::{Inbox, InboxError, ListQuery, Page, Patch, Position, Preferences, Target};
 use crate::auth::{Role, TokenSource};
 use crate::error::ApiError;
@@ -31,6 +32,11 @@ pub fn routes() -> Router<AppState> {
         .route("/inbox/update", post(update))
         .route("/inbox/remove", post(remove))
         .route("/inbox/preferences", get(preferences).put(set_preferences))
+        .route("/inbox/push/vapid", get(push_vapid))
+        .route(
+            "/inbox/push/subscriptions",
+            get(push_list).post(push_add).delete(push_remove),
+        )
 }
 
 /// A page with what a client needs to follow the inbox live from exactly where the page was read.
@@ -279,4 +285,82 @@ async fn set_preferences(
     let (user, inbox) = changer(&st, &headers, raw.as_deref())?;
     let prefs: Preferences = json_body(&b)?;
     Ok(ok(inbox.set_preferences(&user, prefs).await?))
+}
+
+/// Web Push, when on: 404 otherwise, so a page can tell "not offered here" from a failure.
+fn push(inbox: &Inbox) -> Result<&Push, ApiError> {
+    inbox.push().ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "push_disabled",
+            "Web Push is off: set inbox.push.enabled = true",
+        )
+    })
+}
+
+/// The VAPID public key for `pushManager.subscribe({applicationServerKey})`. Public by nature, so no
+/// token is needed.
+async fn push_vapid(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let push = push(inbox(&st)?)?;
+    Ok(ok(json!({ "public_key": push.public_key() })))
+}
+
+async fn push_list(
+    State(st): State<AppState>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let push = push(inbox(&st)?)?;
+    let user = caller(&st, &headers, raw.as_deref(), false)?;
+    Ok(ok(
+        json!({ "subscriptions": push.subscriptions(&user).await? }),
+    ))
+}
+
+/// Registers a browser's `PushSubscription` (its `toJSON()`) for the caller: 201 with what was kept.
+async fn push_add(
+    State(st): State<AppState>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    b: Bytes,
+) -> Result<Response, Refused> {
+    let (user, inbox) = changer(&st, &headers, raw.as_deref())?;
+    let push = push(inbox)?;
+    let input: SubscriptionInput = json_body(&b)?;
+    let sub = push.subscribe(&user, input).await.map_err(ApiError::from)?;
+    Ok((
+        axum::http::StatusCode::CREATED,
+        Json(json!({ "subscription": sub })),
+    )
+        .into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct EndpointParams {
+    endpoint: String,
+}
+
+/// Forgets one of the caller's subscriptions (`{"endpoint": ..}`); 404 when they have none with it.
+async fn push_remove(
+    State(st): State<AppState>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    b: Bytes,
+) -> Result<Response, Refused> {
+    let (user, inbox) = changer(&st, &headers, raw.as_deref())?;
+    let push = push(inbox)?;
+    let p: EndpointParams = json_body(&b)?;
+    if !push
+        .unsubscribe(&user, &p.endpoint)
+        .await
+        .map_err(ApiError::from)?
+    {
+        return Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "subscription_not_found",
+            "no subscription of yours has this endpoint",
+        )
+        .into());
+    }
+    Ok(ok(json!({ "removed": true })))
 }

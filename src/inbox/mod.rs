@@ -29,6 +29,7 @@ use crate::hub::{Hub, NewPublication};
 
 pub mod api;
 pub mod browser;
+pub mod push;
 pub mod redis;
 pub mod sqlite;
 
@@ -574,6 +575,8 @@ struct InboxInner {
     /// The outbox position published up to.
     published: watch::Sender<i64>,
     limiter: RateLimiter,
+    /// Web Push, when `inbox.push.enabled` (attached after the start).
+    push: std::sync::OnceLock<push::Push>,
 }
 
 /// How long a request waits for its change's event to be in the log before answering anyway (the event
@@ -596,6 +599,7 @@ impl Inbox {
                 burst: rate * 2.0,
                 buckets: Default::default(),
             },
+            push: std::sync::OnceLock::new(),
         });
         tokio::spawn(publisher(inner.clone()));
         tokio::spawn(sweeper(inner.clone()));
@@ -608,6 +612,28 @@ impl Inbox {
 
     pub fn config(&self) -> &InboxConfig {
         &self.inner.config
+    }
+
+    /// Sends the notifications created from now on to users who are not connected. Once: a second call
+    /// is ignored.
+    pub fn attach_push(&self, push: push::Push) {
+        let _ = self.inner.push.set(push);
+    }
+
+    pub fn push(&self) -> Option<&push::Push> {
+        self.inner.push.get()
+    }
+
+    /// Hands the items a notify created to Web Push (which never waits).
+    fn offer_push(&self, delivered: &[Delivered], item: &NewItem) {
+        let Some(push) = self.inner.push.get() else {
+            return;
+        };
+        for d in delivered {
+            if let ("created", Some(id)) = (d.outcome, d.id) {
+                push.offer(&d.user, id, item);
+            }
+        }
     }
 
     /// The channel a user's inbox events are published on.
@@ -667,11 +693,15 @@ impl Inbox {
             }
             check_len("idempotency_key", k, MAX_IDEMPOTENCY_KEY_LEN)?;
         }
+        let pushed = self.inner.push.get().map(|_| item.clone());
         let r = self
             .inner
             .store
             .notify(users, item, idempotency_key)
             .await?;
+        if let Some(item) = &pushed {
+            self.offer_push(&r.delivered, item);
+        }
         self.settle(r.event).await;
         Ok(r)
     }
@@ -705,6 +735,7 @@ impl Inbox {
                 .store
                 .notify(users, item.clone(), idempotency_key.clone())
                 .await?;
+            self.offer_push(&r.delivered, &item);
             for d in &r.delivered {
                 match d.outcome {
                     "created" => out.created += 1,

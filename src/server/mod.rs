@@ -233,11 +233,9 @@ pub fn open_inbox(hub: &Hub, config: &Config) -> Result<Option<crate::inbox::Inb
     .map_err(|e| {
         ConfigError::Invalid(format!("cannot open the inbox at {}: {e}", path.display()))
     })?;
-    Ok(Some(crate::inbox::Inbox::start(
-        Arc::new(store),
-        hub.clone(),
-        config.inbox.clone(),
-    )))
+    let inbox = crate::inbox::Inbox::start(Arc::new(store), hub.clone(), config.inbox.clone());
+    crate::inbox::push::attach(&inbox, hub, config)?;
+    Ok(Some(inbox))
 }
 
 /// Like [`open_inbox`], for every engine: on the Redis engine the store lives in the engine's Redis

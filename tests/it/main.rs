@@ -19,6 +19,7 @@ mod matrix;
 mod mercure;
 mod ops;
 mod process;
+mod push;
 mod resume;
 mod wire;
 mod ws;

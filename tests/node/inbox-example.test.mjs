@@ -28,7 +28,8 @@ const config = readFileSync(`${EXAMPLE}herald.toml`, 'utf8')
   .split('\n')
   .filter((l) => !/^(listen|data_dir)\s*=/.test(l))
   .map((l) => (l.startsWith('allowed_origins') ? 'allowed_origins = ["http://127.0.0.1:*"]' : l))
-  .join('\n') + '\nuser_rate = 1000\n';
+  .map((l) => (l === '[inbox]' ? '[inbox]\nuser_rate = 1000' : l))
+  .join('\n');
 
 before(async () => {
   herald = await startHerald({ config });
@@ -136,5 +137,40 @@ test('two tabs converge on the server state after many random clicks', async () 
   await tabs[0].click('#tabs button[data-tab="archived"]');
   await tabs[0].locator('#tabs button[data-tab="billing"]').waitFor();
   await tabs[0].screenshot({ path: path.join(SHOTS, 'inbox-archived.png') });
+  await context.close();
+});
+
+test('the push toggle subscribes through Herald or says why it cannot', async () => {
+  // Notifications granted, so the toggle gets as far as the browser's push service: headless Chromium here
+  // has none it can reach, and the page must say so and leave the toggle off; where it has one, the
+  // subscription must be registered with Herald and removed again when the toggle is turned off.
+  const context = await browser.newContext({ permissions: ['notifications'] });
+  const page = await context.newPage();
+  page.on('pageerror', (e) => pageErrors.push(e.message));
+  await page.goto(appUrl);
+  await page.click('#login button');
+  await page.locator('#push-status', { hasText: 'Push off.' }).waitFor({ timeout: 10000 });
+  assert.equal(await page.isEnabled('#push'), true, 'the toggle is usable once the VAPID key is known');
+  assert.equal(await page.isChecked('#push'), false);
+
+  await page.click('#push');
+  // Settled when the toggle is enabled again.
+  await page.waitForFunction(() => !document.querySelector('#push').disabled, null, { timeout: 30000 });
+  const status = await page.textContent('#push-status');
+  const checked = await page.isChecked('#push');
+  const token = sign({ sub: 'alice', exp: Math.floor(Date.now() / 1000) + 600 }, KEY);
+  const registered = async () => (await (await fetch(`${herald.url}/inbox/push/subscriptions`, { headers: { authorization: `Bearer ${token}` } })).json()).subscriptions;
+  await page.screenshot({ path: path.join(SHOTS, 'inbox-push-toggle.png') });
+  if (status === 'Push on.') {
+    assert.equal(checked, true);
+    assert.equal((await registered()).length, 1, 'the subscription is registered with Herald');
+    await page.click('#push');
+    await page.locator('#push-status', { hasText: 'Push off.' }).waitFor({ timeout: 10000 });
+    assert.equal((await registered()).length, 0, 'turning push off unregisters it');
+  } else {
+    assert.match(status, /^Push is unavailable: .+/);
+    assert.equal(checked, false, 'the toggle stays off when push is unavailable');
+    assert.equal((await registered()).length, 0);
+  }
   await context.close();
 });
