@@ -246,6 +246,7 @@ fn close_for(e: &DocError) -> Close {
         DocError::UpdateTooLarge { .. } => CLOSE_TOO_BIG,
         DocError::DocumentFull(_) => CLOSE_DOCUMENT_FULL,
         DocError::Unloaded => CLOSE_TRY_LATER,
+        DocError::SnapshotNotFound(..) | DocError::DocumentNotFound(_) => CLOSE_INTERNAL,
     };
     (code, e.to_string())
 }
