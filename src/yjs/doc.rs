@@ -175,6 +175,17 @@ fn json_of(doc: &yrs::Doc, name: &str, kind: &str) -> Option<serde_json::Value> 
     serde_json::from_str(&s).ok()
 }
 
+/// Counts a refused update by why (`herald_yjs_updates_refused_total`).
+pub(crate) fn refused(e: &DocError) {
+    let reason = match e {
+        DocError::Corrupt(_) => "corrupt",
+        DocError::UpdateTooLarge { .. } => "too_large",
+        DocError::DocumentFull(_) => "document_full",
+        _ => "storage",
+    };
+    metrics::counter!("herald_yjs_updates_refused_total", "reason" => reason).increment(1);
+}
+
 /// Every loaded document of this node.
 pub struct Docs {
     hub: Hub,
@@ -305,6 +316,7 @@ impl Docs {
                         stop: CancellationToken::new(),
                     });
                     map.insert(name, d.clone());
+                    metrics::gauge!("herald_yjs_documents_loaded").increment(1.0);
                     d
                 }
             }
@@ -334,6 +346,7 @@ impl Docs {
             .min_by_key(|(t, _)| *t);
         if let Some((_, d)) = victim {
             map.remove(&d.name);
+            metrics::gauge!("herald_yjs_documents_loaded").decrement(1.0);
             d.unload();
         }
     }
@@ -342,6 +355,7 @@ impl Docs {
         let mut map = self.loaded.lock();
         if map.get(&doc.name).is_some_and(|d| Arc::ptr_eq(d, doc)) {
             map.remove(&doc.name);
+            metrics::gauge!("herald_yjs_documents_loaded").decrement(1.0);
         }
         drop(map);
         doc.unload();
@@ -423,6 +437,19 @@ impl Docs {
     /// Stores a client's update (`origin`: its connection), after checking it. Returns once the engine
     /// acknowledged it; the document and the other clients get it from the hub.
     pub async fn submit_update(
+        &self,
+        doc: &Loaded,
+        origin: Option<u64>,
+        data: Bytes,
+    ) -> Result<(), DocError> {
+        let result = self.check_and_store(doc, origin, data).await;
+        if let Err(e) = &result {
+            refused(e);
+        }
+        result
+    }
+
+    async fn check_and_store(
         &self,
         doc: &Loaded,
         origin: Option<u64>,
@@ -520,6 +547,7 @@ impl Docs {
             );
             st.idle_since = None;
         }
+        metrics::gauge!("herald_yjs_connections").increment(1.0);
         PeerHandle { doc, id, rx }
     }
 
@@ -532,6 +560,7 @@ impl Docs {
                 st.idle_since = Some(Instant::now());
             }
             let Some(peer) = peer else { return };
+            metrics::gauge!("herald_yjs_connections").decrement(1.0);
             let mut clients = HashMap::new();
             for c in peer.clients {
                 let clock = st.awareness.meta(c).map_or(0, |(clock, _)| clock);
@@ -739,6 +768,7 @@ impl Docs {
             }
         };
         doc.state.lock().snap_last_ms = Some(published.record.time_ms);
+        metrics::counter!("herald_yjs_snapshots_total").increment(1);
         if cut > 0 {
             // A failed trim leaves old snapshots listed by nobody; the next snapshot trims them.
             if let Err(e) = engine.trim_channel(channel, cut).await {
@@ -817,6 +847,7 @@ impl Docs {
         self.publish(&doc, None, Bytes::from(update), KIND_UPDATE, false)
             .await?;
         doc.state.lock().changed = true;
+        metrics::counter!("herald_yjs_restores_total").increment(1);
         Ok(Restored {
             snapshot: id,
             before: before.map(|b| b.id),
@@ -898,6 +929,10 @@ impl Loaded {
                 };
                 if let Err(e) = apply(&st.awareness, update) {
                     tracing::warn!(doc = %self.name, seq = r.seq, error = %e, "update not applied");
+                } else if kind != Some(KIND_SNAPSHOT) {
+                    metrics::counter!("herald_yjs_updates_applied_total").increment(1);
+                    metrics::counter!("herald_yjs_update_bytes_total")
+                        .increment(r.data.len() as u64);
                 }
                 if kind == Some(KIND_SNAPSHOT) {
                     return; // nothing new for clients: it merges what they already had

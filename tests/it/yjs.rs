@@ -993,3 +993,51 @@ async fn documents_are_shared_by_the_nodes_of_a_nats_cluster() {
     two_nodes_share_a_document(&n1, &n2).await;
     compaction_trims_the_updates(&n1).await;
 }
+
+/// The sum of a metric's series whose name and labels start with `prefix` (the recorder is global to
+/// this process, so tests compare before and after).
+async fn metric(s: &TestServer, prefix: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", s.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Loaded documents, connections, applied updates and their bytes, refusals by reason and restores are
+/// counted.
+#[tokio::test]
+async fn yjs_work_is_counted_in_the_metrics() {
+    let s = start(&[]).await;
+    let w = doc_token(&[], &["*"]);
+    let applied = metric(&s, "herald_yjs_updates_applied_total").await;
+    let bytes = metric(&s, "herald_yjs_update_bytes_total").await;
+    let corrupt = metric(&s, "herald_yjs_updates_refused_total{reason=\"corrupt\"}").await;
+    let restores = metric(&s, "herald_yjs_restores_total").await;
+    let mut a = Client::synced(&s, "counted", Some(&w)).await;
+    a.insert(0, "abc").await;
+    stored(&s, "counted", "abc").await;
+    assert!(metric(&s, "herald_yjs_updates_applied_total").await > applied);
+    assert!(metric(&s, "herald_yjs_update_bytes_total").await > bytes);
+    assert!(metric(&s, "herald_yjs_connections").await >= 1.0);
+    assert!(metric(&s, "herald_yjs_documents_loaded").await >= 1.0);
+    let (_, v) = doc_api(&s, "POST", "doc/snapshot?name=counted").await;
+    let id = v["snapshot"]["id"].as_u64().expect("id");
+    let (status, _) = doc_api(&s, "POST", &format!("doc/restore?name=counted&id={id}")).await;
+    assert_eq!(status, 200);
+    assert!(metric(&s, "herald_yjs_restores_total").await > restores);
+    let mut bad = Client::synced(&s, "counted", Some(&w)).await;
+    bad.ws
+        .send(Ws::Binary(
+            vec![0, 2, 7, 0xff, 0xff, 0xff, 0x7f, 1, 2, 3].into(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(bad.closed().await.0, herald::yjs::CLOSE_INVALID);
+    assert!(metric(&s, "herald_yjs_updates_refused_total{reason=\"corrupt\"}").await > corrupt);
+}
