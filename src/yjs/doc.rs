@@ -738,7 +738,9 @@ impl Docs {
         let mut cut = 0u64;
         for s in older {
             let expired = max_age > 0 && now - s.time_ms > max_age;
-            if kept.len() + 1 < keep && !expired {
+            // Once one goes, every older one goes too: the trim removes everything up to the cut, so a
+            // kept snapshot must be newer than every dropped one (nodes' clocks may disagree a little).
+            if cut == 0 && kept.len() + 1 < keep && !expired {
                 kept.push(s);
             } else {
                 cut = cut.max(s.id);
