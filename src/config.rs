@@ -243,6 +243,17 @@ pub struct YjsConfig {
     /// The channel document events (`changed`, `idle`) are published on, as private publications; empty:
     /// none are published.
     pub events_channel: String,
+    /// At most one point-in-time snapshot per document per this interval while it changes (plus one
+    /// when it goes idle with changes not in a snapshot yet); zero: none taken automatically (the API
+    /// still takes them).
+    #[serde(with = "humantime_serde")]
+    pub snapshot_interval: Duration,
+    /// Point-in-time snapshots kept per document; the oldest go when a new one is taken.
+    pub snapshot_keep: usize,
+    /// Snapshots older than this are no longer listed and are removed with the next one taken; zero: no
+    /// age limit.
+    #[serde(with = "humantime_serde")]
+    pub snapshot_max_age: Duration,
 }
 
 impl Default for YjsConfig {
@@ -256,6 +267,9 @@ impl Default for YjsConfig {
             idle_unload: Duration::from_secs(30),
             compact_after: 500,
             events_channel: "yjs-events".into(),
+            snapshot_interval: Duration::from_secs(10 * 60),
+            snapshot_keep: 50,
+            snapshot_max_age: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -806,6 +820,11 @@ impl Config {
         if self.yjs.max_documents == 0 || self.yjs.max_update_size == 0 {
             return Err(ConfigError::Invalid(
                 "yjs.max_documents and yjs.max_update_size must be at least 1".into(),
+            ));
+        }
+        if self.yjs.snapshot_keep == 0 {
+            return Err(ConfigError::Invalid(
+                "yjs.snapshot_keep must be at least 1 (set yjs.snapshot_interval = \"0s\" to take none automatically)".into(),
             ));
         }
         if self.yjs.max_document_size < self.yjs.max_update_size {

@@ -59,4 +59,32 @@ fn describe() {
         "herald_log_append_seconds",
         "Time to append (and commit) one batch to the log"
     );
+    metrics::describe_gauge!(
+        "herald_yjs_documents_loaded",
+        "Yjs documents in memory on this node"
+    );
+    metrics::describe_gauge!(
+        "herald_yjs_connections",
+        "Open y-websocket connections on this node"
+    );
+    metrics::describe_counter!(
+        "herald_yjs_updates_applied_total",
+        "Stored Yjs updates applied to the documents of this node (from any node)"
+    );
+    metrics::describe_counter!(
+        "herald_yjs_update_bytes_total",
+        "Bytes of the Yjs updates applied to the documents of this node"
+    );
+    metrics::describe_counter!(
+        "herald_yjs_updates_refused_total",
+        "Yjs updates refused, by reason: corrupt, too_large, document_full, read_only, storage"
+    );
+    metrics::describe_counter!(
+        "herald_yjs_snapshots_total",
+        "Point-in-time snapshots of Yjs documents taken by this node"
+    );
+    metrics::describe_counter!(
+        "herald_yjs_restores_total",
+        "Yjs documents restored to a snapshot through this node"
+    );
 }

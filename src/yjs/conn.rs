@@ -187,10 +187,12 @@ async fn on_frame(
 ) -> Result<(), Close> {
     let max = docs.config().max_update_size;
     if data.len() > max {
-        return Err(close_for(&DocError::UpdateTooLarge {
+        let e = DocError::UpdateTooLarge {
             size: data.len(),
             max,
-        }));
+        };
+        super::doc::refused(&e);
+        return Err(close_for(&e));
     }
     // yrs is not hardened against every input: a panic while decoding is a refusal too.
     let msg = match std::panic::catch_unwind(|| Message::decode_v1(&data)) {
@@ -206,6 +208,10 @@ async fn on_frame(
                     // A read-only client's provider answers the server's sync step 1 with what it has;
                     // that is nothing unless it edited, and only an edit is refused.
                     let update = decode_update(&u).map_err(|e| close_for(&e))?;
+                    if !update.is_empty() {
+                        metrics::counter!("herald_yjs_updates_refused_total", "reason" => "read_only")
+                            .increment(1);
+                    }
                     if !update.is_empty() && !*told_read_only {
                         *told_read_only = true;
                         let reason =
@@ -246,6 +252,7 @@ fn close_for(e: &DocError) -> Close {
         DocError::UpdateTooLarge { .. } => CLOSE_TOO_BIG,
         DocError::DocumentFull(_) => CLOSE_DOCUMENT_FULL,
         DocError::Unloaded => CLOSE_TRY_LATER,
+        DocError::SnapshotNotFound(..) | DocError::DocumentNotFound(_) => CLOSE_INTERNAL,
     };
     (code, e.to_string())
 }

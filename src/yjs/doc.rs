@@ -37,6 +37,12 @@ use crate::topic::Selector;
 
 /// The reserved channel that stores a document.
 pub const CHANNEL_PREFIX: &str = "$yjs:";
+/// The reserved channel that keeps a document's point-in-time snapshots. A channel of its own, on the
+/// same log, rather than records on the document's channel: loading a document then never reads them,
+/// compaction (which trims the document's channel) never removes them, and they are trimmed by their own
+/// rules (count and age); being on the log, they are durable on every engine and shared by every node
+/// of a cluster with nothing new to deploy, and their ids are the engine's positions (ordered by time).
+pub const SNAPSHOTS_PREFIX: &str = "$yjs-snapshots:";
 /// Longest document name.
 pub const MAX_NAME_LEN: usize = 255;
 
@@ -66,11 +72,65 @@ pub enum DocError {
     DocumentFull(usize),
     #[error("the document was unloaded; reconnect")]
     Unloaded,
+    #[error("document {0} has no snapshot {1}")]
+    SnapshotNotFound(String, u64),
+    #[error("document {0} is not stored")]
+    DocumentNotFound(String),
+}
+
+/// One point-in-time snapshot, as listed. The newest snapshot's record carries the list of the older
+/// ones kept (its `index` tag), so listing and trimming read one record, not every snapshot's content.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotInfo {
+    /// The engine's position of the snapshot's record: unique, and ordered as the snapshots were taken.
+    pub id: u64,
+    /// When it was taken (ms since the epoch).
+    pub time_ms: i64,
+    /// Bytes of its Yjs update.
+    pub size: usize,
+    /// Why it was taken: `interval`, `idle`, `api` or `before-restore`.
+    pub reason: String,
+}
+
+impl SnapshotInfo {
+    fn of(r: &Record) -> SnapshotInfo {
+        SnapshotInfo {
+            id: r.seq,
+            time_ms: r.time_ms,
+            size: r.data.len(),
+            reason: r.tags.get("reason").cloned().unwrap_or_default(),
+        }
+    }
+
+    /// The snapshots listed by the record `r` of the newest one: itself, then the older ones kept.
+    fn listed_by(r: &Record) -> Vec<SnapshotInfo> {
+        let mut v = vec![SnapshotInfo::of(r)];
+        if let Some(index) = r.tags.get("index") {
+            v.extend(serde_json::from_str::<Vec<SnapshotInfo>>(index).unwrap_or_default());
+        }
+        v
+    }
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Restored {
+    /// The snapshot restored.
+    pub snapshot: u64,
+    /// The snapshot of the content just before the restore (so a restore can itself be undone).
+    pub before: Option<u64>,
+    /// Bytes of the edit that made the document equal to the snapshot.
+    pub update_size: usize,
 }
 
 /// The reserved channel of document `name`.
 pub fn channel_of(name: &str) -> String {
     format!("{CHANNEL_PREFIX}{name}")
+}
+
+/// The reserved channel of document `name`'s point-in-time snapshots.
+pub fn snapshots_channel_of(name: &str) -> String {
+    format!("{SNAPSHOTS_PREFIX}{name}")
 }
 
 /// Whether `name` is acceptable as a document name.
@@ -96,6 +156,34 @@ fn apply(awareness: &Awareness, update: Update) -> Result<(), DocError> {
     }))
     .map_err(|_| DocError::Corrupt("the update could not be applied".into()))?
     .map_err(|e| DocError::Corrupt(e.to_string()))
+}
+
+/// The JSON of root type `name` of `doc` read as `kind` (a text and an XML fragment as strings).
+fn json_of(doc: &yrs::Doc, name: &str, kind: &str) -> Option<serde_json::Value> {
+    use yrs::types::ToJson;
+    use yrs::GetString;
+    let txn = doc.transact();
+    let any = match kind {
+        "text" => yrs::Any::from(txn.get_text(name)?.get_string(&txn)),
+        "map" => txn.get_map(name)?.to_json(&txn),
+        "array" => txn.get_array(name)?.to_json(&txn),
+        "xml" => yrs::Any::from(txn.get_xml_fragment(name)?.get_string(&txn)),
+        _ => return None,
+    };
+    let mut s = String::new();
+    any.to_json(&mut s);
+    serde_json::from_str(&s).ok()
+}
+
+/// Counts a refused update by why (`herald_yjs_updates_refused_total`).
+pub(crate) fn refused(e: &DocError) {
+    let reason = match e {
+        DocError::Corrupt(_) => "corrupt",
+        DocError::UpdateTooLarge { .. } => "too_large",
+        DocError::DocumentFull(_) => "document_full",
+        _ => "storage",
+    };
+    metrics::counter!("herald_yjs_updates_refused_total", "reason" => reason).increment(1);
 }
 
 /// Every loaded document of this node.
@@ -134,6 +222,11 @@ struct DocState {
     compacting: bool,
     /// No connection since then.
     idle_since: Option<Instant>,
+    /// An update was applied since the newest point-in-time snapshot this node knows of.
+    snap_dirty: bool,
+    /// When the newest point-in-time snapshot known was taken (ms); `None`: not looked up yet.
+    snap_last_ms: Option<i64>,
+    snapshotting: bool,
     /// Changed by a client of this node since the last `changed` event.
     changed: bool,
     /// The hub subscription feeding the document; dropped on unload.
@@ -213,6 +306,9 @@ impl Docs {
                             since_snapshot: 0,
                             compacting: false,
                             idle_since: Some(Instant::now()),
+                            snap_dirty: false,
+                            snap_last_ms: None,
+                            snapshotting: false,
                             changed: false,
                             sub: None,
                         }),
@@ -220,6 +316,7 @@ impl Docs {
                         stop: CancellationToken::new(),
                     });
                     map.insert(name, d.clone());
+                    metrics::gauge!("herald_yjs_documents_loaded").increment(1.0);
                     d
                 }
             }
@@ -249,6 +346,7 @@ impl Docs {
             .min_by_key(|(t, _)| *t);
         if let Some((_, d)) = victim {
             map.remove(&d.name);
+            metrics::gauge!("herald_yjs_documents_loaded").decrement(1.0);
             d.unload();
         }
     }
@@ -257,6 +355,7 @@ impl Docs {
         let mut map = self.loaded.lock();
         if map.get(&doc.name).is_some_and(|d| Arc::ptr_eq(d, doc)) {
             map.remove(&doc.name);
+            metrics::gauge!("herald_yjs_documents_loaded").decrement(1.0);
         }
         drop(map);
         doc.unload();
@@ -338,6 +437,19 @@ impl Docs {
     /// Stores a client's update (`origin`: its connection), after checking it. Returns once the engine
     /// acknowledged it; the document and the other clients get it from the hub.
     pub async fn submit_update(
+        &self,
+        doc: &Loaded,
+        origin: Option<u64>,
+        data: Bytes,
+    ) -> Result<(), DocError> {
+        let result = self.check_and_store(doc, origin, data).await;
+        if let Err(e) = &result {
+            refused(e);
+        }
+        result
+    }
+
+    async fn check_and_store(
         &self,
         doc: &Loaded,
         origin: Option<u64>,
@@ -435,6 +547,7 @@ impl Docs {
             );
             st.idle_since = None;
         }
+        metrics::gauge!("herald_yjs_connections").increment(1.0);
         PeerHandle { doc, id, rx }
     }
 
@@ -447,6 +560,7 @@ impl Docs {
                 st.idle_since = Some(Instant::now());
             }
             let Some(peer) = peer else { return };
+            metrics::gauge!("herald_yjs_connections").decrement(1.0);
             let mut clients = HashMap::new();
             for c in peer.clients {
                 let clock = st.awareness.meta(c).map_or(0, |(clock, _)| clock);
@@ -484,7 +598,7 @@ impl Docs {
                 if !d.ready.initialized() {
                     continue;
                 }
-                let (changed, compact, idle) = {
+                let (changed, compact, idle, snapshot) = {
                     let mut st = d.state.lock();
                     let changed = std::mem::take(&mut st.changed);
                     let compact =
@@ -495,10 +609,30 @@ impl Docs {
                     if compact || (idle && st.since_snapshot > 1) {
                         st.compacting = true;
                     }
-                    (changed, compact, idle)
+                    let interval = self.cfg.snapshot_interval.as_millis() as i64;
+                    let snapshot = interval > 0
+                        && st.snap_dirty
+                        && !st.snapshotting
+                        && (idle
+                            || st
+                                .snap_last_ms
+                                .is_none_or(|t| crate::hub::now_ms() - t >= interval));
+                    if snapshot {
+                        st.snapshotting = true;
+                    }
+                    (changed, compact, idle, snapshot)
                 };
                 if changed {
                     self.event(&d.name, "changed").await;
+                }
+                if snapshot && idle {
+                    // The last changes of a document going out of memory get their snapshot now,
+                    // whatever the interval: nothing else would take one until it is edited again.
+                    self.timed_snapshot(&d, "idle", true).await;
+                } else if snapshot {
+                    let docs = self.clone();
+                    let d = d.clone();
+                    tokio::spawn(async move { docs.timed_snapshot(&d, "interval", false).await });
                 }
                 if compact {
                     let docs = self.clone();
@@ -545,6 +679,182 @@ impl Docs {
             Err(e) => tracing::warn!(doc = %doc.name, error = %e, "compaction failed"),
         }
         doc.state.lock().compacting = false;
+    }
+
+    /// A snapshot of the background work: failures are logged, and the document stays due for one.
+    async fn timed_snapshot(&self, doc: &Loaded, reason: &str, force: bool) {
+        match self.take_snapshot(doc, reason, force).await {
+            Ok(Some(info)) => {
+                tracing::debug!(doc = %doc.name, id = info.id, reason, "snapshot taken")
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(doc = %doc.name, error = %e, "snapshot failed"),
+        }
+        doc.state.lock().snapshotting = false;
+    }
+
+    /// Stores a point-in-time snapshot of the document and trims the older ones (`yjs.snapshot_keep`,
+    /// `yjs.snapshot_max_age`). Unless `force`, it is skipped when the newest stored snapshot is more
+    /// recent than `yjs.snapshot_interval`: every node holding the document looks before it writes, so a
+    /// cluster keeps about one per interval, not one per node.
+    pub async fn take_snapshot(
+        &self,
+        doc: &Loaded,
+        reason: &str,
+        force: bool,
+    ) -> Result<Option<SnapshotInfo>, DocError> {
+        let channel = snapshots_channel_of(&doc.name);
+        let engine = self.hub.engine().clone();
+        let newest = engine
+            .read_channel_back(channel.clone(), u64::MAX, 1)
+            .await?
+            .into_iter()
+            .next();
+        let now = crate::hub::now_ms();
+        if !force {
+            if let Some(n) = &newest {
+                let interval = self.cfg.snapshot_interval.as_millis() as i64;
+                if now - n.time_ms < interval {
+                    doc.state.lock().snap_last_ms = Some(n.time_ms);
+                    return Ok(None);
+                }
+            }
+        }
+        let state = {
+            let mut st = doc.state.lock();
+            st.snap_dirty = false;
+            let txn = st.awareness.doc().transact();
+            Bytes::from(txn.encode_state_as_update_v1(&StateVector::default()))
+        };
+        // The older snapshots this one keeps listed; the first one pushed out (by count or age) and
+        // everything before it are trimmed once this one is stored.
+        let older = newest
+            .as_ref()
+            .map(SnapshotInfo::listed_by)
+            .unwrap_or_default();
+        let keep = self.cfg.snapshot_keep.max(1);
+        let max_age = self.cfg.snapshot_max_age.as_millis() as i64;
+        let mut kept = Vec::new();
+        let mut cut = 0u64;
+        for s in older {
+            let expired = max_age > 0 && now - s.time_ms > max_age;
+            // Once one goes, every older one goes too: the trim removes everything up to the cut, so a
+            // kept snapshot must be newer than every dropped one (nodes' clocks may disagree a little).
+            if cut == 0 && kept.len() + 1 < keep && !expired {
+                kept.push(s);
+            } else {
+                cut = cut.max(s.id);
+            }
+        }
+        let mut tags = std::collections::BTreeMap::new();
+        tags.insert("reason".to_string(), reason.to_string());
+        tags.insert(
+            "index".to_string(),
+            serde_json::to_string(&kept).unwrap_or_else(|_| "[]".into()),
+        );
+        let published = self
+            .hub
+            .publish(NewPublication {
+                topics: vec![channel.clone()],
+                data: state,
+                event_type: Some(KIND_SNAPSHOT.to_string()),
+                tags,
+                ..Default::default()
+            })
+            .await;
+        let published = match published {
+            Ok(p) => p,
+            Err(e) => {
+                doc.state.lock().snap_dirty = true;
+                return Err(e.into());
+            }
+        };
+        doc.state.lock().snap_last_ms = Some(published.record.time_ms);
+        metrics::counter!("herald_yjs_snapshots_total").increment(1);
+        if cut > 0 {
+            // A failed trim leaves old snapshots listed by nobody; the next snapshot trims them.
+            if let Err(e) = engine.trim_channel(channel, cut).await {
+                tracing::warn!(doc = %doc.name, error = %e, "old snapshots not trimmed");
+            }
+        }
+        Ok(Some(SnapshotInfo::of(&published.record)))
+    }
+
+    /// The document's snapshots, newest first (those older than `yjs.snapshot_max_age` left out).
+    pub async fn snapshots(&self, name: &str) -> Result<Vec<SnapshotInfo>, DocError> {
+        let engine = self.hub.engine();
+        let newest = engine
+            .read_channel_back(snapshots_channel_of(name), u64::MAX, 1)
+            .await?
+            .into_iter()
+            .next();
+        let Some(newest) = newest else {
+            if engine
+                .channel_top(channel_of(name), u64::MAX)
+                .await?
+                .is_none()
+            {
+                return Err(DocError::DocumentNotFound(name.to_string()));
+            }
+            return Ok(Vec::new());
+        };
+        let max_age = self.cfg.snapshot_max_age.as_millis() as i64;
+        let now = crate::hub::now_ms();
+        Ok(SnapshotInfo::listed_by(&newest)
+            .into_iter()
+            .filter(|s| max_age == 0 || now - s.time_ms <= max_age)
+            .collect())
+    }
+
+    /// The stored record of snapshot `id` of document `name`.
+    pub async fn snapshot(&self, name: &str, id: u64) -> Result<Record, DocError> {
+        let found = self
+            .hub
+            .engine()
+            .read_channel(snapshots_channel_of(name), id.saturating_sub(1), id, 1)
+            .await?;
+        found
+            .into_iter()
+            .find(|r| r.seq == id && id > 0)
+            .ok_or_else(|| DocError::SnapshotNotFound(name.to_string(), id))
+    }
+
+    /// Makes document `name` hold what snapshot `id` held, as an edit stored and relayed like any other
+    /// (see `restore.rs` for what is restored). The current content is snapshotted first.
+    pub async fn restore(self: &Arc<Self>, name: &str, id: u64) -> Result<Restored, DocError> {
+        let snapshot = self.snapshot(name, id).await?;
+        let doc = self.open(name).await?;
+        let before = self.take_snapshot(&doc, "before-restore", true).await?;
+        let current = Bytes::from(doc.state_update());
+        let target = snapshot.data.clone();
+        let update =
+            tokio::task::spawn_blocking(move || super::restore::restore_update(&current, &target))
+                .await
+                .map_err(|_| DocError::Corrupt("the restore could not be computed".into()))??;
+        let update_size = update.len();
+        if decode_update(&update)?.is_empty() {
+            return Ok(Restored {
+                snapshot: id,
+                before: before.map(|b| b.id),
+                update_size: 0,
+            });
+        }
+        {
+            let st = doc.state.lock();
+            if st.stored_bytes + update_size > self.cfg.max_document_size {
+                return Err(DocError::DocumentFull(self.cfg.max_document_size));
+            }
+        }
+        // Not held to yjs.max_update_size: it is Herald's own edit, as large as the snapshot.
+        self.publish(&doc, None, Bytes::from(update), KIND_UPDATE, false)
+            .await?;
+        doc.state.lock().changed = true;
+        metrics::counter!("herald_yjs_restores_total").increment(1);
+        Ok(Restored {
+            snapshot: id,
+            before: before.map(|b| b.id),
+            update_size,
+        })
     }
 
     /// Publishes a document event on `yjs.events_channel` (private: readers need a grant of it).
@@ -610,6 +920,7 @@ impl Loaded {
                 } else {
                     st.stored_bytes += r.data.len();
                     st.since_snapshot += 1;
+                    st.snap_dirty = true;
                 }
                 let update = match decode_update(&r.data) {
                     Ok(u) => u,
@@ -620,6 +931,10 @@ impl Loaded {
                 };
                 if let Err(e) = apply(&st.awareness, update) {
                     tracing::warn!(doc = %self.name, seq = r.seq, error = %e, "update not applied");
+                } else if kind != Some(KIND_SNAPSHOT) {
+                    metrics::counter!("herald_yjs_updates_applied_total").increment(1);
+                    metrics::counter!("herald_yjs_update_bytes_total")
+                        .increment(r.data.len() as u64);
                 }
                 if kind == Some(KIND_SNAPSHOT) {
                     return; // nothing new for clients: it merges what they already had
@@ -677,20 +992,19 @@ impl Loaded {
     /// The JSON of the root type `name` (`kind`: text, map, array, xml), `None` when the document has
     /// no such root.
     pub fn root_json(&self, name: &str, kind: &str) -> Option<serde_json::Value> {
-        use yrs::types::ToJson;
-        use yrs::GetString;
         let st = self.state.lock();
-        let txn = st.awareness.doc().transact();
-        let any = match kind {
-            "text" => yrs::Any::from(txn.get_text(name)?.get_string(&txn)),
-            "map" => txn.get_map(name)?.to_json(&txn),
-            "array" => txn.get_array(name)?.to_json(&txn),
-            "xml" => yrs::Any::from(txn.get_xml_fragment(name)?.get_string(&txn)),
-            _ => return None,
-        };
-        let mut s = String::new();
-        any.to_json(&mut s);
-        serde_json::from_str(&s).ok()
+        json_of(st.awareness.doc(), name, kind)
+    }
+
+    /// The same, of the document a full-state update describes (a snapshot).
+    pub fn json_of_update(
+        update: &[u8],
+        name: &str,
+        kind: &str,
+    ) -> Result<Option<serde_json::Value>, DocError> {
+        let awareness = Awareness::new(yrs::Doc::new());
+        apply(&awareness, decode_update(update)?)?;
+        Ok(json_of(awareness.doc(), name, kind))
     }
 
     /// Bytes stored for the document and updates since its last snapshot.

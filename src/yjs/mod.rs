@@ -6,7 +6,9 @@
 //! - `conn.rs`: one task per socket (sync steps, updates, awareness, query-awareness, auth refusals);
 //! - `doc.rs`: the loaded documents, their storage on reserved channels, compaction, idle unloading,
 //!   document events;
-//! - `api.rs`: the HTTP API for backends (list, read as an update or as JSON, apply an update).
+//! - `api.rs`: the HTTP API for backends (list, read as an update or as JSON, apply an update; list, take,
+//!   read and restore point-in-time snapshots);
+//! - `restore.rs`: the edit that makes a document hold a snapshot's content again.
 
 use std::sync::Arc;
 
@@ -19,6 +21,7 @@ use crate::state::AppState;
 mod api;
 mod conn;
 pub mod doc;
+pub mod restore;
 
 pub use conn::{
     CLOSE_DOCUMENT_FULL, CLOSE_FORBIDDEN, CLOSE_INVALID, CLOSE_TOO_BIG, CLOSE_UNAUTHORIZED,
@@ -41,5 +44,12 @@ pub fn routes(hub: &Hub, config: &crate::config::YjsConfig) -> Router<AppState> 
         .route("/api/yjs/doc", get(api::read))
         .route("/api/yjs/doc/json", get(api::read_json))
         .route("/api/yjs/doc/update", post(api::apply_update))
+        .route("/api/yjs/doc/snapshots", get(api::list_snapshots))
+        .route(
+            "/api/yjs/doc/snapshot",
+            get(api::read_snapshot).post(api::take_snapshot),
+        )
+        .route("/api/yjs/doc/snapshot/json", get(api::read_snapshot_json))
+        .route("/api/yjs/doc/restore", post(api::restore))
         .layer(Extension::<Arc<Docs>>(docs))
 }

@@ -17,7 +17,7 @@ use crate::process::{refused, Herald};
 use crate::wsclient::*;
 
 /// A nats-server of this test's own.
-struct Nats {
+pub(crate) struct Nats {
     child: Option<std::process::Child>,
     port: u16,
     dir: tempfile::TempDir,
@@ -43,7 +43,7 @@ fn free_port() -> u16 {
 }
 
 impl Nats {
-    fn start() -> Nats {
+    pub(crate) fn start() -> Nats {
         let mut n = Nats {
             child: None,
             port: free_port(),
@@ -53,7 +53,7 @@ impl Nats {
         n
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
@@ -669,4 +669,19 @@ async fn start_up_fails_fast_naming_an_unreachable_nats() {
     assert!(!status.success());
     assert!(stderr.contains(&url), "the message names the URL: {stderr}");
     assert!(started.elapsed() < Duration::from_secs(10), "fails fast");
+}
+
+/// `trim_channel` on NATS (Yjs compaction uses it): the records up to the cut are purged, the removal is
+/// recorded, and recovery from before the cut is refused rather than silently skipping them.
+#[tokio::test]
+async fn trim_channel_purges_up_to_a_seq_and_recovery_says_so() {
+    let nats = Nats::start();
+    let s = TestServer::start(&[
+        ("engine.kind", "\"nats\""),
+        ("engine.url", &format!("{:?}", nats.url())),
+        ("engine.prefix", &format!("{:?}", prefix())),
+        ("centrifugo.api_key", &format!("{API_KEY:?}")),
+    ])
+    .await;
+    crate::cluster_redis::trim_keeps_recovery_honest(&s).await;
 }

@@ -1001,3 +1001,100 @@ async fn the_engine_keeps_the_contract_and_its_feed_fills_skips_and_reports_loss
     aging.close().await.unwrap();
     e.close().await.unwrap();
 }
+
+/// Publishes four records on a channel (and one on another), trims the channel up to the second, and
+/// checks what is left, the removed mark, and what recovery says from before and after the cut: a
+/// client that missed a trimmed record is told it was not recovered, one that missed none recovers.
+pub(crate) async fn trim_keeps_recovery_honest(s: &TestServer) {
+    let mut offsets = Vec::new();
+    for i in 0..4 {
+        let r = wsclient::api(
+            s,
+            "publish",
+            json!({"channel": "trimmed", "data": {"i": i}}),
+        )
+        .await;
+        offsets.push(r["offset"].as_u64().expect("offset"));
+        if i == 1 {
+            wsclient::api(s, "publish", json!({"channel": "kept", "data": {}})).await;
+        }
+    }
+    let engine = s.hub.engine();
+    let epoch = engine.epoch();
+    let removed = engine
+        .trim_channel("trimmed".into(), offsets[1])
+        .await
+        .expect("trim");
+    assert_eq!(removed, 2);
+    let left: Vec<u64> = engine
+        .read_channel("trimmed".into(), 0, u64::MAX, 100)
+        .await
+        .expect("read")
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(left, offsets[2..].to_vec());
+    assert_eq!(
+        engine.channel_pruned_upto("trimmed".into()).await.unwrap(),
+        offsets[1]
+    );
+    let other = engine
+        .read_channel("kept".into(), 0, u64::MAX, 100)
+        .await
+        .unwrap();
+    assert_eq!(other.len(), 1, "another channel is untouched");
+    assert_eq!(
+        engine
+            .trim_channel("trimmed".into(), offsets[1])
+            .await
+            .unwrap(),
+        0,
+        "nothing left below the cut"
+    );
+
+    let mut ws = wsclient::connected(s, "u").await;
+    let r = wsclient::call(
+        &mut ws,
+        2,
+        json!({"subscribe": {"channel": "trimmed", "recover": true, "offset": offsets[0], "epoch": epoch}}),
+    )
+    .await;
+    // `recovered: false` is left out of the reply, as Centrifugo does with false fields.
+    assert_eq!(r["subscribe"]["was_recovering"], true, "{r}");
+    assert!(
+        !r["subscribe"]["recovered"].as_bool().unwrap_or(false),
+        "missed a trimmed record: {r}"
+    );
+    let mut ws = wsclient::connected(s, "v").await;
+    let r = wsclient::call(
+        &mut ws,
+        2,
+        json!({"subscribe": {"channel": "trimmed", "recover": true, "offset": offsets[1], "epoch": epoch}}),
+    )
+    .await;
+    assert_eq!(
+        r["subscribe"]["recovered"], true,
+        "missed nothing trimmed: {r}"
+    );
+    let got: Vec<u64> = r["subscribe"]["publications"]
+        .as_array()
+        .expect("publications")
+        .iter()
+        .map(|p| p["offset"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(got, offsets[2..].to_vec());
+}
+
+/// `trim_channel` on Redis, atomically per step in a script with the removed mark.
+#[tokio::test]
+async fn trim_channel_removes_up_to_a_seq_and_recovery_says_so() {
+    let redis = Redis::start().await;
+    let s = TestServer::start(&[
+        ("engine.kind", "\"redis\""),
+        ("engine.url", &format!("{:?}", redis.url())),
+        ("engine.prefix", &format!("{:?}", prefix())),
+        ("centrifugo.api_key", &format!("{API_KEY:?}")),
+    ])
+    .await;
+    trim_keeps_recovery_honest(&s).await;
+}

@@ -5,7 +5,7 @@ mod common;
 mod access;
 mod admission;
 mod auth;
-mod cluster_nats;
+pub(crate) mod cluster_nats;
 pub(crate) mod cluster_redis;
 mod console;
 mod cors;

@@ -1,6 +1,6 @@
 //! Yjs documents over y-websocket, with yrs as the client: sync, updates reaching others only once
-//! stored, awareness, the docs claim, refusals with their close codes, restarts, compaction, the API and
-//! document events.
+//! stored, awareness, the docs claim, refusals with their close codes, restarts, compaction, the API,
+//! document events, point-in-time snapshots and restore, and documents across nodes on Redis and NATS.
 
 use std::time::Duration;
 
@@ -61,9 +61,14 @@ async fn open(s: &TestServer, doc: &str, token: Option<&str>) -> Socket {
 
 impl Client {
     async fn connect(s: &TestServer, doc: &str, token: Option<&str>) -> Client {
+        Client::connect_with(s, doc, token, Doc::new()).await
+    }
+
+    /// Connects with a document that already has content (a client coming back from offline).
+    async fn connect_with(s: &TestServer, doc: &str, token: Option<&str>, state: Doc) -> Client {
         let mut c = Client {
             ws: open(s, doc, token).await,
-            doc: Doc::new(),
+            doc: state,
             awareness: Default::default(),
             denied: Vec::new(),
             synced: false,
@@ -624,19 +629,295 @@ async fn document_events_are_published_for_backends() {
 }
 
 /// Two nodes on one Redis: a document's updates and awareness reach the clients of the other node through
-/// the engine, and a client joining on either node gets everything.
+/// the engine, and a client joining on either node gets everything; compaction trims there too.
 #[tokio::test]
 async fn documents_are_shared_by_the_nodes_of_a_cluster() {
     let redis = crate::cluster_redis::Redis::start().await;
     let url = format!("{:?}", redis.url());
-    let mut o = with_api(&[("engine.kind", "\"redis\""), ("engine.prefix", "\"yjs\"")]);
+    let mut o = with_api(&[
+        ("engine.kind", "\"redis\""),
+        ("engine.prefix", "\"yjs\""),
+        ("yjs.compact_after", "3"),
+    ]);
     o.push(("engine.url", url));
     let o: Vec<(&str, &str)> = o.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let n1 = TestServer::start(&o).await;
     let n2 = TestServer::start(&o).await;
+    two_nodes_share_a_document(&n1, &n2).await;
+    compaction_trims_the_updates(&n2).await;
+}
+
+/// A document API call that answers JSON: (status, body).
+async fn doc_api(s: &TestServer, method: &str, path_query: &str) -> (u16, Value) {
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/yjs/{path_query}", s.url);
+    let req = if method == "POST" {
+        http.post(url)
+    } else {
+        http.get(url)
+    };
+    get_json(req.header("x-api-key", API_KEY)).await
+}
+
+/// The snapshots listed for `doc`: (id, reason), newest first.
+async fn snapshots(s: &TestServer, doc: &str) -> Vec<(u64, String)> {
+    let (status, v) = doc_api(s, "GET", &format!("doc/snapshots?name={doc}")).await;
+    assert_eq!(status, 200, "{v}");
+    v["snapshots"]
+        .as_array()
+        .expect("snapshots")
+        .iter()
+        .map(|e| {
+            assert!(e["size"].as_u64().unwrap_or(0) > 0, "{e}");
+            assert!(e["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{e}");
+            (
+                e["id"].as_u64().expect("id"),
+                e["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Snapshots are taken, listed, read (as an update and as JSON) and restored; the restore is an edit
+/// that connected clients receive, that a client coming back with the reverted content in its own state
+/// cannot undo by merging, that survives a restart, and that can itself be undone (the content before
+/// the restore was snapshotted).
+#[tokio::test]
+async fn a_snapshot_is_restored_for_everyone_and_a_stale_client_cannot_resurrect_what_it_reverted()
+{
+    let s = start(&[]).await;
     let w = doc_token(&[], &["*"]);
-    let mut a = Client::synced(&n1, "shared", Some(&w)).await;
-    let mut b = Client::synced(&n2, "shared", Some(&w)).await;
+    let mut a = Client::synced(&s, "hist", Some(&w)).await;
+    let mut b = Client::synced(&s, "hist", Some(&w)).await;
+    a.insert(0, "version one").await;
+    stored(&s, "hist", "version one").await;
+    let (status, v) = doc_api(&s, "POST", "doc/snapshot?name=hist").await;
+    assert_eq!(status, 200, "{v}");
+    let first = v["snapshot"]["id"].as_u64().expect("id");
+    assert_eq!(v["snapshot"]["reason"], "api");
+
+    a.insert(11, " plus more").await;
+    b.until(|c| c.text() == "version one plus more")
+        .await
+        .unwrap();
+    // A client that has everything goes offline, keeping its state.
+    let mut stale = Client::synced(&s, "hist", Some(&w)).await;
+    assert_eq!(stale.text(), "version one plus more");
+    let _ = stale.ws.close(None).await;
+    let stale_doc = stale.doc;
+
+    assert_eq!(snapshots(&s, "hist").await, vec![(first, "api".into())]);
+    let (status, v) = doc_api(
+        &s,
+        "GET",
+        &format!("doc/snapshot/json?name=hist&id={first}&type=t"),
+    )
+    .await;
+    assert_eq!((status, &v["value"]), (200, &json!("version one")), "{v}");
+    let bytes = reqwest::Client::new()
+        .get(format!(
+            "{}/api/yjs/doc/snapshot?name=hist&id={first}",
+            s.url
+        ))
+        .header("x-api-key", API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let copy = Doc::new();
+    copy.transact_mut()
+        .apply_update(Update::decode_v1(&bytes).unwrap())
+        .unwrap();
+    assert_eq!(
+        copy.get_or_insert_text("t").get_string(&copy.transact()),
+        "version one"
+    );
+
+    let (status, v) = doc_api(&s, "POST", &format!("doc/restore?name=hist&id={first}")).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["restored"], first);
+    let before = v["before"]
+        .as_u64()
+        .expect("the content before the restore");
+    assert!(before > first);
+    a.until(|c| c.text() == "version one").await.unwrap();
+    b.until(|c| c.text() == "version one").await.unwrap();
+    stored(&s, "hist", "version one").await;
+
+    // The stale client comes back with " plus more" in its state: merging brings nothing back, for it
+    // or for anyone. (Its edit after the sync is processed after its sync step 2, so once the edit is
+    // stored, what the sync carried was applied too.)
+    let mut stale = Client::connect_with(&s, "hist", Some(&w), stale_doc).await;
+    stale.until(|c| c.synced).await.unwrap();
+    assert_eq!(stale.text(), "version one");
+    stale.insert(11, "!").await;
+    stored(&s, "hist", "version one!").await;
+    a.until(|c| c.text() == "version one!").await.unwrap();
+
+    // Listed newest first: the snapshot taken before the restore, then the first.
+    assert_eq!(
+        snapshots(&s, "hist").await,
+        vec![(before, "before-restore".into()), (first, "api".into())]
+    );
+    // Snapshots and the restore survive a restart; restoring the content from before the restore
+    // undoes it.
+    drop((a, b, stale));
+    let o = with_api(&[]);
+    let o: Vec<(&str, &str)> = o.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s = s.restart(&o).await;
+    stored(&s, "hist", "version one!").await;
+    assert_eq!(snapshots(&s, "hist").await.len(), 2);
+    let mut c = Client::synced(&s, "hist", Some(&w)).await;
+    let (status, v) = doc_api(&s, "POST", &format!("doc/restore?name=hist&id={before}")).await;
+    assert_eq!(status, 200, "{v}");
+    c.until(|c| c.text() == "version one plus more")
+        .await
+        .unwrap();
+}
+
+/// The snapshot API's refusals: JSON `{code, message}` with stable codes.
+#[tokio::test]
+async fn snapshot_api_errors_have_stable_codes() {
+    let s = start(&[]).await;
+    let w = doc_token(&[], &["*"]);
+    let mut a = Client::synced(&s, "errs", Some(&w)).await;
+    a.insert(0, "x").await;
+    stored(&s, "errs", "x").await;
+    let cases = [
+        (
+            "GET",
+            "doc/snapshots?name=never-stored",
+            404,
+            "document_not_found",
+        ),
+        (
+            "POST",
+            "doc/snapshot?name=never-stored",
+            404,
+            "document_not_found",
+        ),
+        (
+            "POST",
+            "doc/restore?name=errs&id=999999",
+            404,
+            "snapshot_not_found",
+        ),
+        (
+            "GET",
+            "doc/snapshot?name=errs&id=999999",
+            404,
+            "snapshot_not_found",
+        ),
+        (
+            "GET",
+            "doc/snapshot?name=errs&id=abc",
+            400,
+            "invalid_snapshot",
+        ),
+        ("POST", "doc/restore?name=errs", 400, "invalid_snapshot"),
+        (
+            "GET",
+            "doc/snapshot/json?name=errs&id=1",
+            400,
+            "missing_type",
+        ),
+    ];
+    for (method, path, status, code) in cases {
+        let (got, v) = doc_api(&s, method, path).await;
+        assert_eq!(
+            (got, v["code"].as_str()),
+            (status, Some(code)),
+            "{path}: {v}"
+        );
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    }
+    // A stored document without snapshots lists none; a snapshot id of another document is unknown.
+    assert!(snapshots(&s, "errs").await.is_empty());
+    let mut b = Client::synced(&s, "other", Some(&w)).await;
+    b.insert(0, "y").await;
+    stored(&s, "other", "y").await;
+    let (_, v) = doc_api(&s, "POST", "doc/snapshot?name=other").await;
+    let id = v["snapshot"]["id"].as_u64().expect("id");
+    let (got, v) = doc_api(&s, "POST", &format!("doc/restore?name=errs&id={id}")).await;
+    assert_eq!((got, v["code"].as_str()), (404, Some("snapshot_not_found")));
+    let resp = reqwest::Client::new()
+        .get(format!("{}/api/yjs/doc/snapshots?name=errs", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+}
+
+/// While a document changes, a snapshot is taken at most once per `snapshot_interval`; only
+/// `snapshot_keep` are kept, the older ones removed from the store, not just from the list.
+#[tokio::test]
+async fn snapshots_are_taken_by_time_and_trimmed_by_count() {
+    let s = start(&[
+        ("yjs.snapshot_interval", "\"1s\""),
+        ("yjs.snapshot_keep", "2"),
+    ])
+    .await;
+    let w = doc_token(&[], &["*"]);
+    let mut a = Client::synced(&s, "timed", Some(&w)).await;
+    let mut seen: Vec<u64> = Vec::new();
+    for round in 0..3u32 {
+        a.insert(round, "z").await;
+        let want = "z".repeat(round as usize + 1);
+        stored(&s, "timed", &want).await;
+        // The next snapshot, taken after this edit, holds it.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let newest = loop {
+            let list = snapshots(&s, "timed").await;
+            if let Some((id, reason)) = list.first() {
+                if !seen.contains(id) {
+                    assert_eq!(reason, "interval");
+                    break *id;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no new snapshot");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let (_, v) = doc_api(
+            &s,
+            "GET",
+            &format!("doc/snapshot/json?name=timed&id={newest}&type=t"),
+        )
+        .await;
+        assert_eq!(v["value"], json!(want));
+        seen.push(newest);
+    }
+    let listed: Vec<u64> = snapshots(&s, "timed").await.iter().map(|e| e.0).collect();
+    assert_eq!(listed, vec![seen[2], seen[1]]);
+    let stored_snapshots: Vec<u64> = s
+        .hub
+        .engine()
+        .read_channel("$yjs-snapshots:timed".into(), 0, u64::MAX, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(
+        stored_snapshots,
+        vec![seen[1], seen[2]],
+        "the oldest was trimmed"
+    );
+    let (status, _) = doc_api(
+        &s,
+        "GET",
+        &format!("doc/snapshot?name=timed&id={}", seen[0]),
+    )
+    .await;
+    assert_eq!(status, 404);
+}
+
+/// Two nodes, a client on each, edits and awareness both ways, over `engine`.
+async fn two_nodes_share_a_document(n1: &TestServer, n2: &TestServer) {
+    let w = doc_token(&[], &["*"]);
+    let mut a = Client::synced(n1, "shared", Some(&w)).await;
+    let mut b = Client::synced(n2, "shared", Some(&w)).await;
     a.insert(0, "from node 1").await;
     b.until(|c| c.text() == "from node 1").await.unwrap();
     b.insert(0, "node 2 + ").await;
@@ -647,10 +928,116 @@ async fn documents_are_shared_by_the_nodes_of_a_cluster() {
     b.until(|c| c.awareness.get(&5).is_some_and(|v| v.is_some()))
         .await
         .unwrap();
+    b.send(awareness(6, 1, r#"{"user":"b"}"#)).await;
+    a.until(|c| c.awareness.get(&6).is_some_and(|v| v.is_some()))
+        .await
+        .unwrap();
     drop(a);
     b.until(|c| c.awareness.get(&5).is_some_and(|v| v.is_none()))
         .await
         .unwrap();
-    let late = Client::synced(&n1, "shared", Some(&w)).await;
+    let late = Client::synced(n1, "shared", Some(&w)).await;
     assert_eq!(late.text(), "node 2 + from node 1");
+}
+
+/// Compaction on a cluster engine leaves a snapshot and drops the updates it merged (the engine's
+/// `trim_channel`), and the document still loads whole.
+async fn compaction_trims_the_updates(s: &TestServer) {
+    let w = doc_token(&[], &["*"]);
+    let mut a = Client::synced(s, "compact", Some(&w)).await;
+    for word in ["one ", "two ", "three ", "four ", "five "] {
+        a.insert(a.text().len() as u32, word).await;
+    }
+    stored(s, "compact", "one two three four five ").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stored = s
+            .hub
+            .engine()
+            .read_channel("$yjs:compact".into(), 0, u64::MAX, 100)
+            .await
+            .unwrap();
+        if stored
+            .first()
+            .is_some_and(|r| r.event_type.as_deref() == Some("snapshot"))
+            && stored.len() < 5
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the merged updates were not trimmed: {:?}",
+            stored
+                .iter()
+                .map(|r| (r.seq, r.event_type.clone()))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let late = Client::synced(s, "compact", Some(&w)).await;
+    assert_eq!(late.text(), "one two three four five ");
+}
+
+/// Two nodes on one NATS JetStream: updates and awareness cross nodes; compaction trims there too.
+#[tokio::test]
+async fn documents_are_shared_by_the_nodes_of_a_nats_cluster() {
+    let nats = crate::cluster_nats::Nats::start();
+    let url = format!("{:?}", nats.url());
+    let prefix = format!("\"yjs{}\"", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut o = with_api(&[("engine.kind", "\"nats\""), ("yjs.compact_after", "3")]);
+    o.push(("engine.url", url));
+    o.push(("engine.prefix", prefix));
+    let o: Vec<(&str, &str)> = o.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let n1 = TestServer::start(&o).await;
+    let n2 = TestServer::start(&o).await;
+    two_nodes_share_a_document(&n1, &n2).await;
+    compaction_trims_the_updates(&n1).await;
+}
+
+/// The sum of a metric's series whose name and labels start with `prefix` (the recorder is global to
+/// this process, so tests compare before and after).
+async fn metric(s: &TestServer, prefix: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", s.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Loaded documents, connections, applied updates and their bytes, refusals by reason and restores are
+/// counted.
+#[tokio::test]
+async fn yjs_work_is_counted_in_the_metrics() {
+    let s = start(&[]).await;
+    let w = doc_token(&[], &["*"]);
+    let applied = metric(&s, "herald_yjs_updates_applied_total").await;
+    let bytes = metric(&s, "herald_yjs_update_bytes_total").await;
+    let corrupt = metric(&s, "herald_yjs_updates_refused_total{reason=\"corrupt\"}").await;
+    let restores = metric(&s, "herald_yjs_restores_total").await;
+    let mut a = Client::synced(&s, "counted", Some(&w)).await;
+    a.insert(0, "abc").await;
+    stored(&s, "counted", "abc").await;
+    assert!(metric(&s, "herald_yjs_updates_applied_total").await > applied);
+    assert!(metric(&s, "herald_yjs_update_bytes_total").await > bytes);
+    assert!(metric(&s, "herald_yjs_connections").await >= 1.0);
+    assert!(metric(&s, "herald_yjs_documents_loaded").await >= 1.0);
+    let (_, v) = doc_api(&s, "POST", "doc/snapshot?name=counted").await;
+    let id = v["snapshot"]["id"].as_u64().expect("id");
+    let (status, _) = doc_api(&s, "POST", &format!("doc/restore?name=counted&id={id}")).await;
+    assert_eq!(status, 200);
+    assert!(metric(&s, "herald_yjs_restores_total").await > restores);
+    let mut bad = Client::synced(&s, "counted", Some(&w)).await;
+    bad.ws
+        .send(Ws::Binary(
+            vec![0, 2, 7, 0xff, 0xff, 0xff, 0x7f, 1, 2, 3].into(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(bad.closed().await.0, herald::yjs::CLOSE_INVALID);
+    assert!(metric(&s, "herald_yjs_updates_refused_total{reason=\"corrupt\"}").await > corrupt);
 }

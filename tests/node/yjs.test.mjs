@@ -1,7 +1,8 @@
 // Herald as a y-websocket server, driven by the real `yjs` and `y-websocket` npm packages (with `ws` as the
 // provider's WebSocket in Node): concurrent edits converge, a late joiner gets everything, awareness comes
 // and goes, read-only and unauthorized clients are refused, a restart keeps every accepted edit, offline
-// edits merge, and a corrupt update is refused with the document intact.
+// edits merge, a corrupt update is refused with the document intact, and a restored snapshot reaches
+// connected and offline clients alike.
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 
@@ -213,6 +214,74 @@ test('a restart keeps every accepted edit, and connected clients carry on', asyn
       await again.stop();
     }
   } finally {
+    h.cleanup();
+  }
+});
+
+test('a restored snapshot reaches a connected client, and a client offline with newer edits cannot bring them back', async () => {
+  const API_KEY = 'node-yjs-api-key';
+  const h = await startHerald({ config: `${CONFIG}\n[centrifugo]\napi_key = "${API_KEY}"\n` });
+  const docApi = async (method, path) => {
+    const res = await fetch(`${h.url}/api/yjs/${path}`, { method, headers: { 'x-api-key': API_KEY } });
+    return [res.status, await res.json()];
+  };
+  const map = (p) => p.doc.getMap('m').toJSON();
+  const delta = (p) => p.doc.getText('t').toDelta();
+  try {
+    const a = provider('restore', writer, { h });
+    const b = provider('restore', writer, { h });
+    await Promise.all([synced(a), synced(b)]);
+    a.doc.transact(() => {
+      a.doc.getText('t').insert(0, 'Hello ');
+      a.doc.getText('t').insert(6, 'world', { bold: true });
+      a.doc.getMap('m').set('title', 'v1');
+    });
+    await until(b, () => text(b) === 'Hello world' && map(b).title === 'v1');
+    assert.equal(await storedText('restore', 'Hello world', h), 'Hello world');
+    const [status, taken] = await docApi('POST', 'doc/snapshot?name=restore');
+    assert.equal(status, 200, JSON.stringify(taken));
+    const id = taken.snapshot.id;
+    const wantDelta = delta(a);
+    assert.deepEqual(wantDelta, [{ insert: 'Hello ' }, { insert: 'world', attributes: { bold: true } }]);
+
+    // Newer edits everyone has, b included; then b goes offline with them and edits on.
+    a.doc.transact(() => {
+      a.doc.getText('t').insert(11, ' and more', { italic: true });
+      a.doc.getMap('m').set('title', 'v2');
+      a.doc.getMap('m').set('extra', 1);
+    });
+    await until(b, () => text(b) === 'Hello world and more' && map(b).extra === 1);
+    b.disconnect();
+    b.doc.getText('t').insert(text(b).length, ' [b offline]');
+
+    const [rs, restored] = await docApi('POST', `doc/restore?name=restore&id=${id}`);
+    assert.equal(rs, 200, JSON.stringify(restored));
+    assert.equal(restored.restored, id);
+    // The connected client now holds exactly the snapshot's content, formatting included.
+    await until(a, () => JSON.stringify(delta(a)) === JSON.stringify(wantDelta) && JSON.stringify(map(a)) === '{"title":"v1"}',
+      'the connected client restored');
+
+    // b comes back: what the server knew at the restore stays reverted for b too; b's own offline edit,
+    // which the server had not seen, is kept (merged after the restored content), for both.
+    b.connect();
+    const settled = (p) => text(p) === 'Hello world [b offline]' && JSON.stringify(map(p)) === '{"title":"v1"}';
+    await until(b, () => settled(b), 'b after reconnecting');
+    await until(a, () => settled(a), 'a with b\'s offline edit');
+    for (const p of [a, b]) {
+      assert.deepEqual(delta(p).slice(0, 2), wantDelta);
+      assert.ok(!text(p).includes('and more'));
+    }
+    assert.equal(await storedText('restore', 'Hello world [b offline]', h), 'Hello world [b offline]');
+    const [ls, listed] = await docApi('GET', 'doc/snapshots?name=restore');
+    assert.equal(ls, 200);
+    assert.deepEqual(listed.snapshots.map((s) => s.reason), ['before-restore', 'api']);
+    const [ns, missing] = await docApi('POST', 'doc/restore?name=restore&id=999999');
+    assert.equal(ns, 404);
+    assert.equal(missing.code, 'snapshot_not_found');
+    close(a);
+    close(b);
+  } finally {
+    await h.stop();
     h.cleanup();
   }
 });

@@ -547,6 +547,34 @@ impl Shared {
         Ok(purged.purged)
     }
 
+    /// Removes the channel's records with `seq <= upto`, the same way as `remove_channel`: the mark first
+    /// (the channel's newest record at or below `upto`, so the mark stays a position of this channel), then
+    /// a purge bounded by that seq, so a record appended meanwhile is never removed unrecorded.
+    async fn trim_channel(&self, channel: &str, upto: u64) -> Result<u64, LogError> {
+        self.connected()?;
+        let Some(last) = self
+            .read_back(channel, upto.saturating_add(1), 1)
+            .await?
+            .into_iter()
+            .next()
+        else {
+            return Ok(0);
+        };
+        self.raise_pruned(channel, last.seq).await?;
+        let stream = self.stream_handle().await?;
+        let purged = within(
+            self.op_timeout,
+            "purge",
+            stream
+                .purge()
+                .filter(self.names.channel_filter(channel))
+                .sequence(last.seq + 1)
+                .into_future(),
+        )
+        .await?;
+        Ok(purged.purged)
+    }
+
     async fn find_id(&self, id: &str) -> Result<Option<u64>, LogError> {
         let seq = if let Some((epoch, seq)) = crate::log::parse_generated_id(id) {
             if epoch != self.epoch() {
@@ -721,6 +749,14 @@ impl Engine for NatsEngine {
     fn remove_channel(&self, channel: String) -> BoxFuture<'_, Result<u64, LogError>> {
         Box::pin(async move {
             let result = self.shared.remove_channel(&channel).await;
+            self.shared.note(result.as_ref().err());
+            result
+        })
+    }
+
+    fn trim_channel(&self, channel: String, upto: u64) -> BoxFuture<'_, Result<u64, LogError>> {
+        Box::pin(async move {
+            let result = self.shared.trim_channel(&channel, upto).await;
             self.shared.note(result.as_ref().err());
             result
         })

@@ -687,6 +687,33 @@ impl Engine for RedisEngine {
         })
     }
 
+    fn trim_channel(&self, channel: String, upto: u64) -> BoxFuture<'_, Result<u64, LogError>> {
+        Box::pin(async move {
+            let cap = STEP_CAP.to_string();
+            let upto = upto.to_string();
+            let mut removed = 0u64;
+            // Bounded steps, as for `remove_channel`: a long document history does not hold Redis.
+            for _ in 0..1_000_000 {
+                let v = self
+                    .shared
+                    .eval(
+                        &self.shared.scripts.trim_upto,
+                        &[channel.as_bytes(), upto.as_bytes(), cap.as_bytes()],
+                    )
+                    .await;
+                self.shared.note(v.as_ref().err());
+                let mut parts = codec::array(v?)?.into_iter();
+                let n = parts.next().and_then(codec::number).unwrap_or(0);
+                let more = parts.next().and_then(codec::number).unwrap_or(0);
+                removed += n;
+                if more == 0 || n == 0 {
+                    break;
+                }
+            }
+            Ok(removed)
+        })
+    }
+
     fn epoch(&self) -> String {
         self.shared.epoch.read().clone()
     }

@@ -167,6 +167,27 @@ forget_if_empty(ch, ck)
 return {n, redis.call('XLEN', ck)}
 "#;
 
+/// Removes up to a cap of a channel's records with `seq <= upto` (a compacted document drops the updates
+/// its snapshot holds). ARGV: prefix, channel, upto, cap. Returns {removed, more}: `more` is 1 when the
+/// cap was reached (call again). The removed mark is raised in the same script, so a reader never sees the
+/// records gone without it (a client resuming from before the cut is told it was not recovered).
+const TRIM_UPTO: &str = r#"
+local ch = ARGV[2]
+local ck = P .. 'c:' .. ch
+local cap = tonumber(ARGV[4])
+local top = 0
+local entries = redis.call('XRANGE', ck, '-', ARGV[3], 'COUNT', cap)
+for _, e in ipairs(entries) do
+  local s = drop(ck, e[1])
+  if s > top then top = s end
+end
+note_pruned(ch, top)
+forget_if_empty(ch, ck)
+local more = 0
+if #entries == cap then more = 1 end
+return {#entries, more}
+"#;
+
 /// Reads records through an index, in one round trip. ARGV: prefix, mode, start, end, limit, names.
 /// Mode `f`: channel `names[1]` ascending from start to end; `b`: the same descending (end is the upper
 /// bound); `t`: records having any of `names` as canonical or alternate topic, ascending. Returns log
@@ -258,6 +279,7 @@ pub(super) struct Scripts {
     pub append: ::redis::Script,
     pub trim: ::redis::Script,
     pub remove: ::redis::Script,
+    pub trim_upto: ::redis::Script,
     pub read: ::redis::Script,
     pub presence_add: ::redis::Script,
     pub presence_list: ::redis::Script,
@@ -271,6 +293,7 @@ impl Scripts {
             append: with_prelude(APPEND),
             trim: with_prelude(TRIM),
             remove: with_prelude(REMOVE),
+            trim_upto: with_prelude(TRIM_UPTO),
             read: ::redis::Script::new(READ),
             presence_add: ::redis::Script::new(PRESENCE_ADD),
             presence_list: ::redis::Script::new(PRESENCE_LIST),
@@ -278,12 +301,13 @@ impl Scripts {
     }
 
     /// Every script, to load them in one go when Redis lost its script cache.
-    pub fn all(&self) -> [&::redis::Script; 7] {
+    pub fn all(&self) -> [&::redis::Script; 8] {
         [
             &self.init,
             &self.append,
             &self.trim,
             &self.remove,
+            &self.trim_upto,
             &self.read,
             &self.presence_add,
             &self.presence_list,
