@@ -199,7 +199,12 @@ async fn api_text(s: &TestServer, doc: &str) -> (u16, Value) {
 /// Waits until the server's document (read through the API) has text `want`: y-websocket has no
 /// acknowledgement, so a test that needs an edit stored before its next step waits for it this way.
 async fn stored(s: &TestServer, doc: &str, want: &str) {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    stored_within(s, doc, want, WAIT).await
+}
+
+/// Waits (up to `budget`) for the stored document to read `want`.
+async fn stored_within(s: &TestServer, doc: &str, want: &str, budget: Duration) {
+    let deadline = tokio::time::Instant::now() + budget;
     loop {
         let (_, v) = api_text(s, doc).await;
         if v["value"] == want {
@@ -331,7 +336,8 @@ async fn large_updates_and_many_updates_are_kept() {
     for _ in 0..1100 {
         b.insert(0, "m").await;
     }
-    stored(&s, "many", &"m".repeat(1100)).await;
+    // 1100 durable appends one after the other: seconds on a loaded machine, so a wider bound.
+    stored_within(&s, "many", &"m".repeat(1100), Duration::from_secs(60)).await;
     let stored = s
         .hub
         .engine()
