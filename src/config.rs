@@ -802,14 +802,9 @@ impl Config {
                 ));
             }
             if self.inbox.push.enabled {
+                // The engine needs no check of its own: NATS was refused above with the inbox, and
+                // on Redis the subscriptions and the VAPID key are shared through Redis.
                 self.inbox.push.validate()?;
-                if self.engine.kind != EngineKind::Local {
-                    return Err(ConfigError::Invalid(
-                        "inbox.push.enabled = true needs engine.kind = \"local\" for now: push \
-                         subscriptions and the VAPID key are kept by one node"
-                            .into(),
-                    ));
-                }
             }
         } else if self.inbox.push.enabled {
             return Err(ConfigError::Invalid(
@@ -1199,7 +1194,7 @@ mod tests {
     }
 
     #[test]
-    fn push_on_a_cluster_engine_is_refused_until_subscriptions_are_shared() {
+    fn push_is_accepted_on_redis_and_refused_on_nats_with_the_inbox() {
         let mut o: Vec<(String, String)> = vec![
             ("inbox.enabled".into(), "true".into()),
             ("inbox.push.enabled".into(), "true".into()),
@@ -1209,9 +1204,22 @@ mod tests {
             ),
         ];
         assert!(Config::load(None, vec![], &o).is_ok());
-        o.push(("engine.kind".into(), "\"redis\"".into()));
+        let mut redis = o.clone();
+        redis.push(("engine.kind".into(), "\"redis\"".into()));
+        let c = Config::load(None, vec![], &redis).expect("push on the Redis engine");
+        assert!(c.inbox.push.enabled);
+        // On NATS the message is about the inbox, the cause, not about push.
+        o.push(("engine.kind".into(), "\"nats\"".into()));
+        o.push(("engine.url".into(), "\"nats://127.0.0.1:4222\"".into()));
         let err = Config::load(None, vec![], &o).unwrap_err().to_string();
-        assert!(err.contains("inbox.push.enabled"), "{err}");
+        assert!(
+            err.contains("inbox.enabled = true needs engine.kind = \"local\" or \"redis\""),
+            "{err}"
+        );
+        // Push settings are still checked on Redis.
+        redis.retain(|(k, _)| k != "inbox.push.subject");
+        let err = Config::load(None, vec![], &redis).unwrap_err().to_string();
+        assert!(err.contains("inbox.push.subject"), "{err}");
     }
 
     #[test]

@@ -264,11 +264,9 @@ pub async fn connect_inbox(
     )
     .await
     .map_err(|e| ConfigError::Invalid(format!("cannot open the inbox on Redis: {e}")))?;
-    Ok(Some(crate::inbox::Inbox::start(
-        Arc::new(store),
-        hub.clone(),
-        config.inbox.clone(),
-    )))
+    let inbox = crate::inbox::Inbox::start(Arc::new(store), hub.clone(), config.inbox.clone());
+    crate::inbox::push::attach_redis(&inbox, hub, config).await?;
+    Ok(Some(inbox))
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -6,15 +6,17 @@
 //! - **`notify` never waits for a push service.** The decision (a created item, nobody connected) is
 //!   taken in memory right after the commit, and the push goes into a bounded queue; when the queue is full
 //!   the push is dropped and counted. Workers read the user's preferences and subscriptions, then send.
-//! - **Connected means an exact subscriber of the user's inbox channel on this node.** The inbox runs only
-//!   on the local engine, so this node sees every connection. A catch-all subscription (the console's tail)
-//!   is not the user. Should the inbox run on a cluster, a user reading on another node would be pushed too
-//!   (cluster presence is not consulted).
+//! - **Connected means an exact subscriber of the user's inbox channel on this node.** On the local engine
+//!   this node sees every connection. A catch-all subscription (the console's tail) is not the user. On a
+//!   Redis cluster a user reading only on another node is pushed too: an over-push, never an under-push.
+//!   The cluster's presence store would need a Redis round trip per notified user, and [`Push::offer`]
+//!   must not wait; a push to a reading user costs a notification shown twice, a missed one is worse.
 //! - **A subscription the push service calls gone (404, 410) is removed**; 429 and 5xx are retried a
 //!   bounded number of times after `Retry-After` (or a doubling delay); other refusals are counted and
 //!   dropped, as retrying cannot change them.
 //! - **Subscriptions are a seam of their own** ([`PushStore`]), so the inbox store's trait is unchanged and
-//!   another engine can keep them later.
+//!   another engine keeps them: SQLite on one node, Redis on a cluster ([`redis`], which also shares
+//!   the VAPID key between the nodes).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,9 +31,11 @@ use crate::config::PushConfig;
 use crate::engine::BoxFuture;
 use crate::hub::Hub;
 
+pub mod redis;
 pub mod sqlite;
 pub mod vapid;
 
+pub use redis::RedisPushStore;
 pub use sqlite::SqlitePushStore;
 pub use vapid::Vapid;
 
@@ -453,15 +457,53 @@ pub fn open(
             path.display()
         ))
     })?;
+    start_configured(hub, config, inbox, Arc::new(store), vapid)
+}
+
+/// Like [`attach`], on the Redis engine: subscriptions in the engine's Redis and the cluster's one VAPID
+/// key (see [`redis`]).
+pub async fn attach_redis(
+    inbox: &super::Inbox,
+    hub: &Hub,
+    config: &crate::config::Config,
+) -> Result<(), crate::config::ConfigError> {
+    use crate::config::ConfigError;
+    if !config.inbox.push.enabled {
+        return Ok(());
+    }
+    let store = RedisPushStore::connect(
+        &config.engine.url,
+        &config.inbox_prefix(),
+        config.engine.connect_timeout,
+        config.engine.op_timeout,
+    )
+    .await
+    .map_err(|e| ConfigError::Invalid(format!("cannot open the push subscriptions: {e}")))?;
+    let key_path = config.vapid_key_path();
+    let vapid = redis::shared_vapid(&store, &key_path)
+        .await
+        .map_err(|e| ConfigError::Invalid(format!("inbox.push.vapid_key: {e}")))?;
+    let push = start_configured(hub, config, inbox.store().clone(), Arc::new(store), vapid)?;
+    inbox.attach_push(push);
+    Ok(())
+}
+
+fn start_configured(
+    hub: &Hub,
+    config: &crate::config::Config,
+    inbox: Arc<dyn InboxStore>,
+    store: Arc<dyn PushStore>,
+    vapid: Vapid,
+) -> Result<Push, crate::config::ConfigError> {
     Push::start(
-        Arc::new(store),
+        store,
         inbox,
         hub.clone(),
         config.inbox.namespace.clone(),
         config.inbox.push.clone(),
         vapid,
     )
-    .map_err(|e| ConfigError::Invalid(e.to_string()))
+    .map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))
 }
 
 fn describe_metrics() {

@@ -40,29 +40,13 @@ struct Claims<'a> {
 impl Vapid {
     /// Reads the key at `path` (PKCS#8 or SEC1 PEM), or makes one there (mode 0600) when there is no file.
     pub fn load_or_create(path: &Path) -> Result<Vapid, PushError> {
-        let key = match std::fs::read_to_string(path) {
-            Ok(pem) => {
-                warn_if_readable(path);
-                p256::SecretKey::from_pkcs8_pem(&pem)
-                    .or_else(|_| p256::SecretKey::from_sec1_pem(&pem))
-                    .map_err(|e| {
-                        PushError::Key(format!(
-                            "{} is not a P-256 private key in PEM: {e}",
-                            path.display()
-                        ))
-                    })?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        let key = match read_key(path)? {
+            Some(key) => key,
+            None => {
                 let key = p256::SecretKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
                 write_new(path, &key)?;
                 tracing::info!(path = %path.display(), "inbox push: generated a VAPID key");
                 key
-            }
-            Err(e) => {
-                return Err(PushError::Key(format!(
-                    "cannot read {}: {e}",
-                    path.display()
-                )))
             }
         };
         Vapid::from_key(&key)
@@ -108,7 +92,42 @@ impl Vapid {
     }
 }
 
-fn write_new(path: &Path, key: &p256::SecretKey) -> Result<(), PushError> {
+/// The key at `path`, `None` when there is no file (a file that is not a key is an error naming it).
+pub(super) fn read_key(path: &Path) -> Result<Option<p256::SecretKey>, PushError> {
+    match std::fs::read_to_string(path) {
+        Ok(pem) => {
+            warn_if_readable(path);
+            parse_pem(&pem).map(Some).map_err(|e| {
+                PushError::Key(format!(
+                    "{} is not a P-256 private key in PEM: {e}",
+                    path.display()
+                ))
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(PushError::Key(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// A P-256 private key in PKCS#8 or SEC1 PEM.
+pub(super) fn parse_pem(pem: &str) -> Result<p256::SecretKey, String> {
+    p256::SecretKey::from_pkcs8_pem(pem)
+        .or_else(|_| p256::SecretKey::from_sec1_pem(pem))
+        .map_err(|e| e.to_string())
+}
+
+/// `key` as PKCS#8 PEM, the form kept in files and in Redis.
+pub(super) fn to_pem(key: &p256::SecretKey) -> Result<String, PushError> {
+    key.to_pkcs8_pem(LineEnding::LF)
+        .map(|p| p.to_string())
+        .map_err(|e| PushError::Key(e.to_string()))
+}
+
+/// Creates `path` (mode 0600) holding `key`; an existing file is never overwritten.
+pub(super) fn write_new(path: &Path, key: &p256::SecretKey) -> Result<(), PushError> {
     use std::io::Write;
     let pem = key
         .to_pkcs8_pem(LineEnding::LF)

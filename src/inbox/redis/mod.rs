@@ -109,7 +109,7 @@ fn storage(e: impl std::fmt::Display) -> InboxError {
 }
 
 /// `url` with the password (if any) replaced, for messages and logs.
-fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s + 3 => format!("{}***@{}", &url[..s + 3], &url[at + 1..]),
         _ => url.to_string(),

@@ -1,0 +1,542 @@
+//! Push subscriptions and the VAPID key in Redis, for a cluster on the Redis engine: a browser subscribes
+//! through one node and the push for a notify on any other node must find it, signed with the key the
+//! browser was given.
+//!
+//! Why it is built this way:
+//! - **Each operation is one Lua script.** Moving an endpoint to another user touches the old owner's set,
+//!   the new owner's set and the endpoint's record; the cap removes from all three. Run as one script,
+//!   two nodes registering the same browser at once leave it with exactly one owner, and a reader never
+//!   sees an endpoint listed by a user who no longer holds it.
+//! - **Oldest first is registration order,** from a counter, not the clock: nodes' clocks differ, and the
+//!   cap must remove the same subscriptions whichever node took the registration.
+//! - **One VAPID key for the cluster** ([`shared_vapid`]): browsers bind a subscription to the public
+//!   key, so a node signing with another key would be refused by every push service. The first node
+//!   stores its key in Redis (`SET NX`, so two first nodes agree on one); the others copy it to their key
+//!   file, which keeps a node able to start with the key it had, and a file that differs from Redis stops
+//!   the start rather than silently orphaning subscriptions.
+//!
+//! Layout, under the inbox prefix `P` (`<engine.prefix>:inbox` unless configured):
+//! - `P:push:owner`: a hash, endpoint -> user.
+//! - `P:push:keys`: a hash, endpoint -> `{"p256dh":..,"auth":..,"created_at":..}`.
+//! - `P:push:u:<user>`: the user's endpoints, a sorted set scored by registration order.
+//! - `P:push:seq`: the registration counter.
+//! - `P:push:vapid`: the cluster's VAPID private key, PKCS#8 PEM.
+
+use std::path::Path;
+use std::time::Duration;
+
+use ::redis::aio::ConnectionManager;
+use ::redis::Value;
+use serde::{Deserialize, Serialize};
+
+use super::vapid::{parse_pem, read_key, to_pem, write_new};
+use super::{PushError, PushStore, Subscription, Vapid};
+use crate::engine::BoxFuture;
+use crate::inbox::redis::redact;
+
+/// The scripts share this prelude: the prefix is `ARGV[1]`, every key is built from it (so, like the
+/// inbox store, one Redis server or a primary with replicas, not a sharded Redis Cluster).
+const PRELUDE: &str = r"
+local P = ARGV[1]
+local owners, keys = P .. ':push:owner', P .. ':push:keys'
+local function forget(user, ep)
+  redis.call('ZREM', P .. ':push:u:' .. user, ep)
+  redis.call('HDEL', owners, ep)
+  redis.call('HDEL', keys, ep)
+end
+";
+
+/// ARGV: P, user, endpoint, record, max. Moves the endpoint from its previous owner, makes it the user's
+/// newest, and removes the user's oldest beyond max.
+const ADD: &str = r"
+local user, ep, rec, max = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local old = redis.call('HGET', owners, ep)
+if old and old ~= user then redis.call('ZREM', P .. ':push:u:' .. old, ep) end
+local seq = redis.call('INCR', P .. ':push:seq')
+redis.call('HSET', owners, ep, user)
+redis.call('HSET', keys, ep, rec)
+local z = P .. ':push:u:' .. user
+redis.call('ZADD', z, seq, ep)
+local n = redis.call('ZCARD', z)
+if n > max then
+  for _, e in ipairs(redis.call('ZRANGE', z, 0, n - max - 1)) do forget(user, e) end
+end
+return n
+";
+
+/// ARGV: P, user, endpoint. 1 when the user held it.
+const REMOVE: &str = r"
+local user, ep = ARGV[2], ARGV[3]
+if redis.call('HGET', owners, ep) ~= user then return 0 end
+forget(user, ep)
+return 1
+";
+
+/// ARGV: P, endpoint. 1 when someone held it.
+const REMOVE_ENDPOINT: &str = r"
+local ep = ARGV[2]
+local user = redis.call('HGET', owners, ep)
+if not user then return 0 end
+forget(user, ep)
+return 1
+";
+
+/// ARGV: P, user. `endpoint, record, ...`, oldest first (read in one step, so never half of a move).
+const LIST: &str = r"
+local out = {}
+for _, ep in ipairs(redis.call('ZRANGE', P .. ':push:u:' .. ARGV[2], 0, -1)) do
+  local rec = redis.call('HGET', keys, ep)
+  if rec then
+    out[#out + 1] = ep
+    out[#out + 1] = rec
+  end
+end
+return out
+";
+
+/// What is kept per endpoint besides its owner.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    p256dh: String,
+    auth: String,
+    created_at: i64,
+}
+
+pub struct RedisPushStore {
+    conn: ConnectionManager,
+    prefix: String,
+    url: String,
+    op_timeout: Duration,
+    add: ::redis::Script,
+    remove: ::redis::Script,
+    remove_endpoint: ::redis::Script,
+    list: ::redis::Script,
+}
+
+impl RedisPushStore {
+    /// Connects within `connect_timeout`; every later command is bounded by `op_timeout`.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        connect_timeout: Duration,
+        op_timeout: Duration,
+    ) -> Result<RedisPushStore, PushError> {
+        let shown = redact(url);
+        let client = ::redis::Client::open(url)
+            .map_err(|e| PushError::Storage(format!("{shown:?} is not a Redis URL: {e}")))?;
+        let config = ::redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(connect_timeout.min(op_timeout)))
+            .set_response_timeout(Some(op_timeout))
+            .set_number_of_retries(4)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = tokio::time::timeout(
+            connect_timeout,
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| {
+            PushError::Storage(format!(
+                "cannot reach Redis at {shown} within {connect_timeout:?} (engine.connect_timeout)"
+            ))
+        })?
+        .map_err(|e| PushError::Storage(format!("cannot reach Redis at {shown}: {e}")))?;
+        let s = |body: &str| ::redis::Script::new(&format!("{PRELUDE}{body}"));
+        Ok(RedisPushStore {
+            conn,
+            prefix: prefix.to_string(),
+            url: shown,
+            op_timeout,
+            add: s(ADD),
+            remove: s(REMOVE),
+            remove_endpoint: s(REMOVE_ENDPOINT),
+            list: s(LIST),
+        })
+    }
+
+    /// The Redis key of the cluster's VAPID key (named in messages, so an operator can find it).
+    pub fn vapid_key_name(&self) -> String {
+        format!("{}:push:vapid", self.prefix)
+    }
+
+    async fn bounded<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, ::redis::RedisError>>,
+    ) -> Result<T, PushError> {
+        match tokio::time::timeout(self.op_timeout, f).await {
+            Ok(r) => r.map_err(|e| PushError::Storage(format!("Redis at {}: {e}", self.url))),
+            Err(_) => Err(PushError::Storage(format!(
+                "Redis at {} did not answer within {:?} (engine.op_timeout)",
+                self.url, self.op_timeout
+            ))),
+        }
+    }
+
+    async fn eval(&self, script: &::redis::Script, args: &[&str]) -> Result<Value, PushError> {
+        let mut inv = script.prepare_invoke();
+        inv.arg(&self.prefix);
+        for a in args {
+            inv.arg(*a);
+        }
+        let mut conn = self.conn.clone();
+        self.bounded(inv.invoke_async::<Value>(&mut conn)).await
+    }
+
+    async fn flag(&self, script: &::redis::Script, args: &[&str]) -> Result<bool, PushError> {
+        match self.eval(script, args).await? {
+            Value::Int(n) => Ok(n > 0),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Who holds `endpoint` (tests and diagnostics).
+    pub async fn owner(&self, endpoint: &str) -> Result<Option<String>, PushError> {
+        let mut conn = self.conn.clone();
+        let cmd = ::redis::cmd("HGET")
+            .arg(format!("{}:push:owner", self.prefix))
+            .arg(endpoint)
+            .to_owned();
+        self.bounded(cmd.query_async::<Option<String>>(&mut conn))
+            .await
+    }
+
+    /// The cluster's key as Redis holds it, `None` when no node stored one yet.
+    async fn stored_vapid(&self) -> Result<Option<String>, PushError> {
+        let mut conn = self.conn.clone();
+        let cmd = ::redis::cmd("GET").arg(self.vapid_key_name()).to_owned();
+        self.bounded(cmd.query_async::<Option<String>>(&mut conn))
+            .await
+    }
+
+    /// Stores `pem` unless a key is there; returns the key Redis holds afterwards (ours or the winner's).
+    async fn offer_vapid(&self, pem: &str) -> Result<String, PushError> {
+        let mut conn = self.conn.clone();
+        let mut pipe = ::redis::pipe();
+        pipe.cmd("SET")
+            .arg(self.vapid_key_name())
+            .arg(pem)
+            .arg("NX")
+            .ignore();
+        pipe.cmd("GET").arg(self.vapid_key_name());
+        let (held,): (Option<String>,) = self.bounded(pipe.query_async(&mut conn)).await?;
+        held.ok_or_else(|| {
+            PushError::Storage(format!(
+                "Redis did not keep the VAPID key at {}",
+                self.vapid_key_name()
+            ))
+        })
+    }
+}
+
+fn unexpected(v: Value) -> PushError {
+    PushError::Storage(format!("unexpected reply from Redis: {v:?}"))
+}
+
+fn text(v: Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+impl PushStore for RedisPushStore {
+    fn add(
+        &self,
+        user: String,
+        sub: Subscription,
+        max: usize,
+    ) -> BoxFuture<'_, Result<(), PushError>> {
+        Box::pin(async move {
+            let record = serde_json::to_string(&Record {
+                p256dh: sub.p256dh,
+                auth: sub.auth,
+                created_at: sub.created_at,
+            })
+            .map_err(|e| PushError::Storage(e.to_string()))?;
+            let max = max.to_string();
+            self.eval(&self.add, &[&user, &sub.endpoint, &record, &max])
+                .await
+                .map(drop)
+        })
+    }
+
+    fn remove(&self, user: String, endpoint: String) -> BoxFuture<'_, Result<bool, PushError>> {
+        Box::pin(async move { self.flag(&self.remove, &[&user, &endpoint]).await })
+    }
+
+    fn remove_endpoint(&self, endpoint: String) -> BoxFuture<'_, Result<bool, PushError>> {
+        Box::pin(async move { self.flag(&self.remove_endpoint, &[&endpoint]).await })
+    }
+
+    fn list(&self, user: String) -> BoxFuture<'_, Result<Vec<Subscription>, PushError>> {
+        Box::pin(async move {
+            let reply = match self.eval(&self.list, &[&user]).await? {
+                Value::Array(a) => a,
+                Value::Nil => Vec::new(),
+                other => return Err(unexpected(other)),
+            };
+            let mut out = Vec::with_capacity(reply.len() / 2);
+            let mut it = reply.into_iter();
+            while let (Some(ep), Some(rec)) = (it.next(), it.next()) {
+                let (Some(endpoint), Some(rec)) = (text(ep), text(rec)) else {
+                    return Err(PushError::Storage(
+                        "a push subscription in Redis is not text".into(),
+                    ));
+                };
+                let r: Record = serde_json::from_str(&rec).map_err(|e| {
+                    PushError::Storage(format!(
+                        "the push subscription {endpoint:?} in Redis is not readable: {e}"
+                    ))
+                })?;
+                out.push(Subscription {
+                    endpoint,
+                    p256dh: r.p256dh,
+                    auth: r.auth,
+                    created_at: r.created_at,
+                });
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// The VAPID key every node of the cluster signs with, kept in Redis and copied to `path` (see the module
+/// notes). A node whose file holds another key is refused: its subscriptions and the cluster's cannot
+/// both be served, and which key wins is the operator's choice, not the start order's.
+pub async fn shared_vapid(store: &RedisPushStore, path: &Path) -> Result<Vapid, PushError> {
+    let name = store.vapid_key_name();
+    let local = read_key(path)?;
+    let held = match store.stored_vapid().await? {
+        Some(pem) => pem,
+        None => {
+            let mine = match &local {
+                Some(k) => k.clone(),
+                None => p256::SecretKey::random(&mut p256::elliptic_curve::rand_core::OsRng),
+            };
+            let held = store.offer_vapid(&to_pem(&mine)?).await?;
+            tracing::info!(
+                key = %name,
+                "inbox push: the cluster's VAPID key is in Redis"
+            );
+            held
+        }
+    };
+    let cluster = parse_pem(&held).map_err(|e| {
+        PushError::Key(format!(
+            "the VAPID key in Redis ({name}) is not a P-256 private key in PEM: {e}"
+        ))
+    })?;
+    match local {
+        Some(k) if k.public_key() != cluster.public_key() => {
+            return Err(PushError::Key(format!(
+                "{} holds another VAPID key than the cluster's in Redis ({name}); every node must sign \
+                 with the same key, or push services refuse the pushes of browsers that subscribed \
+                 through another node. Remove {} to have this node take the cluster's key, or, to make \
+                 this file's key the cluster's, stop every node, delete {name} in Redis and the key file \
+                 of every other node, and start this node first (subscriptions made with the old key \
+                 stop working: docs/USAGE.md, \"Web Push set-up\")",
+                path.display(),
+                path.display()
+            )));
+        }
+        Some(_) => {}
+        None => {
+            write_new(path, &cluster)?;
+            tracing::info!(
+                path = %path.display(),
+                key = %name,
+                "inbox push: copied the cluster's VAPID key from Redis"
+            );
+        }
+    }
+    Vapid::from_key(&cluster)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url() -> String {
+        std::env::var("HERALD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    }
+
+    /// A prefix of the test's own, whose keys go when dropped.
+    struct Prefix(String);
+
+    impl Prefix {
+        fn new() -> Prefix {
+            Prefix(format!("unitpush{}", uuid::Uuid::new_v4().simple()))
+        }
+    }
+
+    impl Drop for Prefix {
+        fn drop(&mut self) {
+            let Ok(client) = ::redis::Client::open(url()) else {
+                return;
+            };
+            let Ok(mut conn) = client.get_connection() else {
+                return;
+            };
+            let script =
+                "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end";
+            let _: ::redis::RedisResult<Value> = ::redis::cmd("EVAL")
+                .arg(script)
+                .arg(0)
+                .arg(format!("{}:*", self.0))
+                .query(&mut conn);
+        }
+    }
+
+    async fn store(p: &Prefix) -> RedisPushStore {
+        RedisPushStore::connect(&url(), &p.0, Duration::from_secs(5), Duration::from_secs(5))
+            .await
+            .expect("the test Redis at 127.0.0.1:6379")
+    }
+
+    fn sub(endpoint: &str, at: i64) -> Subscription {
+        Subscription {
+            endpoint: endpoint.into(),
+            p256dh: format!("k{at}"),
+            auth: format!("a{at}"),
+            created_at: at,
+        }
+    }
+
+    fn endpoints(l: &[Subscription]) -> Vec<&str> {
+        l.iter().map(|s| s.endpoint.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn limits_moves_and_removals() {
+        let p = Prefix::new();
+        let s = store(&p).await;
+        // A second connection stands for another node.
+        let other = store(&p).await;
+        for i in 0..4 {
+            let node = if i % 2 == 0 { &s } else { &other };
+            node.add("alice".into(), sub(&format!("https://p/{i}"), 100 - i), 3)
+                .await
+                .unwrap();
+        }
+        let l = other.list("alice".into()).await.unwrap();
+        assert_eq!(
+            endpoints(&l),
+            ["https://p/1", "https://p/2", "https://p/3"],
+            "the oldest registration went, whatever the clocks said"
+        );
+        assert_eq!(l[0].p256dh, "k99");
+        assert_eq!(l[0].auth, "a99");
+        assert_eq!(l[0].created_at, 99);
+        assert_eq!(s.owner("https://p/0").await.unwrap(), None);
+
+        // Registering again makes it the newest.
+        s.add("alice".into(), sub("https://p/1", 200), 3)
+            .await
+            .unwrap();
+        let l = s.list("alice".into()).await.unwrap();
+        assert_eq!(endpoints(&l), ["https://p/2", "https://p/3", "https://p/1"]);
+        assert_eq!(l[2].created_at, 200);
+
+        // The same browser registered by another user moves to them.
+        other
+            .add("bob".into(), sub("https://p/2", 10), 3)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.owner("https://p/2").await.unwrap().as_deref(),
+            Some("bob")
+        );
+        assert_eq!(
+            endpoints(&s.list("alice".into()).await.unwrap()),
+            ["https://p/3", "https://p/1"]
+        );
+        assert_eq!(
+            endpoints(&s.list("bob".into()).await.unwrap()),
+            ["https://p/2"]
+        );
+
+        assert!(!s
+            .remove("alice".into(), "https://p/2".into())
+            .await
+            .unwrap());
+        assert_eq!(s.list("bob".into()).await.unwrap().len(), 1, "not alice's");
+        assert!(s.remove("bob".into(), "https://p/2".into()).await.unwrap());
+        assert!(s.list("bob".into()).await.unwrap().is_empty());
+        assert!(other.remove_endpoint("https://p/1".into()).await.unwrap());
+        assert!(!other.remove_endpoint("https://p/1".into()).await.unwrap());
+        assert_eq!(
+            endpoints(&s.list("alice".into()).await.unwrap()),
+            ["https://p/3"]
+        );
+        assert_eq!(s.owner("https://p/1").await.unwrap(), None);
+        assert!(s.list("nobody".into()).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn one_vapid_key_for_every_node() {
+        let p = Prefix::new();
+        let s = store(&p).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            dir.path().join("a/vapid.pem"),
+            dir.path().join("b/vapid.pem"),
+        );
+
+        // The first node makes the key and stores it; the second copies it to its file.
+        let ka = shared_vapid(&s, &a).await.unwrap();
+        let kb = shared_vapid(&s, &b).await.unwrap();
+        assert_eq!(ka.public_key(), kb.public_key());
+        assert_eq!(
+            read_key(&b).unwrap().unwrap().public_key(),
+            read_key(&a).unwrap().unwrap().public_key()
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&b).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // A restart with the file agrees with Redis.
+        assert_eq!(
+            shared_vapid(&s, &a).await.unwrap().public_key(),
+            ka.public_key()
+        );
+
+        // A file with another key is refused, naming the file and the Redis key.
+        let c = dir.path().join("c.pem");
+        Vapid::load_or_create(&c).unwrap();
+        let e = shared_vapid(&s, &c).await.unwrap_err().to_string();
+        assert!(e.contains(&c.display().to_string()), "{e}");
+        assert!(e.contains(&s.vapid_key_name()), "{e}");
+
+        // With nothing in Redis yet, an existing file's key becomes the cluster's.
+        let q = Prefix::new();
+        let fresh = store(&q).await;
+        let kc = shared_vapid(&fresh, &c).await.unwrap();
+        assert_eq!(
+            kc.public_key(),
+            Vapid::load_or_create(&c).unwrap().public_key()
+        );
+        let d = dir.path().join("d.pem");
+        assert_eq!(
+            shared_vapid(&fresh, &d).await.unwrap().public_key(),
+            kc.public_key()
+        );
+    }
+
+    #[tokio::test]
+    async fn nodes_starting_together_agree_on_one_key() {
+        let p = Prefix::new();
+        let s = store(&p).await;
+        let dir = tempfile::tempdir().unwrap();
+        let starts = (0..4).map(|i| {
+            let path = dir.path().join(format!("n{i}.pem"));
+            let s = &s;
+            async move { shared_vapid(s, &path).await.unwrap() }
+        });
+        let keys = futures_util::future::join_all(starts).await;
+        for k in &keys[1..] {
+            assert_eq!(k.public_key(), keys[0].public_key());
+        }
+    }
+}
