@@ -20,6 +20,7 @@ mod mercure;
 mod ops;
 mod process;
 mod push;
+mod push_redis;
 mod resume;
 mod wire;
 mod ws;

@@ -18,11 +18,11 @@ use crate::common::*;
 use crate::wsclient::{self, API_KEY};
 
 /// What the mock push service saw.
-struct Seen {
-    device: String,
-    at: Instant,
-    headers: HeaderMap,
-    body: Vec<u8>,
+pub(crate) struct Seen {
+    pub device: String,
+    pub at: Instant,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
 }
 
 /// Answers in order: (status, Retry-After); the last one repeats.
@@ -52,14 +52,14 @@ async fn handle(
     (StatusCode::from_u16(status).unwrap(), h, "")
 }
 
-struct PushService {
-    url: String,
+pub(crate) struct PushService {
+    pub url: String,
     mock: Arc<Mock>,
     rx: mpsc::UnboundedReceiver<Seen>,
 }
 
 impl PushService {
-    async fn start(script: Vec<(u16, Option<&'static str>)>) -> PushService {
+    pub(crate) async fn start(script: Vec<(u16, Option<&'static str>)>) -> PushService {
         let (tx, rx) = mpsc::unbounded_channel();
         let mock = Arc::new(Mock {
             script: Mutex::new(script),
@@ -74,11 +74,11 @@ impl PushService {
         PushService { url, mock, rx }
     }
 
-    async fn script(&self, script: Vec<(u16, Option<&'static str>)>) {
+    pub(crate) async fn script(&self, script: Vec<(u16, Option<&'static str>)>) {
         *self.mock.script.lock().await = script;
     }
 
-    async fn next(&mut self) -> Seen {
+    pub(crate) async fn next(&mut self) -> Seen {
         tokio::time::timeout(WAIT, self.rx.recv())
             .await
             .expect("a push arrives in time")
@@ -87,20 +87,20 @@ impl PushService {
 }
 
 /// A browser's keys for one device.
-struct Device {
+pub(crate) struct Device {
     secret: p256::SecretKey,
     auth: [u8; 16],
 }
 
 impl Device {
-    fn new(seed: u8) -> Device {
+    pub(crate) fn new(seed: u8) -> Device {
         Device {
             secret: p256::SecretKey::from_slice(&[seed; 32]).unwrap(),
             auth: [seed.wrapping_add(1); 16],
         }
     }
 
-    fn subscription(&self, endpoint: &str) -> Value {
+    pub(crate) fn subscription(&self, endpoint: &str) -> Value {
         let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         json!({
             "endpoint": endpoint,
@@ -112,7 +112,7 @@ impl Device {
         })
     }
 
-    fn open(&self, body: &[u8]) -> Value {
+    pub(crate) fn open(&self, body: &[u8]) -> Value {
         let auth = web_push_native::Auth::from(self.auth);
         let plain = web_push_native::decrypt(body.to_vec(), &self.secret, &auth)
             .expect("the push decrypts with the device's keys");
@@ -120,26 +120,64 @@ impl Device {
     }
 }
 
+/// The claims of the VAPID token a push carries, checked: its `k=` is `public_key` and the token is
+/// signed by that key, for the push service at `audience`.
+pub(crate) fn vapid_claims(h: &HeaderMap, public_key: &str, audience: &str) -> Value {
+    let auth = h["authorization"].to_str().unwrap();
+    let (token, k) = auth
+        .strip_prefix("vapid t=")
+        .and_then(|r| r.split_once(", k="))
+        .expect("vapid t=..., k=...");
+    assert_eq!(k, public_key);
+    let point = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(k)
+        .unwrap();
+    let pem = {
+        use p256::pkcs8::EncodePublicKey;
+        p256::PublicKey::from_sec1_bytes(&point)
+            .unwrap()
+            .to_public_key_pem(p256::pkcs8::LineEnding::LF)
+            .unwrap()
+    };
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.set_audience(&[audience]);
+    jsonwebtoken::decode::<Value>(
+        token,
+        &jsonwebtoken::DecodingKey::from_ec_pem(pem.as_bytes()).unwrap(),
+        &v,
+    )
+    .expect("a VAPID token signed by the key Herald publishes, for the push service's origin")
+    .claims
+}
+
+/// The settings of a node with push on, sending to a mock on loopback.
+pub(crate) const PUSH_ON: [(&str, &str); 6] = [
+    ("inbox.enabled", "true"),
+    ("inbox.push.enabled", "true"),
+    ("inbox.push.subject", "\"mailto:ops@example.com\""),
+    ("inbox.push.allow_insecure_endpoints", "true"),
+    ("inbox.push.workers", "1"),
+    ("inbox.push.retry_delay", "\"100ms\""),
+];
+
 async fn start(extra: &[(&str, &str)]) -> TestServer {
     let key = format!("{API_KEY:?}");
-    let mut o: Vec<(&str, &str)> = vec![
-        ("inbox.enabled", "true"),
-        ("centrifugo.api_key", &key),
-        ("inbox.push.enabled", "true"),
-        ("inbox.push.subject", "\"mailto:ops@example.com\""),
-        ("inbox.push.allow_insecure_endpoints", "true"),
-        ("inbox.push.workers", "1"),
-        ("inbox.push.retry_delay", "\"100ms\""),
-    ];
+    let mut o: Vec<(&str, &str)> = vec![("centrifugo.api_key", &key)];
+    o.extend_from_slice(&PUSH_ON);
     o.extend_from_slice(extra);
     TestServer::start(&o).await
 }
 
-fn user_token(sub: &str) -> String {
+pub(crate) fn user_token(sub: &str) -> String {
     wsclient::sign_json(&json!({"sub": sub, "exp": herald::auth::unix_now() + 600}))
 }
 
-async fn browser(s: &TestServer, user: &str, method: &str, body: Option<Value>) -> (u16, Value) {
+pub(crate) async fn browser(
+    s: &TestServer,
+    user: &str,
+    method: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let c = reqwest::Client::new();
     let url = format!("{}/inbox/push/subscriptions", s.url);
     let req = match method {
@@ -156,7 +194,7 @@ async fn browser(s: &TestServer, user: &str, method: &str, body: Option<Value>) 
     get_json(req).await
 }
 
-async fn notify(s: &TestServer, users: &[&str], title: &str) {
+pub(crate) async fn notify(s: &TestServer, users: &[&str], title: &str) {
     let (status, v) = get_json(
         reqwest::Client::new()
             .post(format!("{}/api/inbox_notify", s.url))
@@ -167,7 +205,7 @@ async fn notify(s: &TestServer, users: &[&str], title: &str) {
     assert_eq!(status, 200, "{v}");
 }
 
-async fn subscribe(s: &TestServer, user: &str, device: &Device, endpoint: &str) {
+pub(crate) async fn subscribe(s: &TestServer, user: &str, device: &Device, endpoint: &str) {
     let (status, v) = browser(s, user, "POST", Some(device.subscription(endpoint))).await;
     assert_eq!(status, 201, "{v}");
 }
@@ -214,31 +252,8 @@ async fn retries_429_and_5xx_after_retry_after_and_sends_a_valid_push() {
     assert_eq!(h["content-encoding"], "aes128gcm");
     assert_eq!(h["ttl"], "3600");
     assert_eq!(h["urgency"], "high");
-    let auth = h["authorization"].to_str().unwrap();
-    let (token, k) = auth
-        .strip_prefix("vapid t=")
-        .and_then(|r| r.split_once(", k="))
-        .expect("vapid t=..., k=...");
-    assert_eq!(k, public_key);
-    let point = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(k)
-        .unwrap();
-    let pem = {
-        use p256::pkcs8::EncodePublicKey;
-        p256::PublicKey::from_sec1_bytes(&point)
-            .unwrap()
-            .to_public_key_pem(p256::pkcs8::LineEnding::LF)
-            .unwrap()
-    };
-    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
-    v.set_audience(&[ps.url.as_str()]);
-    let claims = jsonwebtoken::decode::<Value>(
-        token,
-        &jsonwebtoken::DecodingKey::from_ec_pem(pem.as_bytes()).unwrap(),
-        &v,
-    )
-    .expect("a VAPID token signed by the key Herald publishes, for the push service's origin");
-    assert_eq!(claims.claims["sub"], "mailto:ops@example.com");
+    let claims = vapid_claims(h, &public_key, &ps.url);
+    assert_eq!(claims["sub"], "mailto:ops@example.com");
 
     // Delivered, so the subscription stays.
     let (_, list) = browser(&s, "alice", "GET", None).await;
