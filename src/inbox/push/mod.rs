@@ -479,10 +479,22 @@ pub async fn attach_redis(
     )
     .await
     .map_err(|e| ConfigError::Invalid(format!("cannot open the push subscriptions: {e}")))?;
+    if let Some(path) = &config.inbox.push.path {
+        tracing::warn!(
+            path = %path.display(),
+            "inbox.push.path is not used on the Redis engine: the subscriptions are in Redis"
+        );
+    }
     let key_path = config.vapid_key_path();
     let vapid = redis::shared_vapid(&store, &key_path)
         .await
-        .map_err(|e| ConfigError::Invalid(format!("inbox.push.vapid_key: {e}")))?;
+        .map_err(|e| match e {
+            PushError::Key(_) => ConfigError::Invalid(format!("inbox.push.vapid_key: {e}")),
+            _ => ConfigError::Invalid(format!(
+                "cannot read the cluster's VAPID key ({}) from Redis: {e}",
+                store.vapid_key_name()
+            )),
+        })?;
     let push = start_configured(hub, config, inbox.store().clone(), Arc::new(store), vapid)?;
     inbox.attach_push(push);
     Ok(())
