@@ -57,6 +57,7 @@ const opt = {
 mkdirSync(opt.out, { recursive: true });
 const resultsFile = path.join(opt.out, 'results.jsonl');
 const log = (...a) => { const line = `[${new Date().toISOString().slice(11, 19)}] ${a.join(' ')}`; console.log(line); appendFileSync(path.join(opt.out, 'runs.log'), `${line}\n`); };
+const median = (xs) => { const v = xs.filter((x) => typeof x === 'number' && Number.isFinite(x)).sort((a, b) => a - b); if (!v.length) return null; const m = v.length >> 1; return v.length % 2 ? v[m] : (v[m - 1] + v[m]) / 2; };
 const loadavg = () => readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
 
 // ---------------------------------------------------------------------------------------------- servers
@@ -92,7 +93,7 @@ async function startServer(name, dir) {
       `listen = "127.0.0.1:${port}"`, `data_dir = ${JSON.stringify(dir)}`,
       '[log]', `durable = ${opt.heraldDurable}`,
       '[limits]', 'max_connections = 100000',
-      '[yjs]', 'anonymous = "write"', `max_documents = ${Math.max(opt.docs, opt.memDocs) + 100}`,
+      '[yjs]', 'anonymous = "write"', `max_documents = ${opt.docs + opt.memDocs + 100}`,
       'max_update_size = 16777216', 'max_document_size = 1073741824', '',
     ].join('\n'));
     child = spawn(opt.herald, ['serve', '--config', cfg], { stdio, env: { ...process.env, RUST_LOG: 'warn' } });
@@ -224,31 +225,46 @@ async function lateJoiner(name, dir) {
   return out;
 }
 
-/** Server RSS per loaded document (one client each, one small edit) and per idle connection (to one document). */
-async function memory(s) {
+/** The median of 5 RSS samples 500 ms apart (a Node server's RSS moves with its garbage collector). */
+async function settledRss(s) {
   await sleep(opt.settleMs);
-  const base = s.rss();
-  const rooms = Array.from({ length: opt.memDocs }, (_, i) => `mem-${i}`);
-  await openClients(s, rooms);
-  // One edit per document from its client: the document holds content, as an opened page would.
-  const ones = split(rooms.map(() => 1));
-  await callAll((k) => ({ op: 'arm', expect: ones[k], writes: ones[k], rate: 0, wid: `m${k}` }));
-  await callAll(() => ({ op: 'go', timeoutMs: opt.scenarioTimeoutMs }));
-  await sleep(opt.settleMs);
-  const withDocs = s.rss();
-  await closeAll();
-  // Idle connections: one document, --idle clients.
-  await sleep(opt.settleMs);
-  const base2 = s.rss();
-  await openClients(s, Array.from({ length: opt.idle }, () => 'idle'));
-  await sleep(opt.settleMs);
-  const withConns = s.rss();
-  await closeAll();
-  return {
-    rss_base: base,
-    rss_per_doc_with_client: Math.round((withDocs - base) / opt.memDocs),
-    rss_per_idle_connection: Math.round((withConns - base2) / opt.idle),
+  const xs = [];
+  for (let i = 0; i < 5; i++) { xs.push(s.rss()); await sleep(500); }
+  return median(xs);
+}
+
+/**
+ * Server RSS per idle connection (to one document) and per loaded document (one client each, one small
+ * edit), each on a fresh server of its own (a server that already held and freed memory reuses it), against
+ * the RSS just before, after a warm-up that opened and closed 50 clients (so lazily allocated pools are in
+ * the baseline).
+ */
+async function memory(name) {
+  const measure = async (rooms, edit) => {
+    const dir = mkdtempSync(path.join(tmpdir(), `yjs-bench-mem-${name}-`));
+    const s = await startServer(name, dir);
+    try {
+      await openClients(s, Array.from({ length: 50 }, () => 'warm-up'));
+      await closeAll();
+      const base = await settledRss(s);
+      await openClients(s, rooms);
+      if (edit) {
+        // One edit per document from its client: the document holds content, as an opened page would.
+        const ones = split(rooms.map(() => 1));
+        await callAll((k) => ({ op: 'arm', expect: ones[k], writes: ones[k], rate: 0, wid: `m${k}` }));
+        await callAll(() => ({ op: 'go', timeoutMs: opt.scenarioTimeoutMs }));
+      }
+      const after = await settledRss(s);
+      await closeAll();
+      return { base, per: Math.round((after - base) / rooms.length) };
+    } finally {
+      await s.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
   };
+  const idle = await measure(Array.from({ length: opt.idle }, () => 'idle'), false);
+  const docs = await measure(Array.from({ length: opt.memDocs }, (_, i) => `mem-${i}`), true);
+  return { rss_base: idle.base, rss_per_idle_connection: idle.per, rss_per_doc_with_client: docs.per };
 }
 
 /**
@@ -318,7 +334,6 @@ async function manyDocs(s) {
 
 // ---------------------------------------------------------------------------------------------- run
 
-const median = (xs) => { const v = xs.filter((x) => typeof x === 'number' && Number.isFinite(x)).sort((a, b) => a - b); if (!v.length) return null; const m = v.length >> 1; return v.length % 2 ? v[m] : (v[m - 1] + v[m]) / 2; };
 
 log(`yjs bench: ${JSON.stringify(opt)}`);
 log(`versions: node ${process.version}, node22 ${existsSync(opt.node22) ? 'present' : 'missing'}`);
@@ -337,12 +352,12 @@ for (let round = 1; round <= opt.rounds; round++) {
       }
       rmSync(dir, { recursive: true, force: true });
       mkdirSync(dir, { recursive: true });
+      if (opt.only.includes('memory')) {
+        Object.assign(row, await memory(name));
+        log(`  ${name} memory: ${row.rss_per_doc_with_client} B per document (with its client), ${row.rss_per_idle_connection} B per idle connection`);
+      }
       const s = await startServer(name, dir);
       try {
-        if (opt.only.includes('memory')) {
-          Object.assign(row, await memory(s));
-          log(`  ${name} memory: ${row.rss_per_doc_with_client} B per document (with its client), ${row.rss_per_idle_connection} B per idle connection`);
-        }
         if (opt.only.includes('fanout')) Object.assign(row, await fanout(s, round));
         if (opt.only.includes('docs')) Object.assign(row, await manyDocs(s));
       } finally {
