@@ -313,7 +313,7 @@ async function fanout(s, round) {
     // Writers are the first clients; each writes its share of --fanout-updates.
     const each = Math.ceil(opt.fanoutUpdates / f.writers);
     const writes = rooms.map((_, i) => (i < f.writers ? each : 0));
-    const perf = opt.perfOut && s.name === 'herald' && round === 1 && f === opt.fanout[0] ? opt.perfOut : null;
+    const perf = opt.perfOut && s.name === 'herald' && round === 1 && f.clients === Math.max(...opt.fanout.map((g) => g.clients)) && f.writers === 1 && !f.rate ? opt.perfOut : null;
     Object.assign(out, await traffic(s, label, rooms, writes, f.rate, perf));
     log(`  ${s.name} ${label}: ${out[`${label}_deliveries_per_s`]} deliveries/s, p50 ${out[`${label}_p50_ms`]} ms, p99 ${out[`${label}_p99_ms`]} ms, complete ${out[`${label}_complete`]}`);
   }
