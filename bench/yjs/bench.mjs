@@ -96,7 +96,7 @@ async function startServer(name, dir) {
       '[yjs]', 'anonymous = "write"', `max_documents = ${opt.docs + opt.memDocs + 100}`,
       'max_update_size = 16777216', 'max_document_size = 1073741824', '',
     ].join('\n'));
-    child = spawn(opt.herald, ['serve', '--config', cfg], { stdio, env: { ...process.env, RUST_LOG: process.env.HERALD_RUST_LOG ?? 'warn' } });
+    child = spawn(opt.herald, ['serve', '--config', cfg], { stdio, env: { HERALD_LOG_LEVEL: 'warn', ...process.env } });
     url = `ws://127.0.0.1:${port}/yjs`;
     kind = 'y-websocket';
   } else if (name === 'y-websocket-server') {
@@ -301,6 +301,7 @@ async function traffic(s, label, rooms, writes, rate, perf) {
     [`${label}_server_cpu_us_per_delivery`]: Number((((cpu1 - cpu0) * 1000) / Math.max(1, received)).toFixed(2)),
     [`${label}_complete`]: res.every((r) => r.complete) && received === expectedDeliveries && count(hist) === received,
     [`${label}_lost`]: expectedDeliveries - received,
+    [`${label}_server_closes`]: res.reduce((n, r) => n + (r.closes ?? 0), 0),
   };
 }
 

@@ -78,6 +78,7 @@ async function write(c, k, rate) {
 
 async function go({ timeoutMs }) {
   const { writes, rate } = armed;
+  const closes0 = clients.reduce((n, c) => n + c.closes.n, 0);
   const firstSend = now();
   const writing = Promise.all(clients.map((c, i) => (writes[i] > 0 ? write(c, writes[i], rate) : null)));
   let complete = true;
@@ -88,7 +89,7 @@ async function go({ timeoutMs }) {
   }
   return {
     hist: armed.hist, received: armed.received, firstSend, lastRecv: armed.lastRecv, complete,
-    missingClients: armed.pending.size,
+    missingClients: armed.pending.size, closes: clients.reduce((n, c) => n + c.closes.n, 0) - closes0,
   };
 }
 

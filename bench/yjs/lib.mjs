@@ -29,8 +29,11 @@ export function within(ms, what, promise) {
 export function connect(kind, url, room, doc = new Y.Doc()) {
   if (kind === 'hocuspocus') {
     const p = new HocuspocusProvider({ url, name: room, document: doc, WebSocketPolyfill: WebSocket, quiet: true });
+    const closes = { n: 0 };
+    p.on('close', () => { closes.n += 1; });
     return {
       doc,
+      closes,
       synced: () => (p.synced ? Promise.resolve() : new Promise((r) => {
         const h = ({ state }) => { if (state) { p.off('synced', h); r(); } };
         p.on('synced', h);
@@ -39,8 +42,12 @@ export function connect(kind, url, room, doc = new Y.Doc()) {
     };
   }
   const p = new WebsocketProvider(url, room, doc, { WebSocketPolyfill: WebSocket, disableBc: true });
+  // Closes of the socket by the server (or the network) while the provider should be connected; it reconnects.
+  const closes = { n: 0 };
+  p.on('connection-close', () => { if (p.shouldConnect) closes.n += 1; });
   return {
     doc,
+    closes,
     synced: () => (p.synced ? Promise.resolve() : new Promise((r) => {
       const h = (s) => { if (s) { p.off('sync', h); r(); } };
       p.on('sync', h);
