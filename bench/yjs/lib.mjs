@@ -6,6 +6,9 @@ import * as Y from 'yjs';
 import { WebsocketProvider } from 'y-websocket';
 import { HocuspocusProvider } from '@hocuspocus/provider';
 
+/** YJS_BENCH_NO_AWARENESS=1: y-websocket clients without awareness state (diagnosis; not for the comparison). */
+const NO_AWARENESS = process.env.YJS_BENCH_NO_AWARENESS === '1';
+
 /** Wall-clock milliseconds with sub-millisecond precision, comparable between processes of one machine. */
 export const now = () => performance.timeOrigin + performance.now();
 
@@ -41,7 +44,12 @@ export function connect(kind, url, room, doc = new Y.Doc()) {
       destroy: () => p.destroy(),
     };
   }
-  const p = new WebsocketProvider(url, room, doc, { WebSocketPolyfill: WebSocket, disableBc: true });
+  const p = new WebsocketProvider(url, room, doc, { WebSocketPolyfill: WebSocket, disableBc: true, connect: !NO_AWARENESS });
+  if (NO_AWARENESS) {
+    // Diagnosis only: a client without awareness state sends none and renews none.
+    p.awareness.setLocalState(null);
+    p.connect();
+  }
   // Closes of the socket by the server (or the network) while the provider should be connected; it reconnects.
   const closes = { n: 0 };
   p.on('connection-close', () => { if (p.shouldConnect) closes.n += 1; });
