@@ -149,6 +149,31 @@ pub fn decode_update(bytes: &[u8]) -> Result<Update, DocError> {
 }
 
 /// Applies `update` to the document, turning a yrs panic into an error.
+/// The entries of `u` that would change `aw`: a newer clock, the removal of a present state, a new
+/// client with a state. A y-websocket provider sends back every awareness change it receives (everyone's,
+/// not only its own), so relaying entries that change nothing would bounce each change off every client
+/// to every client: frames growing with the cube of a document's clients, and full queues closing them.
+fn news(aw: &Awareness, u: &AwarenessUpdate) -> AwarenessUpdate {
+    let clients = u
+        .clients
+        .iter()
+        .filter(|&(&client, e)| {
+            let removal = e.json.as_ref() == "null";
+            match aw.meta(client) {
+                None => !removal,
+                Some((clock, _)) => {
+                    e.clock > clock
+                        || (e.clock == clock
+                            && removal
+                            && aw.state::<serde::de::IgnoredAny>(client).is_some())
+                }
+            }
+        })
+        .map(|(client, e)| (*client, e.clone()))
+        .collect();
+    AwarenessUpdate { clients }
+}
+
 fn apply(awareness: &Awareness, update: Update) -> Result<(), DocError> {
     let doc = awareness.doc();
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -485,12 +510,19 @@ impl Docs {
         origin: u64,
         update: &AwarenessUpdate,
     ) -> Result<(), DocError> {
-        {
+        let update = {
             let mut st = doc.state.lock();
-            if let Some(p) = st.peers.get_mut(&origin) {
-                p.clients.extend(update.clients.keys().copied());
+            let news = news(&st.awareness, update);
+            if news.clients.is_empty() {
+                return Ok(()); // an echo of what everyone has: relaying it would only bounce it again
             }
-        }
+            // Only states this connection changed become its own: an echoed state of another client is
+            // not, or its leaving would remove that client for everyone.
+            if let Some(p) = st.peers.get_mut(&origin) {
+                p.clients.extend(news.clients.keys().copied());
+            }
+            news
+        };
         let data = Bytes::from(update.encode_v1());
         self.publish(doc, Some(origin), data, KIND_AWARENESS, true)
             .await
@@ -904,6 +936,11 @@ impl Loaded {
                 let Ok(u) = AwarenessUpdate::decode_v1(&r.data) else {
                     return;
                 };
+                // Another node may have relayed what this one already has (or two clients sent the same).
+                let u = news(&st.awareness, &u);
+                if u.clients.is_empty() {
+                    return;
+                }
                 if let Err(e) = st.awareness.apply_update(u.clone()) {
                     tracing::debug!(doc = %self.name, error = %e, "awareness update not applied");
                 }

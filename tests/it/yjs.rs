@@ -42,6 +42,8 @@ struct Client {
     doc: Doc,
     /// Awareness states seen, by client id (`None`: removed).
     awareness: std::collections::HashMap<u64, Option<String>>,
+    /// Every awareness entry received, in order: (client id, clock).
+    awareness_log: Vec<(u64, u32)>,
     denied: Vec<String>,
     synced: bool,
 }
@@ -70,6 +72,7 @@ impl Client {
             ws: open(s, doc, token).await,
             doc: state,
             awareness: Default::default(),
+            awareness_log: Vec::new(),
             denied: Vec::new(),
             synced: false,
         };
@@ -157,6 +160,7 @@ impl Client {
                 Message::Awareness(u) => {
                     for (id, e) in u.clients {
                         let v = (&*e.json != "null").then(|| e.json.to_string());
+                        self.awareness_log.push((id.get(), e.clock));
                         self.awareness.insert(id.get(), v);
                     }
                 }
@@ -379,6 +383,36 @@ async fn a_client_that_edited_offline_merges_on_reconnect() {
     a.until(|c| c.text().contains("[b]")).await.unwrap();
     assert_eq!(a.text(), b.text());
     assert_eq!(a.text(), "[b] online [a]");
+}
+
+#[tokio::test]
+async fn an_echoed_awareness_state_is_neither_relayed_nor_taken_over() {
+    let s = start(&[]).await;
+    let w = doc_token(&[], &["*"]);
+    let mut a = Client::synced(&s, "echo", Some(&w)).await;
+    let mut b = Client::synced(&s, "echo", Some(&w)).await;
+    let mut c = Client::synced(&s, "echo", Some(&w)).await;
+    a.send(awareness(77, 1, r#"{"user":"ada"}"#)).await;
+    b.until(|c| c.awareness.contains_key(&77)).await.unwrap();
+    c.until(|c| c.awareness.contains_key(&77)).await.unwrap();
+    // b does what the y-websocket provider does with a state it receives: sends it back. Then its own,
+    // which reaches the others after anything the echo would have caused.
+    b.send(awareness(77, 1, r#"{"user":"ada"}"#)).await;
+    b.send(awareness(88, 1, r#"{"user":"bob"}"#)).await;
+    c.until(|c| c.awareness.contains_key(&88)).await.unwrap();
+    a.until(|c| c.awareness.contains_key(&88)).await.unwrap();
+    assert_eq!(c.awareness_log, [(77, 1), (88, 1)], "the echo was relayed");
+    assert_eq!(a.awareness_log, [(88, 1)], "a got its own state back");
+    // b leaves: its own state goes, not ada's that it had echoed.
+    drop(b);
+    c.until(|c| c.awareness.get(&88) == Some(&None))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.awareness.get(&77),
+        Some(&Some(r#"{"user":"ada"}"#.to_string())),
+        "ada's state went with b"
+    );
 }
 
 #[tokio::test]
