@@ -451,7 +451,8 @@ impl Docs {
             }
             // The hub cut the document off (it fell behind, or the hub is shutting down): what it holds
             // may miss updates, so it goes, and its clients reconnect and load it again.
-            if !docs.hub.is_shutting_down() {
+            // An idle unload drops the subscription too, and may win the race with `stop`: not a warning.
+            if !docs.hub.is_shutting_down() && !task_doc.stop.is_cancelled() {
                 tracing::warn!(doc = %task_doc.name, "document feed ended; unloading it");
             }
             docs.forget(&task_doc);
