@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod http;
+pub mod inbox;
 pub mod rss;
 pub mod run;
 pub mod sse;

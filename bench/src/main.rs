@@ -1,5 +1,6 @@
 //! `herald-bench run ...` measures one workload against one server; `herald-bench table FILE` turns the
-//! JSON lines of several runs into a markdown table of medians and Herald/nchan ratios.
+//! JSON lines of several runs into a markdown table of medians and Herald/nchan ratios; `herald-bench inbox
+//! ...` runs the notification inbox's workloads (see `inbox.rs`).
 #![forbid(unsafe_code)]
 
 use std::io::Write;
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use herald_bench::{rss, run, table, ServerKind, Target, Transport, Workload};
+use herald_bench::{inbox, rss, run, table, ServerKind, Target, Transport, Workload};
 
 #[derive(Parser)]
 #[command(version, about)]
@@ -23,6 +24,126 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// Print a markdown table of medians (and Herald/nchan ratios) from a JSON-lines results file.
     Table { file: std::path::PathBuf },
+    /// The notification inbox's workloads (scripts/bench-inbox.sh runs them).
+    Inbox(Box<InboxArgs>),
+}
+
+#[derive(clap::Args)]
+struct InboxArgs {
+    /// The Herald server's address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// The server API key (`centrifugo.api_key`).
+    #[arg(long, env = "HERALD_API_KEY", default_value = "bench")]
+    api_key: String,
+    /// The key users' tokens are signed with (Herald's development key by default).
+    #[arg(long, default_value = herald_bench::target::DEV_KEY)]
+    jwt_key: String,
+    /// The server's data directory: the growth of its files is reported.
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
+    /// Server process(es) whose VmRSS is read; default: those listening on the address's port.
+    #[arg(long = "server-pid")]
+    server_pids: Vec<u32>,
+    /// Source addresses 127.0.0.2 .. 127.0.0.(1+N) for subscriber sockets; 0 = kernel's choice.
+    #[arg(long, default_value_t = 19)]
+    src_ips: usize,
+    /// Subscribers connecting at once during the ramp.
+    #[arg(long, default_value_t = 200)]
+    batch: usize,
+    /// Pause between ramp batches.
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    batch_pause: Duration,
+    /// Name of the workload in reports.
+    #[arg(long, default_value = "")]
+    label: String,
+    /// Round number, recorded in the JSON line.
+    #[arg(long, default_value_t = 0)]
+    round: u32,
+    /// Append the report as one JSON line to this file.
+    #[arg(long)]
+    json_out: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    what: InboxCmd,
+}
+
+#[derive(Subcommand)]
+enum InboxCmd {
+    /// One notification to many inboxes (notify) or the server API's broadcast to the same users'
+    /// personal channels (broadcast), with some users connected to their channel.
+    Fanout {
+        /// notify or broadcast.
+        #[arg(long, default_value = "notify")]
+        mode: inbox::FanoutMode,
+        /// sse or ws.
+        #[arg(long, default_value = "sse")]
+        transport: Transport,
+        #[arg(long, default_value_t = 100_000)]
+        users: usize,
+        /// Users u0.. that hold a subscription to their own channel.
+        #[arg(long, default_value_t = 10_000)]
+        connected: usize,
+        /// Users per call.
+        #[arg(long, default_value_t = 1000)]
+        per_call: usize,
+        /// Calls in flight.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Bound of the call phase.
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Wait for the connected users' events after the last acknowledgement.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        drain: Duration,
+    },
+    /// Device A marks items read/unread through the browser API, device B is subscribed: A-to-B latency,
+    /// then a drift check of the counts.
+    Markread {
+        #[arg(long, default_value = "sse")]
+        transport: Transport,
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        /// Items per inbox before the changes.
+        #[arg(long, default_value_t = 10)]
+        items: usize,
+        /// Changes per second over all users.
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        drain: Duration,
+    },
+    /// Fills inboxes: item k of every user, k = 0..items, through inbox_notify.
+    Fill {
+        #[arg(long)]
+        users: usize,
+        #[arg(long)]
+        items: usize,
+        #[arg(long, default_value_t = 1000)]
+        per_call: usize,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// No call starts after this.
+        #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
+        time_limit: Duration,
+    },
+    /// A markdown table of medians from the JSON lines of inbox runs.
+    Table { file: std::path::PathBuf },
+    /// List pages and counts through the browser API, after `fill`.
+    Read {
+        #[arg(long)]
+        users: usize,
+        /// Items per inbox as filled.
+        #[arg(long)]
+        items: usize,
+        #[arg(long, default_value_t = 30_000)]
+        requests: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        time_limit: Duration,
+    },
 }
 
 #[derive(clap::Args)]
@@ -116,6 +237,13 @@ fn main() -> anyhow::Result<()> {
             print!("{}", table::markdown(&text)?);
             Ok(())
         }
+        Cmd::Inbox(a) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("tokio runtime")?;
+            rt.block_on(inbox_cmd(*a))
+        }
         Cmd::Run(a) => {
             if let Some(limit) = nofile_limit() {
                 if (a.subscribers + a.concurrency + 64) as u64 > limit {
@@ -132,6 +260,112 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(run_cmd(*a))
         }
     }
+}
+
+async fn inbox_cmd(a: InboxArgs) -> anyhow::Result<()> {
+    if let InboxCmd::Table { file } = &a.what {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        print!("{}", inbox::summary(&text)?);
+        return Ok(());
+    }
+    let pids = if a.server_pids.is_empty() {
+        rss::pids_listening(a.addr.port())?
+    } else {
+        a.server_pids
+    };
+    if pids.is_empty() {
+        eprintln!(
+            "no server process found listening on port {}: RSS not measured",
+            a.addr.port()
+        );
+    }
+    let srv = inbox::Server {
+        addr: a.addr,
+        api_key: a.api_key,
+        jwt_key: a.jwt_key,
+        pids,
+        data_dir: a.data_dir,
+        src_ips: a.src_ips,
+        batch: a.batch.max(1),
+        batch_pause: a.batch_pause,
+    };
+    let mut v = match a.what {
+        InboxCmd::Fanout {
+            mode,
+            transport,
+            users,
+            connected,
+            per_call,
+            concurrency,
+            timeout,
+            drain,
+        } => {
+            let f = inbox::Fanout {
+                mode,
+                transport,
+                users,
+                connected,
+                per_call,
+                concurrency,
+                timeout,
+                drain,
+            };
+            inbox::fanout(&srv, &f).await?
+        }
+        InboxCmd::Markread {
+            transport,
+            users,
+            items,
+            rate,
+            duration,
+            drain,
+        } => {
+            let m = inbox::MarkRead {
+                transport,
+                users,
+                items: items.max(1),
+                rate: rate.max(0.1),
+                duration,
+                drain,
+            };
+            inbox::markread(&srv, &m).await?
+        }
+        InboxCmd::Fill {
+            users,
+            items,
+            per_call,
+            concurrency,
+            time_limit,
+        } => {
+            let f = inbox::Fill {
+                users,
+                items,
+                per_call,
+                concurrency,
+                time_limit,
+            };
+            inbox::fill(&srv, &f).await?
+        }
+        InboxCmd::Read {
+            users,
+            items,
+            requests,
+            concurrency,
+            time_limit,
+        } => {
+            let r = inbox::Read {
+                users,
+                items,
+                requests,
+                concurrency,
+                time_limit,
+            };
+            inbox::read(&srv, &r).await?
+        }
+        InboxCmd::Table { .. } => return Ok(()),
+    };
+    inbox::report(&mut v, &a.label, a.round, a.json_out.as_deref())
 }
 
 async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {

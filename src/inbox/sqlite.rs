@@ -311,8 +311,11 @@ fn apply(conn: &Connection, user: &str, category: &str, d: &Tally) -> Result<(),
              archived = archived + excluded.archived",
     )?
     .execute(params![user, category, d.total, d.unread, d.unseen, d.archived])?;
-    conn.prepare_cached("DELETE FROM counts WHERE user = ?1 AND category = ?2 AND total = 0")?
-        .execute(params![user, category])?;
+    // Only a change that takes items away can empty a category (a new item, the common change, cannot).
+    if d.total <= 0 {
+        conn.prepare_cached("DELETE FROM counts WHERE user = ?1 AND category = ?2 AND total = 0")?
+            .execute(params![user, category])?;
+    }
     Ok(())
 }
 
@@ -373,10 +376,25 @@ fn emit(
     conn: &Connection,
     user: &str,
     kind: &str,
+    payload: serde_json::Map<String, serde_json::Value>,
+) -> Result<(i64, i64, Counts), InboxError> {
+    emit_with(ctx, conn, user, kind, payload, None)
+}
+
+/// [`emit`] with the counts when the caller has just read them (and changed nothing since).
+fn emit_with(
+    ctx: &Ctx,
+    conn: &Connection,
+    user: &str,
+    kind: &str,
     mut payload: serde_json::Map<String, serde_json::Value>,
+    counts: Option<Counts>,
 ) -> Result<(i64, i64, Counts), InboxError> {
     let version = bump(conn, user)?;
-    let counts = counts_of(conn, user)?;
+    let counts = match counts {
+        Some(c) => c,
+        None => counts_of(conn, user)?,
+    };
     payload.insert("type".into(), json!(kind));
     payload.insert("version".into(), json!(version));
     payload.insert("counts".into(), json!(counts));
@@ -634,11 +652,10 @@ fn notify_one(
         action: None,
     };
     apply(conn, user, &stored.category, &contribution(&stored))?;
-    // Over the cap: the oldest items go, in this same change.
-    let total: i64 = conn
-        .prepare_cached("SELECT COALESCE(SUM(total), 0) FROM counts WHERE user = ?1")?
-        .query_row([user], |r| r.get(0))?;
-    let over = total - ctx.limits.max_items as i64;
+    // Over the cap: the oldest items go, in this same change. The counts read here are the event's
+    // when nothing goes (one query per notified user fewer).
+    let counts = counts_of(conn, user)?;
+    let over = counts.all.total - ctx.limits.max_items as i64;
     let mut removed = Vec::new();
     if over > 0 {
         let sql = format!("SELECT {ITEM_COLUMNS} FROM items WHERE user = ?1 ORDER BY id LIMIT ?2");
@@ -660,7 +677,8 @@ fn notify_one(
     if !removed.is_empty() {
         payload.insert("removed".into(), json!(removed));
     }
-    let (event, _, _) = emit(ctx, conn, user, "created", payload)?;
+    let fresh = removed.is_empty().then_some(counts);
+    let (event, _, _) = emit_with(ctx, conn, user, "created", payload, fresh)?;
     Ok((
         Delivered {
             user: user.to_string(),
