@@ -17,7 +17,13 @@ ROOT=$PWD
 
 QUICK=()
 PASS=()
+prev=
 for a in "$@"; do
+  # bench.mjs runs in bench/yjs: a relative --out is meant from the repository's root.
+  if [ "$prev" = "--out" ] && [ "${a#/}" = "$a" ]; then
+    a=$ROOT/$a
+  fi
+  prev=$a
   if [ "$a" = "--quick" ]; then
     QUICK=(--rounds 1 --edits 10000 --edits-per-update 500 --fanout 50:1:0,50:10:0,50:1:50 --fanout-updates 200
            --docs 100 --mem-docs 200 --idle 300 --settle-ms 1000)

@@ -15,6 +15,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::Extension;
 use bytes::Bytes;
+use futures_util::SinkExt;
 use yrs::sync::{Message, SyncMessage};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
@@ -146,7 +147,7 @@ async fn run(
             }
             frame = peer.rx.recv() => match frame {
                 Some(f) => {
-                    if socket.send(WsMessage::Binary(f)).await.is_err() {
+                    if write_queued(&mut socket, &mut peer, f).await.is_err() {
                         break None;
                     }
                 }
@@ -174,6 +175,26 @@ async fn run(
         tracing::debug!(doc = %name, code, reason, "closing y-websocket connection");
         close(&mut socket, code, &reason).await;
     }
+}
+
+/// Frames written before one flush: each is still its own message (y-websocket reads one per frame).
+const WRITE_BATCH: usize = 64;
+
+/// Writes `first` and what else is already queued for this connection (up to `WRITE_BATCH` frames), then
+/// flushes once: under fan-out most of the server's time went to one `send` syscall per frame.
+async fn write_queued(
+    socket: &mut WebSocket,
+    peer: &mut PeerHandle,
+    first: Bytes,
+) -> Result<(), axum::Error> {
+    socket.feed(WsMessage::Binary(first)).await?;
+    for _ in 1..WRITE_BATCH {
+        match peer.rx.try_recv() {
+            Some(f) => socket.feed(WsMessage::Binary(f)).await?,
+            None => break,
+        }
+    }
+    socket.flush().await
 }
 
 /// Handles the message of one frame. A frame holds one message, as every y-websocket client sends them
