@@ -369,6 +369,38 @@ impl Patch {
     pub fn is_empty(&self) -> bool {
         *self == Patch::default()
     }
+
+    /// `item` with this patch applied at `now`: the one rule every store applies, so a change means the
+    /// same whichever store keeps the inbox. Setting a state keeps its first time; an action marks the
+    /// item read and seen too.
+    pub fn apply(&self, item: &Item, now: i64) -> Result<Item, InboxError> {
+        let set = |cur: Option<i64>, want: Option<bool>| match want {
+            Some(true) => cur.or(Some(now)),
+            Some(false) => None,
+            None => cur,
+        };
+        let mut new = item.clone();
+        if let Some(a) = &self.action {
+            if !item.actions.iter().any(|x| &x.id == a) {
+                return Err(invalid(
+                    "unknown_action",
+                    format!("item {} has no action {a:?}", item.id),
+                ));
+            }
+            new.action = Some(a.clone());
+            new.read_at = new.read_at.or(Some(now));
+            new.seen_at = new.seen_at.or(Some(now));
+        }
+        new.read_at = set(new.read_at, self.read);
+        new.seen_at = set(new.seen_at, self.seen);
+        new.archived_at = set(new.archived_at, self.archived);
+        match self.snoozed_until {
+            Some(0) => new.snoozed_until = None,
+            Some(t) => new.snoozed_until = Some(t),
+            None => {}
+        }
+        Ok(new)
+    }
 }
 
 /// Which items a change applies to.

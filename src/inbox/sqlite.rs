@@ -459,33 +459,9 @@ fn change_items(
     target: &Target,
     now: i64,
 ) -> Result<Changed, InboxError> {
-    let set = |cur: Option<i64>, want: Option<bool>| match want {
-        Some(true) => cur.or(Some(now)),
-        Some(false) => None,
-        None => cur,
-    };
     let mut changed = Vec::new();
     for old in items {
-        let mut new = old.clone();
-        if let Some(a) = &patch.action {
-            if !old.actions.iter().any(|x| &x.id == a) {
-                return Err(invalid(
-                    "unknown_action",
-                    format!("item {} has no action {a:?}", old.id),
-                ));
-            }
-            new.action = Some(a.clone());
-            new.read_at = new.read_at.or(Some(now));
-            new.seen_at = new.seen_at.or(Some(now));
-        }
-        new.read_at = set(new.read_at, patch.read);
-        new.seen_at = set(new.seen_at, patch.seen);
-        new.archived_at = set(new.archived_at, patch.archived);
-        match patch.snoozed_until {
-            Some(0) => new.snoozed_until = None,
-            Some(t) => new.snoozed_until = Some(t),
-            None => {}
-        }
+        let new = patch.apply(&old, now)?;
         if new == old {
             continue;
         }
