@@ -174,6 +174,27 @@ impl NewItem {
     }
 
     /// Checks every field against its limit.
+    /// The item as a store keeps it once created with `id` at `now`: every state unset.
+    pub fn stored(&self, id: i64, now: i64) -> Item {
+        Item {
+            id,
+            category: self.category().to_string(),
+            title: self.title.clone(),
+            body: self.body.clone(),
+            avatar: self.avatar.clone(),
+            action_url: self.action_url.clone(),
+            actions: self.actions.clone(),
+            data: self.data.clone(),
+            created_at: now,
+            expires_at: self.expires_at,
+            read_at: None,
+            seen_at: None,
+            archived_at: None,
+            snoozed_until: None,
+            action: None,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), InboxError> {
         check_category(self.category())?;
         if self.title.trim().is_empty() {

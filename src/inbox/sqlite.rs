@@ -610,23 +610,7 @@ fn notify_one(
         key
     ])?;
     let id = conn.last_insert_rowid();
-    let stored = Item {
-        id,
-        category: item.category().to_string(),
-        title: item.title.clone(),
-        body: item.body.clone(),
-        avatar: item.avatar.clone(),
-        action_url: item.action_url.clone(),
-        actions: item.actions.clone(),
-        data: item.data.clone(),
-        created_at: now,
-        expires_at: item.expires_at,
-        read_at: None,
-        seen_at: None,
-        archived_at: None,
-        snoozed_until: None,
-        action: None,
-    };
+    let stored = item.stored(id, now);
     apply(conn, user, &stored.category, &contribution(&stored))?;
     // Over the cap: the oldest items go, in this same change. The counts read here are the event's
     // when nothing goes (one query per notified user fewer).

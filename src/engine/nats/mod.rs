@@ -524,6 +524,24 @@ impl Shared {
         Ok(s.cached_info().state.clone())
     }
 
+    /// Records the channel as removed up to `last` (one of its own positions), then purges its records up
+    /// to it and no further: a record appended meanwhile is never removed unrecorded.
+    async fn mark_and_purge(&self, channel: &str, last: u64) -> Result<u64, LogError> {
+        self.raise_pruned(channel, last).await?;
+        let stream = self.stream_handle().await?;
+        let purged = within(
+            self.op_timeout,
+            "purge",
+            stream
+                .purge()
+                .filter(self.names.channel_filter(channel))
+                .sequence(last + 1)
+                .into_future(),
+        )
+        .await?;
+        Ok(purged.purged)
+    }
+
     async fn remove_channel(&self, channel: &str) -> Result<u64, LogError> {
         self.connected()?;
         let Some(last) = self.last_of(&self.names.channel_filter(channel)).await? else {
@@ -532,19 +550,7 @@ impl Shared {
         // Recorded first, so a reader never sees the history gone without the mark; only what was read
         // as the channel's newest is purged, so a publication racing with the removal is kept, not
         // removed unrecorded.
-        self.raise_pruned(channel, last.seq).await?;
-        let stream = self.stream_handle().await?;
-        let purged = within(
-            self.op_timeout,
-            "purge",
-            stream
-                .purge()
-                .filter(self.names.channel_filter(channel))
-                .sequence(last.seq + 1)
-                .into_future(),
-        )
-        .await?;
-        Ok(purged.purged)
+        self.mark_and_purge(channel, last.seq).await
     }
 
     /// Removes the channel's records with `seq <= upto`, the same way as `remove_channel`: the mark first
@@ -560,19 +566,7 @@ impl Shared {
         else {
             return Ok(0);
         };
-        self.raise_pruned(channel, last.seq).await?;
-        let stream = self.stream_handle().await?;
-        let purged = within(
-            self.op_timeout,
-            "purge",
-            stream
-                .purge()
-                .filter(self.names.channel_filter(channel))
-                .sequence(last.seq + 1)
-                .into_future(),
-        )
-        .await?;
-        Ok(purged.purged)
+        self.mark_and_purge(channel, last.seq).await
     }
 
     async fn find_id(&self, id: &str) -> Result<Option<u64>, LogError> {

@@ -776,23 +776,7 @@ impl RedisInbox {
                 continue;
             }
             let id = first + n as i64;
-            let stored = Item {
-                id,
-                category: item.category().to_string(),
-                title: item.title.clone(),
-                body: item.body.clone(),
-                avatar: item.avatar.clone(),
-                action_url: item.action_url.clone(),
-                actions: item.actions.clone(),
-                data: item.data.clone(),
-                created_at: now,
-                expires_at: item.expires_at,
-                read_at: None,
-                seen_at: None,
-                archived_at: None,
-                snoozed_until: None,
-                action: None,
-            };
+            let stored = item.stored(id, now);
             c.op(&[
                 "I",
                 &id.to_string(),
