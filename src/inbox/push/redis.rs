@@ -771,4 +771,72 @@ mod tests {
             assert_eq!(k.public_key(), keys[0].public_key());
         }
     }
+
+    fn job(key: &str, user: &str) -> PushJob {
+        PushJob {
+            key: key.into(),
+            user: user.into(),
+            category: "news".into(),
+            payload: format!("{{\"k\":\"{key}\"}}\n").into_bytes(),
+        }
+    }
+
+    /// Pending pushes shared by two nodes: recorded once, bounded, and each claimed by exactly one of
+    /// them, concurrently; a retry comes back when due, a finished push never.
+    #[tokio::test]
+    async fn pending_pushes_are_claimed_by_one_node_each() {
+        let p = Prefix::new();
+        let (a, b) = (store(&p).await, store(&p).await);
+        for i in 0..3 {
+            a.add("alice".into(), sub(&format!("https://p/a{i}"), i), 5)
+                .await
+                .unwrap();
+        }
+        b.add("bob".into(), sub("https://p/b", 9), 5).await.unwrap();
+        let who = a
+            .subscribed(vec!["alice".into(), "carol".into(), "bob".into()])
+            .await
+            .unwrap();
+        assert_eq!(who, HashSet::from(["alice".to_string(), "bob".to_string()]));
+
+        let jobs: Vec<PushJob> = (0..10).map(|i| job(&format!("e{i}"), "alice")).collect();
+        let r = a.record(jobs.clone(), 25).await.unwrap();
+        assert_eq!(
+            r,
+            Recorded {
+                recorded: 25,
+                dropped: 5
+            }
+        );
+        let r = b.record(jobs, 100).await.unwrap();
+        assert_eq!(r.recorded, 5, "only what was not recorded before");
+        assert_eq!(a.pending().await.unwrap(), 30);
+
+        let lease = Duration::from_secs(60);
+        let (ca, cb) = tokio::join!(a.claim(20, lease), b.claim(20, lease));
+        let (ca, cb) = (ca.unwrap(), cb.unwrap());
+        assert_eq!(ca.len() + cb.len(), 30);
+        let ids: HashSet<&str> = ca.iter().chain(&cb).map(|d| d.id.as_str()).collect();
+        assert_eq!(ids.len(), 30, "no push claimed twice");
+        assert!(a.claim(20, lease).await.unwrap().is_empty());
+        let d = &ca[0];
+        assert_eq!(d.user, "alice");
+        assert_eq!(d.category, "news");
+        assert_eq!(d.payload, format!("{{\"k\":\"{}\"}}\n", d.key).into_bytes());
+        assert!(d.endpoint.starts_with("https://p/a"));
+
+        for d in ca.iter().chain(&cb).skip(1) {
+            a.finish(d.id.clone()).await.unwrap();
+        }
+        b.retry(ca[0].id.clone(), Duration::ZERO, 2).await.unwrap();
+        let back = a.claim(20, lease).await.unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(
+            (back[0].id.as_str(), back[0].attempts),
+            (ca[0].id.as_str(), 2)
+        );
+        b.finish(back[0].id.clone()).await.unwrap();
+        assert_eq!(a.pending().await.unwrap(), 0);
+        assert_eq!(a.next_due().await.unwrap(), None);
+    }
 }

@@ -355,4 +355,106 @@ mod tests {
         assert!(s.remove_endpoint("https://p/1".into()).await.unwrap());
         assert_eq!(s.list("alice".into()).await.unwrap().len(), 1);
     }
+
+    fn job(key: &str, user: &str) -> PushJob {
+        PushJob {
+            key: key.into(),
+            user: user.into(),
+            category: "general".into(),
+            payload: format!("{{\"k\":\"{key}\"}}").into_bytes(),
+        }
+    }
+
+    /// Pending pushes: one per subscription, recorded once, bounded, claimed for a lease, retried later,
+    /// finished, and due again at once when the file is reopened by the next process.
+    #[tokio::test]
+    async fn pending_pushes_are_recorded_once_bounded_claimed_and_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("push.sqlite3");
+        let s = SqlitePushStore::open(&path).unwrap();
+        s.add("alice".into(), sub("https://p/a1", 1), 3)
+            .await
+            .unwrap();
+        s.add("alice".into(), sub("https://p/a2", 2), 3)
+            .await
+            .unwrap();
+        s.add("bob".into(), sub("https://p/b1", 3), 3)
+            .await
+            .unwrap();
+        let who = s
+            .subscribed(vec!["alice".into(), "carol".into(), "bob".into()])
+            .await
+            .unwrap();
+        assert_eq!(who, HashSet::from(["alice".to_string(), "bob".to_string()]));
+
+        let r = s
+            .record(vec![job("e1", "alice"), job("e2", "carol")], 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            r,
+            Recorded {
+                recorded: 2,
+                dropped: 0
+            },
+            "one per subscription, none for carol"
+        );
+        let r = s.record(vec![job("e1", "alice")], 10).await.unwrap();
+        assert_eq!(r.recorded, 0, "a batch recorded again records nothing new");
+        let r = s
+            .record(vec![job("e3", "alice"), job("e4", "bob")], 3)
+            .await
+            .unwrap();
+        assert_eq!(
+            r,
+            Recorded {
+                recorded: 1,
+                dropped: 2
+            },
+            "the bound counts pending pushes"
+        );
+        assert_eq!(s.pending().await.unwrap(), 3);
+
+        let lease = Duration::from_secs(60);
+        let first = s.claim(2, lease).await.unwrap();
+        assert_eq!(first.len(), 2);
+        assert_eq!(
+            (first[0].key.as_str(), first[0].endpoint.as_str()),
+            ("e1", "https://p/a1")
+        );
+        assert_eq!(first[0].payload, br#"{"k":"e1"}"#);
+        let rest = s.claim(10, lease).await.unwrap();
+        assert_eq!(
+            rest.len(),
+            1,
+            "a claimed push is not claimed again while its lease runs"
+        );
+        assert!(s.claim(10, lease).await.unwrap().is_empty());
+
+        s.finish(first[0].id.clone()).await.unwrap();
+        s.retry(first[1].id.clone(), Duration::from_secs(30), 1)
+            .await
+            .unwrap();
+        let wait = s.next_due().await.unwrap().unwrap();
+        assert!(wait > Duration::from_secs(25), "{wait:?}");
+        drop(s);
+
+        // The next process: the push still claimed (rest[0]) is due now, the retried one keeps its time
+        // and its attempts.
+        let s = SqlitePushStore::open(&path).unwrap();
+        assert_eq!(s.pending().await.unwrap(), 2);
+        let again = s.claim(10, lease).await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].key, rest[0].key);
+        assert_eq!(again[0].attempts, 0);
+        s.finish(again[0].id.clone()).await.unwrap();
+        s.retry(first[1].id.clone(), Duration::ZERO, 1)
+            .await
+            .unwrap();
+        let last = s.claim(10, lease).await.unwrap();
+        assert_eq!(last.len(), 1);
+        assert_eq!(last[0].attempts, 1);
+        s.finish(last[0].id.clone()).await.unwrap();
+        assert_eq!(s.next_due().await.unwrap(), None);
+    }
 }
