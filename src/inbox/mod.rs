@@ -641,7 +641,9 @@ const PUBLISH_WAIT: Duration = Duration::from_secs(5);
 
 impl Inbox {
     /// Starts the service on `store`: publishes what an earlier run left in the outbox, then every new
-    /// event, and sweeps snoozes and expiries every second. Needs a tokio runtime.
+    /// event, and sweeps snoozes and expiries every second. Needs a tokio runtime. With
+    /// `config.push.enabled` nothing is published until [`Inbox::attach_push`] (so pushes of what the
+    /// outbox holds are not skipped): attach it right after the start.
     pub fn start(store: Arc<dyn InboxStore>, hub: Hub, config: InboxConfig) -> Inbox {
         let rate = f64::from(config.user_rate);
         let inner = Arc::new(InboxInner {
