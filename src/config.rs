@@ -116,7 +116,8 @@ pub struct PushConfig {
     pub ttl: Duration,
     /// The `Urgency` header: `very-low`, `low`, `normal` or `high`.
     pub urgency: String,
-    /// Pushes waiting for a worker; beyond it a push is dropped (and counted), never waited for.
+    /// Pushes pending (recorded in the push store, not yet sent or given up); beyond it a push is
+    /// dropped (and counted), never waited for.
     pub queue: usize,
     /// Tasks sending pushes concurrently.
     pub workers: usize,

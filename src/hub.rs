@@ -307,6 +307,29 @@ struct Registry {
     /// Subscribers with at least one `*` or template selector: checked on every publication.
     wild: HashMap<u64, Arc<Sub>>,
     all: HashMap<u64, Arc<Sub>>,
+    /// Set by [`Hub::share_subscribers`]: which exact channels this node marks in the cluster's presence.
+    shared: Option<SharedSubscribers>,
+}
+
+/// This node's mark in the cluster's presence store for each channel under `prefix` that has an exact
+/// subscriber here. Kept by the registry itself, under its write lock, so a mark follows the first
+/// subscriber in and the last one out in the order they happened, whichever path removed them.
+struct SharedSubscribers {
+    prefix: Box<str>,
+    presence: Arc<dyn PresenceStore>,
+    node: Arc<ClientInfo>,
+}
+
+impl SharedSubscribers {
+    fn covers(&self, channel: &str) -> bool {
+        channel.starts_with(&*self.prefix)
+    }
+}
+
+/// The presence channel that holds the marks of the nodes with an exact subscriber of `channel`: a
+/// reserved name, out of reach of both faces, and apart from the channel's own (client) presence.
+fn subscribers_channel(channel: &str) -> String {
+    format!("$subscribers:{channel}")
 }
 
 impl Registry {
@@ -315,10 +338,13 @@ impl Registry {
         match exact {
             Some(topics) => {
                 for t in topics {
-                    self.exact
-                        .entry(t.into())
-                        .or_default()
-                        .insert(sub.id, sub.clone());
+                    let set = self.exact.entry(t.into()).or_default();
+                    set.insert(sub.id, sub.clone());
+                    if let Some(sh) = self.shared.as_ref().filter(|sh| sh.covers(t)) {
+                        if set.len() == 1 {
+                            sh.presence.add(&subscribers_channel(t), sh.node.clone());
+                        }
+                    }
                 }
             }
             None => {
@@ -337,6 +363,9 @@ impl Registry {
                         set.remove(&id);
                         if set.is_empty() {
                             self.exact.remove(t);
+                            if let Some(sh) = self.shared.as_ref().filter(|sh| sh.covers(t)) {
+                                sh.presence.remove(&subscribers_channel(t), &sh.node.client);
+                            }
                         }
                     }
                 }
@@ -822,6 +851,60 @@ impl Hub {
     /// a live reader of that very channel, which a catch-all `*` subscription is not.
     pub fn has_exact_subscriber(&self, channel: &str) -> bool {
         self.inner.registry.read().exact.contains_key(channel)
+    }
+
+    /// Makes [`Hub::subscribed_anywhere`] see the whole cluster for the channels starting with `prefix`
+    /// (the inbox's namespace): this node marks each such channel that has an exact subscriber here in
+    /// the engine's presence store, which every node reads. Presence is the store for it because it is
+    /// already what a node's death must clean up (entries expire unless their node refreshes them) and
+    /// its writes never wait. Only one prefix, set once; on one node (no cluster) it does nothing.
+    pub fn share_subscribers(&self, prefix: &str) {
+        if !self.inner.clustered {
+            return;
+        }
+        let mut reg = self.inner.registry.write();
+        if reg.shared.is_some() {
+            return;
+        }
+        let sh = SharedSubscribers {
+            prefix: prefix.into(),
+            presence: self.inner.presence.clone(),
+            node: Arc::new(ClientInfo {
+                client: format!("node-{}", uuid::Uuid::new_v4().simple()),
+                user: String::new(),
+                conn_info: None,
+                chan_info: None,
+            }),
+        };
+        for t in reg.exact.keys().filter(|t| sh.covers(t)) {
+            sh.presence.add(&subscribers_channel(t), sh.node.clone());
+        }
+        reg.shared = Some(sh);
+    }
+
+    /// Whether `channel` has an exact subscriber on this node or, for a channel under the prefix given
+    /// to [`Hub::share_subscribers`], on any node of the cluster. Another node's subscriber is seen once
+    /// its mark reached the presence store (its writes are in the background, normally milliseconds),
+    /// and a dead node's marks count until their expiry (`engine.presence_ttl`). This node's own answer
+    /// comes from its registry, never from its mark, which may lag. An error means the cluster's answer
+    /// is unknown; the caller decides what that means.
+    pub async fn subscribed_anywhere(&self, channel: &str) -> Result<bool, HubError> {
+        let node = {
+            let reg = self.inner.registry.read();
+            if reg.exact.contains_key(channel) {
+                return Ok(true);
+            }
+            match reg.shared.as_ref().filter(|sh| sh.covers(channel)) {
+                Some(sh) => sh.node.client.clone(),
+                None => return Ok(false),
+            }
+        };
+        let marks = self
+            .inner
+            .presence
+            .list(&subscribers_channel(channel))
+            .await?;
+        Ok(marks.iter().any(|m| m.client != node))
     }
 
     /// Id of the last publication dispatched, if any.

@@ -522,6 +522,9 @@ pub struct PendingEvent {
     pub user: String,
     pub event_id: String,
     pub payload: String,
+    /// The store found it in the log already (a drainer that died before clearing it): not published
+    /// again, but still handed over, so what follows publication (Web Push) is not skipped.
+    pub in_log: bool,
 }
 
 /// Figures for `inbox_stats`.
@@ -638,7 +641,9 @@ const PUBLISH_WAIT: Duration = Duration::from_secs(5);
 
 impl Inbox {
     /// Starts the service on `store`: publishes what an earlier run left in the outbox, then every new
-    /// event, and sweeps snoozes and expiries every second. Needs a tokio runtime.
+    /// event, and sweeps snoozes and expiries every second. Needs a tokio runtime. With
+    /// `config.push.enabled` nothing is published until [`Inbox::attach_push`] (so pushes of what the
+    /// outbox holds are not skipped): attach it right after the start.
     pub fn start(store: Arc<dyn InboxStore>, hub: Hub, config: InboxConfig) -> Inbox {
         let rate = f64::from(config.user_rate);
         let inner = Arc::new(InboxInner {
@@ -667,26 +672,15 @@ impl Inbox {
         &self.inner.config
     }
 
-    /// Sends the notifications created from now on to users who are not connected. Once: a second call
-    /// is ignored.
+    /// Sends the notifications published from now on (those an earlier run left in the outbox included)
+    /// to users who are not connected. Once: a second call is ignored.
     pub fn attach_push(&self, push: push::Push) {
         let _ = self.inner.push.set(push);
+        self.inner.wake.notify_one();
     }
 
     pub fn push(&self) -> Option<&push::Push> {
         self.inner.push.get()
-    }
-
-    /// Hands the items a notify created to Web Push (which never waits).
-    fn offer_push(&self, delivered: &[Delivered], item: &NewItem) {
-        let Some(push) = self.inner.push.get() else {
-            return;
-        };
-        for d in delivered {
-            if let ("created", Some(id)) = (d.outcome, d.id) {
-                push.offer(&d.user, id, item);
-            }
-        }
     }
 
     /// The channel a user's inbox events are published on.
@@ -746,15 +740,11 @@ impl Inbox {
             }
             check_len("idempotency_key", k, MAX_IDEMPOTENCY_KEY_LEN)?;
         }
-        let pushed = self.inner.push.get().map(|_| item.clone());
         let r = self
             .inner
             .store
             .notify(users, item, idempotency_key)
             .await?;
-        if let Some(item) = &pushed {
-            self.offer_push(&r.delivered, item);
-        }
         self.settle(r.event).await;
         Ok(r)
     }
@@ -788,7 +778,6 @@ impl Inbox {
                 .store
                 .notify(users, item.clone(), idempotency_key.clone())
                 .await?;
-            self.offer_push(&r.delivered, &item);
             for d in &r.delivered {
                 match d.outcome {
                     "created" => out.created += 1,
@@ -906,6 +895,15 @@ async fn publisher(inner: Arc<InboxInner>) {
     let shutdown = inner.hub.shutdown_token();
     let mut suspect = true;
     let mut backoff = Duration::from_millis(100);
+    // With push configured, what an earlier run left in the outbox must not go out before push can
+    // record it (it is attached just after the start).
+    while inner.config.push.enabled && inner.push.get().is_none() {
+        tokio::select! {
+            () = inner.wake.notified() => {}
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
     loop {
         let batch = match inner.store.pending(PUBLISH_BATCH).await {
             Ok(b) => b,
@@ -964,6 +962,10 @@ async fn publisher(inner: Arc<InboxInner>) {
         // outbox is a write behind whatever changes wait for the writer; should it fail, the next round
         // finds them again and, suspect, looks each up in the log instead of publishing it twice.
         inner.published.send_replace(upto);
+        // Web Push takes its work from the outbox: recorded before the outbox forgets the batch.
+        if let Some(push) = inner.push.get() {
+            push.record(&batch).await;
+        }
         if let Err(e) = inner.store.published(upto).await {
             tracing::warn!(error = %e, "inbox: cannot clear published events");
             suspect = true;
@@ -977,7 +979,7 @@ async fn publish_in_order(
     suspect: bool,
 ) -> Result<(), crate::hub::HubError> {
     for e in events {
-        if suspect && inner.hub.find_id(e.event_id.clone()).await?.is_some() {
+        if e.in_log || (suspect && inner.hub.find_id(e.event_id.clone()).await?.is_some()) {
             continue;
         }
         inner

@@ -948,6 +948,7 @@ impl InboxStore for SqliteInbox {
                     user: r.get(1)?,
                     event_id: r.get(2)?,
                     payload: r.get(3)?,
+                    in_log: false,
                 })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)

@@ -11,7 +11,7 @@ pub struct Herald {
     /// Killed when dropped (`kill_on_drop`).
     _child: Child,
     pub url: String,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 /// A `herald` command with a fresh data directory; `configure` adds arguments and environment.
@@ -33,7 +33,15 @@ impl Herald {
     /// Starts `herald serve --listen 127.0.0.1:0 ARGS` with `envs` and waits for its address.
     pub async fn start(args: &[&str], envs: &[(&str, &str)]) -> Herald {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut cmd = command(dir.path());
+        let mut h = Herald::start_in(dir.path(), args, envs).await;
+        h._dir = Some(dir);
+        h
+    }
+
+    /// Like [`Herald::start`] on the data directory `dir`, which outlives the process (to start another
+    /// on what this one left).
+    pub async fn start_in(dir: &std::path::Path, args: &[&str], envs: &[(&str, &str)]) -> Herald {
+        let mut cmd = command(dir);
         if !args.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
@@ -64,7 +72,7 @@ impl Herald {
         Herald {
             _child: child,
             url,
-            _dir: dir,
+            _dir: None,
         }
     }
 }

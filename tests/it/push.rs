@@ -55,7 +55,7 @@ async fn handle(
 pub(crate) struct PushService {
     pub url: String,
     mock: Arc<Mock>,
-    rx: mpsc::UnboundedReceiver<Seen>,
+    pub(crate) rx: mpsc::UnboundedReceiver<Seen>,
 }
 
 impl PushService {
@@ -195,9 +195,13 @@ pub(crate) async fn browser(
 }
 
 pub(crate) async fn notify(s: &TestServer, users: &[&str], title: &str) {
+    notify_at(&s.url, users, title).await;
+}
+
+pub(crate) async fn notify_at(url: &str, users: &[&str], title: &str) {
     let (status, v) = get_json(
         reqwest::Client::new()
-            .post(format!("{}/api/inbox_notify", s.url))
+            .post(format!("{url}/api/inbox_notify"))
             .header("x-api-key", API_KEY)
             .json(&json!({"users": users, "item": {"title": title, "body": "b"}})),
     )
@@ -206,8 +210,134 @@ pub(crate) async fn notify(s: &TestServer, users: &[&str], title: &str) {
 }
 
 pub(crate) async fn subscribe(s: &TestServer, user: &str, device: &Device, endpoint: &str) {
-    let (status, v) = browser(s, user, "POST", Some(device.subscription(endpoint))).await;
+    subscribe_at(&s.url, user, device, endpoint).await;
+}
+
+pub(crate) async fn subscribe_at(url: &str, user: &str, device: &Device, endpoint: &str) {
+    let (status, v) = get_json(
+        reqwest::Client::new()
+            .post(format!("{url}/inbox/push/subscriptions"))
+            .bearer_auth(user_token(user))
+            .json(&device.subscription(endpoint)),
+    )
+    .await;
     assert_eq!(status, 201, "{v}");
+}
+
+/// `herald serve` arguments for a process with push on (as [`PUSH_ON`]) and the test keys, plus
+/// `extra` settings.
+pub(crate) fn push_args(extra: &[(&str, &str)]) -> Vec<String> {
+    let mut sets: Vec<String> = vec![
+        format!("auth.jwt_key={:?}", crate::common::KEY),
+        format!("centrifugo.api_key={API_KEY:?}"),
+    ];
+    sets.extend(PUSH_ON.iter().chain(extra).map(|(k, v)| format!("{k}={v}")));
+    sets.into_iter()
+        .flat_map(|s| ["--set".to_string(), s])
+        .collect()
+}
+
+/// Waits (bounded) until `read` returns what `done` accepts; returns it.
+pub(crate) async fn wait_until<T, F>(
+    what: &str,
+    mut read: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T
+where
+    F: std::future::Future<Output = T>,
+    T: std::fmt::Debug,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = read().await;
+        if done(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {v:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A push held back by a push service's 429 is recorded, so a process killed with -9 during the
+/// backoff leaves it to the next start, which sends it once. Before the kill the notify was
+/// acknowledged and the push service had refused the push once.
+#[tokio::test]
+async fn a_push_waiting_out_a_429_survives_kill_9_and_is_sent_once() {
+    use crate::process::Herald;
+    let mut ps = PushService::start(vec![(429, Some("2")), (201, None)]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = push_args(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut h = Herald::start_in(dir.path(), &args, &[]).await;
+    let phone = Device::new(41);
+    subscribe_at(&h.url, "alice", &phone, &format!("{}/push/phone", ps.url)).await;
+    notify_at(&h.url, &["alice"], "survives").await;
+
+    let refused = ps.next().await;
+    assert_eq!(phone.open(&refused.body)["title"], "survives");
+    h.signal("KILL");
+    assert!(!h.exited().await.success());
+
+    let h = Herald::start_in(dir.path(), &args, &[]).await;
+    let sent = ps.next().await;
+    assert_eq!(sent.device, "phone");
+    let v = phone.open(&sent.body);
+    assert_eq!(v["title"], "survives");
+    assert_eq!(
+        v["id"],
+        phone.open(&refused.body)["id"],
+        "the same notification"
+    );
+    assert!(
+        sent.at - refused.at >= Duration::from_millis(1900),
+        "Retry-After: 2 held across the restart, waited {:?}",
+        sent.at - refused.at
+    );
+    // Once: the pending push is gone after the 201, and nothing else was sent.
+    wait_until(
+        "the pending push is finished",
+        || h.metric("herald_inbox_push_pending"),
+        |n| *n == 0.0,
+    )
+    .await;
+    assert_eq!(h.metric("herald_inbox_push_sent_total").await, 1.0);
+    assert!(ps.rx.try_recv().is_err(), "no second copy");
+}
+
+/// Killed with -9 right after the notify is acknowledged, before the push was even tried: the next
+/// start finds the notification in the outbox or its push recorded, and sends it once.
+#[tokio::test]
+async fn a_push_not_yet_tried_survives_kill_9_right_after_the_ack() {
+    use crate::process::Herald;
+    let mut ps = PushService::start(vec![(429, Some("1")), (201, None)]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = push_args(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut h = Herald::start_in(dir.path(), &args, &[]).await;
+    let laptop = Device::new(43);
+    subscribe_at(&h.url, "bob", &laptop, &format!("{}/push/laptop", ps.url)).await;
+    notify_at(&h.url, &["bob"], "right after").await;
+    h.signal("KILL");
+    assert!(!h.exited().await.success());
+
+    let h = Herald::start_in(dir.path(), &args, &[]).await;
+    // The mock answers its first request 429, the others 201: whether the 429 came before the kill or
+    // after the start, the second request is the one sent, and there is no third.
+    let titles = [ps.next().await, ps.next().await].map(|seen| {
+        laptop.open(&seen.body)["title"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    });
+    assert!(titles.iter().all(|t| t == "right after"), "{titles:?}");
+    wait_until(
+        "the pending push is finished",
+        || h.metric("herald_inbox_push_pending"),
+        |n| *n == 0.0,
+    )
+    .await;
+    assert_eq!(h.metric("herald_inbox_push_sent_total").await, 1.0);
+    assert!(ps.rx.try_recv().is_err(), "no second copy");
 }
 
 #[tokio::test]

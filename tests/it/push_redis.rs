@@ -12,7 +12,10 @@ use tokio::time::Instant;
 use crate::common::*;
 use crate::inbox_redis::Keys;
 use crate::process::{self, Herald};
-use crate::push::{browser, notify, subscribe, vapid_claims, Device, PushService, PUSH_ON};
+use crate::push::{
+    browser, notify, notify_at, push_args, subscribe, subscribe_at, user_token, vapid_claims,
+    wait_until, Device, PushService, PUSH_ON,
+};
 use crate::wsclient::API_KEY;
 
 fn redis_url() -> String {
@@ -182,4 +185,72 @@ async fn a_node_with_another_key_file_than_the_cluster_refuses_to_start() {
         kept,
         std::fs::read_to_string(a.dir.join("vapid.pem")).unwrap()
     );
+}
+
+/// Two node processes on one Redis: alice reads her inbox on node B, so a notify through node A pushes
+/// nothing, whichever node records or sends the push (each node has its own metrics, so both are
+/// summed); once her connection is gone, the next notify through A pushes.
+#[tokio::test]
+async fn a_user_reading_on_another_node_is_not_pushed() {
+    let mut ps = PushService::start(vec![(201, None)]).await;
+    let keys = Keys::new();
+    let cluster: Vec<(String, String)> = keys.overrides();
+    let cluster: Vec<(&str, &str)> = cluster
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let args = push_args(&cluster);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = Herald::start(&args, &[]).await;
+    let b = Herald::start(&args, &[]).await;
+    let both = |name: &'static str| {
+        let (a, b) = (&a, &b);
+        async move { a.metric(name).await + b.metric(name).await }
+    };
+
+    let phone = Device::new(51);
+    subscribe_at(&a.url, "alice", &phone, &format!("{}/push/phone", ps.url)).await;
+    let url = subscribe_url(
+        &b.url,
+        &["inbox:#alice"],
+        &[("authorization", user_token("alice").as_str())],
+    );
+    let mut sse = Sse::get(&url).await;
+    assert_eq!(sse.status, 200);
+    // B's mark that alice reads there, in the engine's presence in Redis.
+    let mark = format!("{}:pz:$subscribers:inbox:#alice", keys.prefix);
+    let marks = || {
+        let v = keys.cmd(&["ZCARD", &mark]);
+        async move { v }
+    };
+    wait_until("B marks alice as reading", marks, |v| {
+        *v == redis::Value::Int(1)
+    })
+    .await;
+
+    notify_at(&a.url, &["alice"], "while reading on B").await;
+    let ev = sse.next_event().await.expect("alice reads it live on B");
+    assert!(ev.data.contains("while reading on B"), "{}", ev.data);
+    wait_until(
+        "the push is skipped as connected",
+        || both("herald_inbox_push_skipped_total"),
+        |n| *n >= 1.0,
+    )
+    .await;
+    assert_eq!(both("herald_inbox_push_sent_total").await, 0.0);
+    assert!(ps.rx.try_recv().is_err(), "no push to a user reading on B");
+
+    drop(sse);
+    wait_until("B's mark is gone", marks, |v| *v == redis::Value::Int(0)).await;
+    notify_at(&a.url, &["alice"], "after leaving").await;
+    let seen = ps.next().await;
+    assert_eq!(seen.device, "phone");
+    assert_eq!(phone.open(&seen.body)["title"], "after leaving");
+    wait_until(
+        "the push is counted sent",
+        || both("herald_inbox_push_sent_total"),
+        |n| *n == 1.0,
+    )
+    .await;
+    assert_eq!(both("herald_inbox_push_skipped_total").await, 1.0);
 }

@@ -1,32 +1,47 @@
 //! Web Push for users who are not connected: a notification created while nobody reads the user's inbox
-//! channel on this node goes to each of their browsers' push subscriptions (RFC 8030), encrypted for that
-//! browser (RFC 8291, aes128gcm) and signed with the server's VAPID key (RFC 8292).
+//! channel (on any node of the cluster) goes to each of their browsers' push subscriptions (RFC 8030),
+//! encrypted for that browser (RFC 8291, aes128gcm) and signed with the server's VAPID key (RFC 8292).
 //!
 //! Why it is built this way:
-//! - **`notify` never waits for a push service.** The decision (a created item, nobody connected) is
-//!   taken in memory right after the commit, and the push goes into a bounded queue; when the queue is full
-//!   the push is dropped and counted. Workers read the user's preferences and subscriptions, then send.
-//! - **Connected means an exact subscriber of the user's inbox channel on this node.** On the local engine
-//!   this node sees every connection. A catch-all subscription (the console's tail) is not the user. On a
-//!   Redis cluster a user reading only on another node is pushed too: an over-push, never an under-push.
-//!   The cluster's presence store would need a Redis round trip per notified user, and [`Push::offer`]
-//!   must not wait; a push to a reading user costs a notification shown twice, a missed one is worse.
+//! - **Pushes come from the inbox's outbox, and are recorded before it forgets them.** The outbox is
+//!   durable and committed with the notification; the inbox's publisher hands each published batch to
+//!   [`Push::record`] before it clears the batch, and `record` writes one pending push per subscription
+//!   of each notified user into the push store ([`PushStore::record`]). A crash before that leaves the
+//!   batch in the outbox, so the next run records it again (idempotent by event id and endpoint); a crash
+//!   after it leaves the pending pushes in the store, which the workers take up again after the restart.
+//!   `notify` itself does nothing more than before: no push work happens on its path.
+//! - **The pending pushes are the queue, bounded by `inbox.push.queue`.** Beyond it a push is dropped
+//!   and counted (`herald_inbox_push_dropped_total{reason="full"}`): the publisher never waits for push,
+//!   as live events must not queue behind push services. A push store that fails three times running
+//!   drops that batch's pushes (`reason="store"`) for the same reason; the notifications themselves are
+//!   in the inbox and their events published.
+//! - **A worker claims a pending push for a lease, sends it once, and then deletes it or puts it back.**
+//!   A retry after 429/5xx is the pending push made due again later (after `Retry-After` or a doubling
+//!   delay), not a sleeping worker, so a backoff survives a restart and holds no worker. On Redis the
+//!   claim is one script, so of two nodes exactly one takes a push; a node that dies with a push claimed
+//!   leaves it to be taken again when the lease ends. The one window for a duplicate is a crash after a
+//!   push service accepted a push and before it was deleted; the payload carries the item id for a
+//!   service worker to drop a copy.
+//! - **Connected means an exact subscriber of the user's inbox channel, anywhere.** This node's registry
+//!   answers first; on a cluster the other nodes' subscribers are marked in the engine's presence
+//!   ([`Hub::share_subscribers`]), read once per push. When that read fails the push is sent (counted in
+//!   `herald_inbox_push_presence_unknown_total`): a notification shown twice is better than one missed.
+//!   A catch-all subscription (the console's tail) is not the user.
 //! - **A subscription the push service calls gone (404, 410) is removed**; 429 and 5xx are retried a
-//!   bounded number of times after `Retry-After` (or a doubling delay); other refusals are counted and
-//!   dropped, as retrying cannot change them.
-//! - **Subscriptions are a seam of their own** ([`PushStore`]), so the inbox store's trait is unchanged and
-//!   another engine keeps them: SQLite on one node, Redis on a cluster ([`redis`], which also shares
-//!   the VAPID key between the nodes).
+//!   bounded number of times; other refusals are counted and dropped, as retrying cannot change them.
+//! - **Subscriptions and pending pushes are a seam of their own** ([`PushStore`]), so the inbox store's
+//!   trait is unchanged and another engine keeps them: SQLite on one node, Redis on a cluster ([`redis`],
+//!   which also shares the VAPID key between the nodes).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, Semaphore};
 
-use super::{InboxStore, NewItem};
+use super::{InboxStore, Item, NewItem, PendingEvent};
 use crate::config::PushConfig;
 use crate::engine::BoxFuture;
 use crate::hub::Hub;
@@ -109,8 +124,46 @@ pub struct Subscription {
     pub created_at: i64,
 }
 
-/// Where subscriptions are kept. An endpoint belongs to one user at a time: registering it again (another
-/// user signed in on that browser) moves it.
+/// A notification to push to a user, as the publisher hands it over: recorded once per subscription.
+#[derive(Debug, Clone)]
+pub struct PushJob {
+    /// The inbox event's id: unique per user and change, so recording a batch again records nothing new.
+    pub key: String,
+    pub user: String,
+    pub category: String,
+    /// The push's plaintext ([`Payload::encode`]).
+    pub payload: Vec<u8>,
+}
+
+/// One pending push to one subscription, claimed by a worker.
+#[derive(Debug, Clone)]
+pub struct Due {
+    /// The store's name for it, for [`PushStore::finish`] and [`PushStore::retry`].
+    pub id: String,
+    pub key: String,
+    pub endpoint: String,
+    pub user: String,
+    pub category: String,
+    pub payload: Vec<u8>,
+    /// Attempts made before this one.
+    pub attempts: u32,
+}
+
+/// What [`PushStore::record`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Pending pushes written (one per job and subscription not recorded before).
+    pub recorded: usize,
+    /// Pushes not written because the store held its maximum.
+    pub dropped: usize,
+}
+
+/// Where subscriptions and the pending pushes are kept. An endpoint belongs to one user at a time:
+/// registering it again (another user signed in on that browser) moves it.
+///
+/// The pending pushes are the push queue, and must survive the process: a store shared by several nodes
+/// must let exactly one of them claim a given push at a time (one atomic step per claim), and measure
+/// due times on one clock (the store's own, where it has one).
 pub trait PushStore: Send + Sync + 'static {
     /// Keeps `sub` for `user`, and removes their oldest ones beyond `max`.
     fn add(
@@ -125,6 +178,32 @@ pub trait PushStore: Send + Sync + 'static {
     fn remove_endpoint(&self, endpoint: String) -> BoxFuture<'_, Result<bool, PushError>>;
     /// `user`'s subscriptions, oldest first.
     fn list(&self, user: String) -> BoxFuture<'_, Result<Vec<Subscription>, PushError>>;
+    /// Which of `users` hold at least one subscription: lets the publisher build payloads only for them
+    /// (most notified users have no browser subscribed). One round trip for the whole list.
+    fn subscribed(&self, users: Vec<String>) -> BoxFuture<'_, Result<HashSet<String>, PushError>>;
+    /// Durably records, for each job, one pending push per subscription its user holds now, due now.
+    /// A (job key, endpoint) recorded before (still pending) is not recorded again; with `max` pushes
+    /// pending, the rest are dropped and counted in the result. Atomic per call.
+    fn record(&self, jobs: Vec<PushJob>, max: usize) -> BoxFuture<'_, Result<Recorded, PushError>>;
+    /// Takes up to `limit` pushes that are due, oldest due first, and makes them due again only after
+    /// `lease` (so a claimer that dies leaves them to another); no two claims get the same push while
+    /// its lease runs.
+    fn claim(&self, limit: usize, lease: Duration) -> BoxFuture<'_, Result<Vec<Due>, PushError>>;
+    /// Forgets a claimed push: sent, gone, muted, or given up.
+    fn finish(&self, id: String) -> BoxFuture<'_, Result<(), PushError>>;
+    /// Makes a claimed push due again `after` from now, having been tried `attempts` times (nothing if
+    /// it was finished meanwhile).
+    fn retry(
+        &self,
+        id: String,
+        after: Duration,
+        attempts: u32,
+    ) -> BoxFuture<'_, Result<(), PushError>>;
+    /// How long until the next pending push is due (zero when one is due now); `None` when none is
+    /// pending.
+    fn next_due(&self) -> BoxFuture<'_, Result<Option<Duration>, PushError>>;
+    /// How many pushes are pending, claimed ones included.
+    fn pending(&self) -> BoxFuture<'_, Result<u64, PushError>>;
 }
 
 fn b64(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
@@ -243,6 +322,20 @@ pub struct Payload {
 }
 
 impl Payload {
+    /// The payload of a stored item (as the outbox's `created` event carries it).
+    pub fn of(item: &Item) -> Payload {
+        Payload {
+            kind: "inbox",
+            id: item.id,
+            category: item.category.clone(),
+            title: item.title.clone(),
+            body: item.body.clone(),
+            action_url: item.action_url.clone(),
+            avatar: item.avatar.clone(),
+            data: item.data.clone(),
+        }
+    }
+
     pub fn new(id: i64, item: &NewItem) -> Payload {
         Payload {
             kind: "inbox",
@@ -292,24 +385,7 @@ impl Payload {
     }
 }
 
-/// One notification to push to one user.
-struct Job {
-    user: String,
-    category: String,
-    payload: Arc<Vec<u8>>,
-}
-
-/// How one push to one subscription ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Sent,
-    /// The push service said the subscription is gone (404/410); it was removed.
-    Removed,
-    /// Refused, or still failing after the retries.
-    Failed,
-}
-
-/// The push service: the queue, its workers, the VAPID key, the subscriptions. Cheap to clone.
+/// The push service: the recorder, the dispatcher and its workers, the VAPID key, the subscriptions. Cheap to clone.
 #[derive(Clone)]
 pub struct Push {
     inner: Arc<PushInner>,
@@ -323,7 +399,21 @@ struct PushInner {
     config: PushConfig,
     vapid: Vapid,
     client: reqwest::Client,
-    queue: mpsc::Sender<Job>,
+    /// Wakes the dispatcher after pushes were recorded.
+    wake: Notify,
+}
+
+/// Attempts at recording a batch's pushes before they are dropped.
+const RECORD_ATTEMPTS: u32 = 3;
+/// How often an idle dispatcher looks for pushes due (another node may have recorded them).
+const POLL: Duration = Duration::from_secs(1);
+
+/// The part of an outbox event the push needs.
+#[derive(Deserialize)]
+struct CreatedEvent {
+    #[serde(rename = "type")]
+    kind: String,
+    item: Option<Item>,
 }
 
 impl Push {
@@ -344,8 +434,7 @@ impl Push {
             .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| PushError::Key(format!("cannot build the HTTP client: {e}")))?;
-        let (tx, rx) = mpsc::channel(config.queue);
-        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        hub.share_subscribers(&format!("{namespace}:"));
         let inner = Arc::new(PushInner {
             store,
             inbox,
@@ -353,12 +442,10 @@ impl Push {
             namespace,
             vapid,
             client,
-            queue: tx,
+            wake: Notify::new(),
             config,
         });
-        for _ in 0..inner.config.workers {
-            tokio::spawn(worker(inner.clone(), rx.clone()));
-        }
+        tokio::spawn(dispatcher(inner.clone()));
         Ok(Push { inner })
     }
 
@@ -399,27 +486,106 @@ impl Push {
         self.inner.store.list(user.to_string()).await
     }
 
-    /// Queues a push of a just-created item to `user` unless they read their inbox channel now. Never
-    /// waits: with the queue full the push is dropped and counted.
-    pub fn offer(&self, user: &str, id: i64, item: &NewItem) {
-        let channel = format!("{}:#{user}", self.inner.namespace);
-        if self.inner.hub.has_exact_subscriber(&channel) {
-            metrics::counter!("herald_inbox_push_skipped_total", "reason" => "connected")
-                .increment(1);
+    /// Records the pushes of a batch of published inbox events before the outbox forgets them: one
+    /// pending push per subscription of each user who got a notification and is not connected to this
+    /// node (the cluster is asked when the push is sent). Never fails: after [`RECORD_ATTEMPTS`] failures
+    /// of the push store the batch's pushes are dropped and counted, so the inbox's events never wait
+    /// for push.
+    pub async fn record(&self, events: &[PendingEvent]) {
+        let inner = &self.inner;
+        // A `created` event names its type as a JSON key and value; inside a string the quotes would be
+        // escaped, so this finds only the event's own type and spares parsing every other event.
+        let created: Vec<&PendingEvent> = events
+            .iter()
+            .filter(|e| e.payload.contains(r#""type":"created""#))
+            .filter(|e| {
+                let here = inner.hub.has_exact_subscriber(&self.channel(&e.user));
+                if here {
+                    metrics::counter!("herald_inbox_push_skipped_total", "reason" => "connected")
+                        .increment(1);
+                }
+                !here
+            })
+            .collect();
+        if created.is_empty() {
             return;
         }
-        let job = Job {
-            user: user.to_string(),
-            category: item.category().to_string(),
-            payload: Arc::new(Payload::new(id, item).encode()),
+        let users: Vec<String> = created
+            .iter()
+            .map(|e| e.user.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let Some(subscribed) = self.persist(|| inner.store.subscribed(users.clone())).await else {
+            metrics::counter!("herald_inbox_push_dropped_total", "reason" => "store")
+                .increment(created.len() as u64);
+            return;
         };
-        if self.inner.queue.try_send(job).is_err() {
-            metrics::counter!("herald_inbox_push_dropped_total").increment(1);
-            tracing::warn!(
-                user,
-                "inbox push: the queue is full (inbox.push.queue); push dropped"
-            );
+        let jobs: Vec<PushJob> = created
+            .into_iter()
+            .filter(|e| subscribed.contains(&e.user))
+            .filter_map(|e| {
+                let ev: CreatedEvent = serde_json::from_str(&e.payload).ok()?;
+                let item = ev.item.filter(|_| ev.kind == "created")?;
+                Some(PushJob {
+                    key: e.event_id.clone(),
+                    user: e.user.clone(),
+                    category: item.category.clone(),
+                    payload: Payload::of(&item).encode(),
+                })
+            })
+            .collect();
+        if jobs.is_empty() {
+            return;
         }
+        let n = jobs.len();
+        let max = inner.config.queue;
+        match self.persist(|| inner.store.record(jobs.clone(), max)).await {
+            Some(r) => {
+                if r.dropped > 0 {
+                    metrics::counter!("herald_inbox_push_dropped_total", "reason" => "full")
+                        .increment(r.dropped as u64);
+                    tracing::warn!(
+                        dropped = r.dropped,
+                        max,
+                        "inbox push: the pending pushes are at inbox.push.queue; pushes dropped"
+                    );
+                }
+                if r.recorded > 0 {
+                    inner.wake.notify_one();
+                }
+            }
+            None => {
+                metrics::counter!("herald_inbox_push_dropped_total", "reason" => "store")
+                    .increment(n as u64);
+            }
+        }
+    }
+
+    /// `op` until it succeeds, at most [`RECORD_ATTEMPTS`] times; `None` (logged) when it never did.
+    async fn persist<T, F>(&self, op: impl Fn() -> F) -> Option<T>
+    where
+        F: std::future::Future<Output = Result<T, PushError>>,
+    {
+        let mut pause = Duration::from_millis(100);
+        for attempt in 1..=RECORD_ATTEMPTS {
+            match op().await {
+                Ok(v) => return Some(v),
+                Err(e) if attempt == RECORD_ATTEMPTS => {
+                    tracing::error!(error = %e, "inbox push: cannot record pushes; this batch's pushes are dropped");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbox push: cannot record pushes; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+            }
+        }
+        None
+    }
+
+    fn channel(&self, user: &str) -> String {
+        format!("{}:#{user}", self.inner.namespace)
     }
 }
 
@@ -535,114 +701,212 @@ fn describe_metrics() {
     );
     metrics::describe_counter!(
         "herald_inbox_push_dropped_total",
-        "Pushes dropped because the queue (inbox.push.queue) was full"
+        "Pushes not recorded: reason=full (inbox.push.queue pushes pending) or store (the push store kept failing)"
     );
     metrics::describe_counter!(
         "herald_inbox_push_skipped_total",
-        "Pushes not sent: reason=connected (the user reads the inbox live) or muted (preferences)"
+        "Pushes not sent: reason=connected (the user reads the inbox live, on any node), muted (preferences) or unsubscribed"
+    );
+    metrics::describe_counter!(
+        "herald_inbox_push_presence_unknown_total",
+        "Pushes sent although the cluster could not say whether the user is connected elsewhere"
+    );
+    metrics::describe_gauge!(
+        "herald_inbox_push_pending",
+        "Pushes recorded and not yet sent or given up (the whole cluster's on Redis), read when the workers are idle"
     );
 }
 
-async fn worker(inner: Arc<PushInner>, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>) {
+/// How long a claimed push is held before another claim may take it: longer than an attempt can take
+/// (a presence read, a preferences read, the request), so only a dead or stalled claimer loses it.
+fn lease(config: &PushConfig) -> Duration {
+    config.timeout * 2 + Duration::from_secs(30)
+}
+
+/// Claims due pushes while a worker is free and hands each to a task of its own; otherwise sleeps until
+/// the next push is due, a batch is recorded, or [`POLL`] passes.
+async fn dispatcher(inner: Arc<PushInner>) {
     let shutdown = inner.hub.shutdown_token();
+    let slots = Arc::new(Semaphore::new(inner.config.workers));
+    let lease = lease(&inner.config);
+    let mut failing = false;
     loop {
-        let job = tokio::select! {
-            j = async { rx.lock().await.recv().await } => j,
+        let first = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
             () = shutdown.cancelled() => return,
         };
-        let Some(job) = job else { return };
-        tokio::select! {
-            () = run(&inner, job) => {}
-            () = shutdown.cancelled() => return,
+        let mut permits = vec![first];
+        while let Ok(p) = slots.clone().try_acquire_owned() {
+            permits.push(p);
         }
-    }
-}
-
-async fn run(inner: &PushInner, job: Job) {
-    match inner.inbox.preferences(job.user.clone()).await {
-        Ok(p) if !p.allows(&job.category, "push") => {
-            metrics::counter!("herald_inbox_push_skipped_total", "reason" => "muted").increment(1);
-            return;
-        }
-        Ok(_) => {}
-        Err(e) => {
-            tracing::warn!(error = %e, user = job.user, "inbox push: cannot read preferences");
-            metrics::counter!("herald_inbox_push_failed_total").increment(1);
-            return;
-        }
-    }
-    let subs = match inner.store.list(job.user.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, user = job.user, "inbox push: cannot read subscriptions");
-            metrics::counter!("herald_inbox_push_failed_total").increment(1);
-            return;
-        }
-    };
-    let sends = subs.iter().map(|s| deliver(inner, s, &job.payload));
-    futures_util::future::join_all(sends).await;
-}
-
-/// Sends one payload to one subscription, retrying 429 and 5xx (and transport errors) up to
-/// `inbox.push.retries` times.
-async fn deliver(inner: &PushInner, sub: &Subscription, payload: &[u8]) -> Outcome {
-    let origin = origin(&sub.endpoint);
-    let mut wait = inner.config.retry_delay;
-    for attempt in 0..=inner.config.retries {
-        let retry_after = match send(inner, sub, payload).await {
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                match status {
-                    200..=299 => {
-                        metrics::counter!("herald_inbox_push_sent_total").increment(1);
-                        return Outcome::Sent;
-                    }
-                    404 | 410 => {
-                        if let Err(e) = inner.store.remove_endpoint(sub.endpoint.clone()).await {
-                            tracing::warn!(error = %e, "inbox push: cannot remove a gone subscription");
+        let wait = match inner.store.claim(permits.len(), lease).await {
+            Ok(due) if !due.is_empty() => {
+                failing = false;
+                for (d, permit) in due.into_iter().zip(permits) {
+                    let inner = inner.clone();
+                    let shutdown = shutdown.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            () = attempt(&inner, d) => {}
+                            () = shutdown.cancelled() => {}
                         }
-                        metrics::counter!("herald_inbox_push_removed_total").increment(1);
-                        tracing::debug!(origin, status, "inbox push: subscription gone, removed");
-                        return Outcome::Removed;
-                    }
-                    429 | 500..=599 => retry_after(resp.headers()),
-                    _ => {
-                        let body = resp.text().await.unwrap_or_default();
-                        let body: String = body.chars().take(200).collect();
-                        tracing::warn!(
-                            origin,
-                            status,
-                            body,
-                            "inbox push: refused by the push service"
-                        );
-                        metrics::counter!("herald_inbox_push_failed_total").increment(1);
-                        return Outcome::Failed;
-                    }
+                        drop(permit);
+                    });
+                }
+                continue;
+            }
+            Ok(_) => {
+                failing = false;
+                drop(permits);
+                if let Ok(n) = inner.store.pending().await {
+                    metrics::gauge!("herald_inbox_push_pending").set(n as f64);
+                }
+                match inner.store.next_due().await {
+                    Ok(Some(d)) => d.min(POLL),
+                    _ => POLL,
                 }
             }
             Err(e) => {
-                tracing::debug!(origin, error = %e, "inbox push: request failed");
-                None
+                if !failing {
+                    tracing::warn!(error = %e, "inbox push: cannot claim pending pushes; retrying");
+                }
+                failing = true;
+                drop(permits);
+                POLL
             }
         };
-        if attempt == inner.config.retries {
-            break;
+        tokio::select! {
+            () = inner.wake.notified() => {}
+            () = tokio::time::sleep(wait.max(Duration::from_millis(5))) => {}
+            () = shutdown.cancelled() => return,
         }
-        let pause = retry_after.unwrap_or(wait);
-        if pause > MAX_RETRY_WAIT {
-            tracing::warn!(
-                origin,
-                ?pause,
-                "inbox push: Retry-After too long; push dropped"
-            );
-            break;
-        }
-        tokio::time::sleep(pause).await;
-        wait = (wait * 2).min(MAX_RETRY_WAIT);
     }
-    tracing::warn!(origin, "inbox push: failed after retries");
+}
+
+/// How one attempt at a claimed push ended.
+enum Next {
+    /// Forget it (sent, gone, muted, connected, given up).
+    Done,
+    /// Try again after this long.
+    Retry(Duration),
+}
+
+/// One attempt at one claimed push; then it is finished or put back for a retry.
+async fn attempt(inner: &PushInner, due: Due) {
+    let next = try_once(inner, &due).await;
+    let id = due.id.clone();
+    let r = match next {
+        Next::Done => inner.store.finish(id).await,
+        Next::Retry(after) => inner.store.retry(id, after, due.attempts + 1).await,
+    };
+    if let Err(e) = r {
+        // The claim runs out and the push is tried again: a repeat at worst, never a loss.
+        tracing::warn!(error = %e, "inbox push: cannot update a pending push");
+    }
+}
+
+/// What to do after a failure that may pass: retry after `pause` while attempts are left and the pause
+/// is not beyond [`MAX_RETRY_WAIT`] (a push that late is worse than none), else give up.
+fn retry_or_give_up(inner: &PushInner, due: &Due, pause: Duration, origin: &str) -> Next {
+    if due.attempts >= inner.config.retries {
+        tracing::warn!(origin, "inbox push: failed after retries");
+    } else if pause > MAX_RETRY_WAIT {
+        tracing::warn!(
+            origin,
+            ?pause,
+            "inbox push: Retry-After too long; push dropped"
+        );
+    } else {
+        return Next::Retry(pause);
+    }
     metrics::counter!("herald_inbox_push_failed_total").increment(1);
-    Outcome::Failed
+    Next::Done
+}
+
+async fn try_once(inner: &PushInner, due: &Due) -> Next {
+    let channel = format!("{}:#{}", inner.namespace, due.user);
+    match inner.hub.subscribed_anywhere(&channel).await {
+        Ok(true) => {
+            metrics::counter!("herald_inbox_push_skipped_total", "reason" => "connected")
+                .increment(1);
+            return Next::Done;
+        }
+        Ok(false) => {}
+        Err(e) => {
+            // Unknown is pushed: a notification shown twice beats one never shown.
+            tracing::debug!(error = %e, "inbox push: cannot ask the cluster who is connected; pushing");
+            metrics::counter!("herald_inbox_push_presence_unknown_total").increment(1);
+        }
+    }
+    let backoff = inner.config.retry_delay * 2u32.saturating_pow(due.attempts.min(16));
+    let backoff = backoff.min(MAX_RETRY_WAIT);
+    match inner.inbox.preferences(due.user.clone()).await {
+        Ok(p) if !p.allows(&due.category, "push") => {
+            metrics::counter!("herald_inbox_push_skipped_total", "reason" => "muted").increment(1);
+            return Next::Done;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, user = due.user, "inbox push: cannot read preferences");
+            return retry_or_give_up(inner, due, backoff, "");
+        }
+    }
+    let sub = match inner.store.list(due.user.clone()).await {
+        Ok(subs) => subs.into_iter().find(|s| s.endpoint == due.endpoint),
+        Err(e) => {
+            tracing::warn!(error = %e, user = due.user, "inbox push: cannot read subscriptions");
+            return retry_or_give_up(inner, due, backoff, "");
+        }
+    };
+    let Some(sub) = sub else {
+        // Unsubscribed (or moved to another user) since the push was recorded.
+        metrics::counter!("herald_inbox_push_skipped_total", "reason" => "unsubscribed")
+            .increment(1);
+        return Next::Done;
+    };
+    let origin = origin(&sub.endpoint);
+    match send(inner, &sub, &due.payload).await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            match status {
+                200..=299 => {
+                    metrics::counter!("herald_inbox_push_sent_total").increment(1);
+                    Next::Done
+                }
+                404 | 410 => {
+                    if let Err(e) = inner.store.remove_endpoint(sub.endpoint.clone()).await {
+                        tracing::warn!(error = %e, "inbox push: cannot remove a gone subscription");
+                    }
+                    metrics::counter!("herald_inbox_push_removed_total").increment(1);
+                    tracing::debug!(origin, status, "inbox push: subscription gone, removed");
+                    Next::Done
+                }
+                429 | 500..=599 => {
+                    let pause = retry_after(resp.headers()).unwrap_or(backoff);
+                    retry_or_give_up(inner, due, pause, &origin)
+                }
+                _ => {
+                    let body = resp.text().await.unwrap_or_default();
+                    let body: String = body.chars().take(200).collect();
+                    tracing::warn!(
+                        origin,
+                        status,
+                        body,
+                        "inbox push: refused by the push service"
+                    );
+                    metrics::counter!("herald_inbox_push_failed_total").increment(1);
+                    Next::Done
+                }
+            }
+        }
+        Err(e) => {
+            tracing::debug!(origin, error = %e, "inbox push: request failed");
+            retry_or_give_up(inner, due, backoff, &origin)
+        }
+    }
 }
 
 async fn send(

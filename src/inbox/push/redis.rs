@@ -21,7 +21,17 @@
 //! - `P:push:u:<user>`: the user's endpoints, a sorted set scored by registration order.
 //! - `P:push:seq`: the registration counter.
 //! - `P:push:vapid`: the cluster's VAPID private key, PKCS#8 PEM.
+//! - `P:push:due`: the pending pushes, a sorted set of `<event id>\n<endpoint>` scored by the time (ms,
+//!   Redis's clock) each is due: now when recorded, the end of the lease while claimed, the retry time
+//!   after a 429 or 5xx.
+//! - `P:push:job`: a hash, pending push -> `<user>\n<category>\n<payload>` (neither a user id nor a
+//!   category has a control character); `P:push:tries`, pending push -> attempts made.
+//!
+//! A pending push does not follow its subscription: removing one leaves its pushes to be found gone
+//! when they are sent (one lookup the sender does anyway), which keeps the subscription scripts as they
+//! were and a removal cheap.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -30,7 +40,7 @@ use ::redis::Value;
 use serde::{Deserialize, Serialize};
 
 use super::vapid::{parse_pem, read_key, to_pem, write_new};
-use super::{PushError, PushStore, Subscription, Vapid};
+use super::{Due, PushError, PushJob, PushStore, Recorded, Subscription, Vapid};
 use crate::engine::BoxFuture;
 use crate::inbox::redis::redact;
 
@@ -94,6 +104,89 @@ end
 return out
 ";
 
+/// Redis's clock in ms, for due times every node agrees on.
+const NOW: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due, jobs, tries = P .. ':push:due', P .. ':push:job', P .. ':push:tries'
+";
+
+/// ARGV: P, max, then (key, user, category, payload) per job. `{recorded, dropped}`.
+const RECORD: &str = r"
+local max = tonumber(ARGV[2])
+local n = redis.call('ZCARD', due)
+local rec, drop = 0, 0
+for i = 3, #ARGV, 4 do
+  local key, user = ARGV[i], ARGV[i + 1]
+  local body = user .. '\n' .. ARGV[i + 2] .. '\n' .. ARGV[i + 3]
+  for _, ep in ipairs(redis.call('ZRANGE', P .. ':push:u:' .. user, 0, -1)) do
+    local id = key .. '\n' .. ep
+    if redis.call('HEXISTS', jobs, id) == 0 then
+      if n >= max then
+        drop = drop + 1
+      else
+        redis.call('HSET', jobs, id, body)
+        redis.call('ZADD', due, now, id)
+        n = n + 1
+        rec = rec + 1
+      end
+    end
+  end
+end
+return {rec, drop}
+";
+
+/// ARGV: P, limit, lease (ms). `id, record, attempts, ...` of the claimed pushes.
+const CLAIM: &str = r"
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))) do
+  local rec = redis.call('HGET', jobs, id)
+  if rec then
+    redis.call('ZADD', due, now + tonumber(ARGV[3]), id)
+    out[#out + 1] = id
+    out[#out + 1] = rec
+    out[#out + 1] = redis.call('HGET', tries, id) or '0'
+  else
+    redis.call('ZREM', due, id)
+  end
+end
+return out
+";
+
+/// ARGV: P, id.
+const FINISH: &str = r"
+redis.call('ZREM', due, ARGV[2])
+redis.call('HDEL', jobs, ARGV[2])
+redis.call('HDEL', tries, ARGV[2])
+return 1
+";
+
+/// ARGV: P, id, after (ms), attempts.
+const RETRY: &str = r"
+if redis.call('HEXISTS', jobs, ARGV[2]) == 0 then return 0 end
+redis.call('ZADD', due, now + tonumber(ARGV[3]), ARGV[2])
+redis.call('HSET', tries, ARGV[2], ARGV[4])
+return 1
+";
+
+/// ARGV: P. `{ms until the first due push (0 if due), count}`, or `{-1, 0}` when none is pending.
+const NEXT_DUE: &str = r"
+local first = redis.call('ZRANGE', due, 0, 0, 'WITHSCORES')
+if #first == 0 then return {-1, 0} end
+local wait = tonumber(first[2]) - now
+if wait < 0 then wait = 0 end
+return {wait, redis.call('ZCARD', due)}
+";
+
+/// ARGV: P, users... The users among them with a subscription.
+const SUBSCRIBED: &str = r"
+local out = {}
+for i = 2, #ARGV do
+  if redis.call('EXISTS', P .. ':push:u:' .. ARGV[i]) == 1 then out[#out + 1] = ARGV[i] end
+end
+return out
+";
+
 /// What is kept per endpoint besides its owner.
 #[derive(Serialize, Deserialize)]
 struct Record {
@@ -111,6 +204,12 @@ pub struct RedisPushStore {
     remove: ::redis::Script,
     remove_endpoint: ::redis::Script,
     list: ::redis::Script,
+    subscribed: ::redis::Script,
+    record: ::redis::Script,
+    claim: ::redis::Script,
+    finish: ::redis::Script,
+    retry: ::redis::Script,
+    next_due: ::redis::Script,
 }
 
 impl RedisPushStore {
@@ -150,6 +249,12 @@ impl RedisPushStore {
             remove: s(REMOVE),
             remove_endpoint: s(REMOVE_ENDPOINT),
             list: s(LIST),
+            subscribed: s(SUBSCRIBED),
+            record: s(&format!("{NOW}{RECORD}")),
+            claim: s(&format!("{NOW}{CLAIM}")),
+            finish: s(&format!("{NOW}{FINISH}")),
+            retry: s(&format!("{NOW}{RETRY}")),
+            next_due: s(&format!("{NOW}{NEXT_DUE}")),
         })
     }
 
@@ -227,6 +332,33 @@ impl RedisPushStore {
     }
 }
 
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(n) => Some(*n),
+        _ => None,
+    }
+}
+
+/// A claimed push from its id (`key\nendpoint`), record (`user\ncategory\npayload`) and attempts.
+fn due_of(id: String, rec: String, attempts: String) -> Result<Due, PushError> {
+    let bad = || PushError::Storage(format!("the pending push {id:?} in Redis is not readable"));
+    let (key, endpoint) = id.split_once('\n').ok_or_else(bad)?;
+    let mut parts = rec.splitn(3, '\n');
+    let (Some(user), Some(category), Some(payload)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    Ok(Due {
+        key: key.to_string(),
+        endpoint: endpoint.to_string(),
+        user: user.to_string(),
+        category: category.to_string(),
+        payload: payload.as_bytes().to_vec(),
+        attempts: attempts.parse().unwrap_or(0),
+        id,
+    })
+}
+
 fn unexpected(v: Value) -> PushError {
     PushError::Storage(format!("unexpected reply from Redis: {v:?}"))
 }
@@ -296,6 +428,106 @@ impl PushStore for RedisPushStore {
                 });
             }
             Ok(out)
+        })
+    }
+
+    fn subscribed(&self, users: Vec<String>) -> BoxFuture<'_, Result<HashSet<String>, PushError>> {
+        Box::pin(async move {
+            let mut out = HashSet::new();
+            // Bounded arguments per script call, so one call never holds Redis for long.
+            for chunk in users.chunks(1000) {
+                let args: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                match self.eval(&self.subscribed, &args).await? {
+                    Value::Array(a) => out.extend(a.into_iter().filter_map(text)),
+                    Value::Nil => {}
+                    other => return Err(unexpected(other)),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn record(&self, jobs: Vec<PushJob>, max: usize) -> BoxFuture<'_, Result<Recorded, PushError>> {
+        Box::pin(async move {
+            let mut out = Recorded::default();
+            let max = max.to_string();
+            for chunk in jobs.chunks(256) {
+                let mut args: Vec<&str> = vec![&max];
+                for j in chunk {
+                    let payload = std::str::from_utf8(&j.payload)
+                        .map_err(|_| PushError::Storage("a push payload is not text".into()))?;
+                    args.extend([j.key.as_str(), &j.user, &j.category, payload]);
+                }
+                match self.eval(&self.record, &args).await? {
+                    Value::Array(a) if a.len() == 2 => {
+                        out.recorded += int(&a[0]).unwrap_or(0) as usize;
+                        out.dropped += int(&a[1]).unwrap_or(0) as usize;
+                    }
+                    other => return Err(unexpected(other)),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn claim(&self, limit: usize, lease: Duration) -> BoxFuture<'_, Result<Vec<Due>, PushError>> {
+        Box::pin(async move {
+            let (limit, lease) = (limit.to_string(), lease.as_millis().to_string());
+            let reply = match self.eval(&self.claim, &[&limit, &lease]).await? {
+                Value::Array(a) => a,
+                Value::Nil => Vec::new(),
+                other => return Err(unexpected(other)),
+            };
+            let mut out = Vec::with_capacity(reply.len() / 3);
+            let mut it = reply.into_iter();
+            while let (Some(id), Some(rec), Some(n)) = (it.next(), it.next(), it.next()) {
+                let (Some(id), Some(rec), Some(n)) = (text(id), text(rec), text(n)) else {
+                    return Err(PushError::Storage(
+                        "a pending push in Redis is not text".into(),
+                    ));
+                };
+                out.push(due_of(id, rec, n)?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn finish(&self, id: String) -> BoxFuture<'_, Result<(), PushError>> {
+        Box::pin(async move { self.eval(&self.finish, &[&id]).await.map(drop) })
+    }
+
+    fn retry(
+        &self,
+        id: String,
+        after: Duration,
+        attempts: u32,
+    ) -> BoxFuture<'_, Result<(), PushError>> {
+        Box::pin(async move {
+            let (after, attempts) = (after.as_millis().to_string(), attempts.to_string());
+            self.eval(&self.retry, &[&id, &after, &attempts])
+                .await
+                .map(drop)
+        })
+    }
+
+    fn next_due(&self) -> BoxFuture<'_, Result<Option<Duration>, PushError>> {
+        Box::pin(async move {
+            match self.eval(&self.next_due, &[]).await? {
+                Value::Array(a) if a.len() == 2 => Ok(int(&a[0])
+                    .filter(|w| *w >= 0)
+                    .map(|w| Duration::from_millis(w as u64))),
+                other => Err(unexpected(other)),
+            }
+        })
+    }
+
+    fn pending(&self) -> BoxFuture<'_, Result<u64, PushError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let cmd = ::redis::cmd("ZCARD")
+                .arg(format!("{}:push:due", self.prefix))
+                .to_owned();
+            self.bounded(cmd.query_async::<u64>(&mut conn)).await
         })
     }
 }
@@ -538,5 +770,73 @@ mod tests {
         for k in &keys[1..] {
             assert_eq!(k.public_key(), keys[0].public_key());
         }
+    }
+
+    fn job(key: &str, user: &str) -> PushJob {
+        PushJob {
+            key: key.into(),
+            user: user.into(),
+            category: "news".into(),
+            payload: format!("{{\"k\":\"{key}\"}}\n").into_bytes(),
+        }
+    }
+
+    /// Pending pushes shared by two nodes: recorded once, bounded, and each claimed by exactly one of
+    /// them, concurrently; a retry comes back when due, a finished push never.
+    #[tokio::test]
+    async fn pending_pushes_are_claimed_by_one_node_each() {
+        let p = Prefix::new();
+        let (a, b) = (store(&p).await, store(&p).await);
+        for i in 0..3 {
+            a.add("alice".into(), sub(&format!("https://p/a{i}"), i), 5)
+                .await
+                .unwrap();
+        }
+        b.add("bob".into(), sub("https://p/b", 9), 5).await.unwrap();
+        let who = a
+            .subscribed(vec!["alice".into(), "carol".into(), "bob".into()])
+            .await
+            .unwrap();
+        assert_eq!(who, HashSet::from(["alice".to_string(), "bob".to_string()]));
+
+        let jobs: Vec<PushJob> = (0..10).map(|i| job(&format!("e{i}"), "alice")).collect();
+        let r = a.record(jobs.clone(), 25).await.unwrap();
+        assert_eq!(
+            r,
+            Recorded {
+                recorded: 25,
+                dropped: 5
+            }
+        );
+        let r = b.record(jobs, 100).await.unwrap();
+        assert_eq!(r.recorded, 5, "only what was not recorded before");
+        assert_eq!(a.pending().await.unwrap(), 30);
+
+        let lease = Duration::from_secs(60);
+        let (ca, cb) = tokio::join!(a.claim(20, lease), b.claim(20, lease));
+        let (ca, cb) = (ca.unwrap(), cb.unwrap());
+        assert_eq!(ca.len() + cb.len(), 30);
+        let ids: HashSet<&str> = ca.iter().chain(&cb).map(|d| d.id.as_str()).collect();
+        assert_eq!(ids.len(), 30, "no push claimed twice");
+        assert!(a.claim(20, lease).await.unwrap().is_empty());
+        let d = &ca[0];
+        assert_eq!(d.user, "alice");
+        assert_eq!(d.category, "news");
+        assert_eq!(d.payload, format!("{{\"k\":\"{}\"}}\n", d.key).into_bytes());
+        assert!(d.endpoint.starts_with("https://p/a"));
+
+        for d in ca.iter().chain(&cb).skip(1) {
+            a.finish(d.id.clone()).await.unwrap();
+        }
+        b.retry(ca[0].id.clone(), Duration::ZERO, 2).await.unwrap();
+        let back = a.claim(20, lease).await.unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(
+            (back[0].id.as_str(), back[0].attempts),
+            (ca[0].id.as_str(), 2)
+        );
+        b.finish(back[0].id.clone()).await.unwrap();
+        assert_eq!(a.pending().await.unwrap(), 0);
+        assert_eq!(a.next_due().await.unwrap(), None);
     }
 }

@@ -26,7 +26,9 @@
 //!   so a request answered on any node is still followed by its event being in the log.
 //!   Exactly once: a crash of the holder between publishing and acknowledging leaves events in the
 //!   outbox; the next holder (the lease expired, so it *took* the lease rather than renewing it) first
-//!   looks each event id up in the log and drops those already there. Because the lease is renewed at
+//!   looks each event id up in the log and marks those already there, which are then not published
+//!   again (but still handed over and cleared, so Web Push records what the dead holder may not have).
+//!   Because the lease is renewed at
 //!   every batch, batches are small ([`BATCH`]) and a batch normally takes milliseconds, a live holder
 //!   losing its lease mid-batch needs a stall of more than [`LEASE`]; only then could an event be published
 //!   twice, and clients, which ignore events at or below the version they hold, would drop the copy.
@@ -1016,6 +1018,7 @@ impl RedisInbox {
                     user: user.clone(),
                     event_id: event_id.clone(),
                     payload: payload.clone(),
+                    in_log: false,
                 });
             }
             if events.is_empty() {
@@ -1034,33 +1037,32 @@ impl RedisInbox {
         Ok(Vec::new())
     }
 
-    /// After taking the outbox over: removes the events the previous holder had already published
-    /// (found in the log by their ids), returns the others.
+    /// After taking the outbox over: marks the events the previous holder had already published
+    /// (found in the log by their ids), so they are not published again. They are still handed over (and
+    /// cleared with the batch by `published`), as the previous holder may have died before doing what
+    /// follows publication (recording their Web Push).
     async fn drop_published(
         &self,
-        events: Vec<PendingEvent>,
+        mut events: Vec<PendingEvent>,
     ) -> Result<Vec<PendingEvent>, InboxError> {
-        let mut keep = Vec::with_capacity(events.len());
-        let mut gone = Vec::new();
-        for e in events {
+        let mut found = 0;
+        for e in &mut events {
             match self.hub.find_id(e.event_id.clone()).await {
-                Ok(Some(_)) => gone.push(format!("{}-0", e.seq)),
-                Ok(None) => keep.push(e),
+                Ok(Some(_)) => {
+                    e.in_log = true;
+                    found += 1;
+                }
+                Ok(None) => {}
                 Err(err) => return Err(storage(format!("cannot look an event up: {err}"))),
             }
         }
-        if !gone.is_empty() {
+        if found > 0 {
             tracing::info!(
-                events = gone.len(),
-                "inbox: events already published by the previous outbox holder dropped"
+                events = found,
+                "inbox: events already published by the previous outbox holder are not published again"
             );
-            let cmd = ::redis::cmd("XDEL")
-                .arg(self.key("outbox"))
-                .arg(&gone)
-                .to_owned();
-            self.query(&cmd).await?;
         }
-        Ok(keep)
+        Ok(events)
     }
 }
 
