@@ -718,7 +718,8 @@ fn notify_one(
 }
 
 /// A `created` event, written out from its parts (the item's JSON is made once per notify): the same
-/// JSON, key for key and in the same order, as the map the other events are built with.
+/// JSON value as the map the other events are built with (inside the item and the counts the keys come
+/// in their fields' order rather than sorted).
 fn created_payload(
     counts: &Counts,
     id: i64,
@@ -1172,5 +1173,92 @@ mod tests {
             6,
             "4 created, 1 read, 1 archive; the repeat made none"
         );
+    }
+
+    /// The notify path's shortcuts keep what the slower path gave: the created event is the same JSON as
+    /// one built as a map, a muted user or a repeated key leaves the version alone, and counts read back
+    /// (version above 1) and counts known (version 1) agree with a recount.
+    #[tokio::test]
+    async fn notify_shortcuts_keep_events_versions_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let mut a = item("a");
+        a.data = Some(json!({"k": [1, "x"]}));
+        a.actions = vec![super::super::ItemAction {
+            id: "ok".into(),
+            label: "OK".into(),
+            url: None,
+        }];
+        let r = s
+            .notify(vec!["u".into(), "u".into()], a.clone(), None)
+            .await
+            .unwrap();
+        assert_eq!(r.delivered.len(), 1, "a user named twice is notified once");
+        let id = r.delivered[0].id.unwrap();
+        let events = s.pending(10).await.unwrap();
+        let stored = s.get("u".into(), id).await.unwrap();
+        let (counts, version) = s.counts("u".into()).await.unwrap();
+        assert_eq!((counts.all.total, counts.all.unread, version), (1, 1, 1));
+        let expected = json!({"item": stored, "type": "created", "version": 1, "counts": counts});
+        // The same JSON value (inside the item and the counts the keys now come in their fields'
+        // order, not sorted as a map sorts them).
+        let got: serde_json::Value = serde_json::from_str(&events[0].payload).unwrap();
+        assert_eq!(got, expected);
+        assert_eq!(
+            events[0].event_id,
+            format!("inbox-{}-1-u", &events[0].event_id[6..14])
+        );
+
+        let mut off = std::collections::BTreeMap::new();
+        off.insert("inbox".to_string(), false);
+        let prefs = Preferences {
+            categories: [("muted".to_string(), off)].into(),
+        };
+        s.set_preferences("u".into(), prefs).await.unwrap();
+        let mut m = item("m");
+        m.category = Some("muted".into());
+        let r = s.notify(vec!["u".into()], m, None).await.unwrap();
+        assert_eq!((r.delivered[0].outcome, r.event), ("muted", None));
+        assert_eq!(s.counts("u".into()).await.unwrap().1, 2, "muted: no bump");
+
+        let mut k = item("k");
+        k.category = Some("other".into());
+        let first = s
+            .notify(vec!["u".into(), "w".into()], k.clone(), Some("key".into()))
+            .await
+            .unwrap();
+        let again = s
+            .notify(vec!["u".into(), "w".into()], k, Some("key".into()))
+            .await
+            .unwrap();
+        let outcomes: Vec<_> = again.delivered.iter().map(|d| (d.outcome, d.id)).collect();
+        let ids: Vec<_> = first
+            .delivered
+            .iter()
+            .map(|d| ("duplicate", d.id))
+            .collect();
+        assert_eq!(outcomes, ids);
+        let (counts, version) = s.counts("u".into()).await.unwrap();
+        assert_eq!((counts.all.total, version), (2, 3), "a duplicate: no bump");
+        assert_eq!(counts.categories.len(), 2);
+        assert_eq!(s.counts("w".into()).await.unwrap().1, 1);
+        let events = s.pending(10).await.unwrap();
+        assert_eq!(
+            events.len(),
+            4,
+            "2 created for u, its preferences, 1 created for w"
+        );
+        assert!(
+            events[2].event_id.ends_with("-3-u"),
+            "{}",
+            events[2].event_id
+        );
+        let last: serde_json::Value = serde_json::from_str(&events[2].payload).unwrap();
+        assert_eq!(
+            last["counts"],
+            json!(counts),
+            "counts read back at version 3"
+        );
+        assert_eq!(s.recount(false).await.unwrap(), 0);
     }
 }
