@@ -583,3 +583,41 @@ async fn server_api_publish_options_and_history_remove() {
         "{r}"
     );
 }
+
+/// `broadcast` publishes its channels concurrently (so group commit takes them together) and still
+/// answers one response per channel, in the order of the channels, a refused channel among the others.
+#[tokio::test]
+async fn server_api_broadcast_answers_each_channel_in_order() {
+    let s = TestServer::start(&[("centrifugo.api_key", &format!("{API_KEY:?}"))]).await;
+    let bad = "x".repeat(300);
+    let mut channels: Vec<String> = (0..150).map(|i| format!("b{i}")).collect();
+    channels[77] = bad.clone();
+    let r = api(
+        &s,
+        "broadcast",
+        json!({"channels": channels, "data": {"n": 1}}),
+    )
+    .await;
+    let responses = r["responses"].as_array().expect("responses");
+    assert_eq!(responses.len(), 150);
+    let mut offsets = std::collections::HashSet::new();
+    for (i, resp) in responses.iter().enumerate() {
+        if i == 77 {
+            assert!(resp["error"]["code"].as_u64().is_some(), "{i}: {resp}");
+            assert!(resp.get("result").is_none(), "{i}: {resp}");
+            continue;
+        }
+        let offset = resp["result"]["offset"].as_u64();
+        assert!(offset.is_some(), "{i}: {resp}");
+        assert_eq!(resp["result"]["epoch"], s.hub.epoch(), "{i}: {resp}");
+        assert!(offsets.insert(offset), "{i}: offset {offset:?} twice");
+    }
+    // Each channel has its publication at the offset its own response names.
+    for i in [0usize, 76, 78, 149] {
+        let h = api(&s, "history", json!({"channel": channels[i], "limit": 10})).await;
+        let pubs = h["publications"].as_array().expect("publications");
+        assert_eq!(pubs.len(), 1, "{}: {h}", channels[i]);
+        assert_eq!(pubs[0]["data"], json!({"n": 1}));
+        assert_eq!(pubs[0]["offset"], responses[i]["result"]["offset"]);
+    }
+}
