@@ -355,3 +355,121 @@ pub async fn shared_vapid(store: &NatsPushStore, path: &Path) -> Result<Vapid, P
     }
     Vapid::from_key(&cluster)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url() -> String {
+        std::env::var("HERALD_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+    }
+
+    /// A bucket of the test's own, deleted when dropped.
+    struct Stem(String);
+
+    impl Drop for Stem {
+        fn drop(&mut self) {
+            let name = format!("KV_{}-push", self.0);
+            let _ = std::thread::spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async move {
+                    if let Ok(c) = async_nats::connect(url()).await {
+                        let _ = jetstream::new(c).delete_stream(&name).await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+
+    async fn store(s: &Stem) -> NatsPushStore {
+        NatsPushStore::connect(&url(), &s.0, Duration::from_secs(5), Duration::from_secs(5))
+            .await
+            .expect("the test NATS at 127.0.0.1:4222")
+    }
+
+    fn sub(endpoint: &str, at: i64) -> Subscription {
+        Subscription {
+            endpoint: endpoint.into(),
+            p256dh: format!("k{at}"),
+            auth: format!("a{at}"),
+            created_at: at,
+        }
+    }
+
+    fn endpoints(l: &[Subscription]) -> Vec<&str> {
+        l.iter().map(|s| s.endpoint.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn limits_moves_removals_and_one_vapid_key() {
+        let stem = Stem(format!(
+            "unitpush{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        ));
+        let s = store(&stem).await;
+        // A second connection stands for another node.
+        let other = store(&stem).await;
+        for i in 0..4 {
+            let node = if i % 2 == 0 { &s } else { &other };
+            node.add("alice".into(), sub(&format!("https://p/{i}"), 100 - i), 3)
+                .await
+                .unwrap();
+        }
+        let l = other.list("alice".into()).await.unwrap();
+        assert_eq!(
+            endpoints(&l),
+            ["https://p/1", "https://p/2", "https://p/3"],
+            "the oldest registration went, whatever the clocks said"
+        );
+        assert_eq!((l[0].p256dh.as_str(), l[0].auth.as_str()), ("k99", "a99"));
+        assert_eq!(s.owner("https://p/0").await.unwrap(), None);
+        // Registering again makes it the newest.
+        s.add("alice".into(), sub("https://p/1", 200), 3)
+            .await
+            .unwrap();
+        let l = s.list("alice".into()).await.unwrap();
+        assert_eq!(endpoints(&l), ["https://p/2", "https://p/3", "https://p/1"]);
+        // The same browser registered by another user moves to them.
+        other
+            .add("bob".into(), sub("https://p/2", 10), 3)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.owner("https://p/2").await.unwrap().as_deref(),
+            Some("bob")
+        );
+        assert_eq!(
+            endpoints(&s.list("alice".into()).await.unwrap()),
+            ["https://p/3", "https://p/1"]
+        );
+        assert!(!s
+            .remove("alice".into(), "https://p/2".into())
+            .await
+            .unwrap());
+        assert!(s.remove("bob".into(), "https://p/2".into()).await.unwrap());
+        assert!(s.list("bob".into()).await.unwrap().is_empty());
+        assert!(other.remove_endpoint("https://p/1".into()).await.unwrap());
+        assert!(!other.remove_endpoint("https://p/1".into()).await.unwrap());
+        assert_eq!(
+            endpoints(&s.list("alice".into()).await.unwrap()),
+            ["https://p/3"]
+        );
+        // Two nodes without key files end with the same key, copied to each file; a third file with
+        // another key is refused.
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.pem"), dir.path().join("b.pem"));
+        let (ka, kb) = tokio::join!(shared_vapid(&s, &a), shared_vapid(&other, &b));
+        assert_eq!(ka.unwrap().public_key(), kb.unwrap().public_key());
+        assert_eq!(read_key(&a).unwrap(), read_key(&b).unwrap());
+        let c = dir.path().join("c.pem");
+        let key = p256::SecretKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
+        write_new(&c, &key).unwrap();
+        assert!(matches!(shared_vapid(&s, &c).await, Err(PushError::Key(_))));
+    }
+}
