@@ -70,14 +70,16 @@ pub struct Config {
 }
 
 /// The notification centre. Off by default. On the local engine it keeps an SQLite file of its own beside
-/// the log; on the Redis engine it lives in the engine's Redis, shared by every node. Not on NATS yet.
+/// the log; on the Redis engine it lives in the engine's Redis, on the NATS engine in JetStream (a KV
+/// bucket and a stream), shared by every node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct InboxConfig {
     pub enabled: bool,
     /// The inbox database (`<data_dir>/inbox.sqlite3` when not set); local engine only.
     pub path: Option<PathBuf>,
-    /// Redis engine only: the prefix of the inbox's keys (`<engine.prefix>:inbox` when not set).
+    /// Cluster engines: on Redis the prefix of the inbox's keys (`<engine.prefix>:inbox` when not set); on
+    /// NATS the stem of its bucket and stream names (`<engine.prefix>-inbox`).
     pub prefix: Option<String>,
     /// The namespace of the users' inbox channels (`<namespace>:#<user>`); created with the rules an
     /// inbox needs (a user reads only their own, clients never publish) unless configured.
@@ -772,15 +774,16 @@ impl Config {
             }
         }
         if self.inbox.enabled {
-            if self.engine.kind == EngineKind::Nats {
-                return Err(ConfigError::Invalid(
-                    "inbox.enabled = true needs engine.kind = \"local\" or \"redis\": there is no inbox \
-                     store on NATS yet (each node would keep a different inbox). Run the cluster on Redis, \
-                     the inbox on one local node, or turn it off"
-                        .into(),
-                ));
-            }
             if let Some(p) = &self.inbox.prefix {
+                let nats_name = p.len() <= 48
+                    && p.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                if self.engine.kind == EngineKind::Nats && !nats_name {
+                    return Err(ConfigError::Invalid(format!(
+                        "inbox.prefix = {p:?} names NATS buckets and streams on the NATS engine: use 1 to \
+                         48 letters, digits, '-' or '_'"
+                    )));
+                }
                 if p.is_empty() || p.chars().any(char::is_control) {
                     return Err(ConfigError::Invalid(format!(
                         "inbox.prefix = {p:?} must be a non-empty name without control characters"
@@ -803,8 +806,8 @@ impl Config {
                 ));
             }
             if self.inbox.push.enabled {
-                // The engine needs no check of its own: NATS was refused above with the inbox, and
-                // on Redis the subscriptions and the VAPID key are shared through Redis.
+                // The engine needs no check of its own: on Redis and NATS the subscriptions and the
+                // VAPID key are shared through the engine's server.
                 self.inbox.push.validate()?;
             }
         } else if self.inbox.push.enabled {
@@ -913,6 +916,15 @@ impl Config {
                 self.engine.prefix
             ),
         }
+    }
+
+    /// The stem of the inbox's bucket and stream names on the NATS engine (`inbox.prefix`, or
+    /// `<engine.prefix>-inbox`).
+    pub fn inbox_stem(&self) -> String {
+        self.inbox
+            .prefix
+            .clone()
+            .unwrap_or_else(|| format!("{}-inbox", self.engine.prefix))
     }
 
     /// The prefix of the inbox's keys on the Redis engine.

@@ -14,7 +14,8 @@
 //!   subscribes from that position and ignores events at or below the page's version misses nothing and
 //!   applies nothing twice.
 //! - **The store is a seam** ([`InboxStore`]): SQLite on one node ([`sqlite`]), Redis for a cluster on
-//!   the Redis engine ([`redis`]: one node at a time drains the shared outbox).
+//!   the Redis engine ([`redis`]: one node at a time drains the shared outbox), NATS JetStream for a
+//!   cluster on the NATS engine ([`nats`]: a head entry per user, committed conditionally on its revision).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -29,10 +30,12 @@ use crate::hub::{Hub, NewPublication};
 
 pub mod api;
 pub mod browser;
+pub mod nats;
 pub mod push;
 pub mod redis;
 pub mod sqlite;
 
+pub use nats::NatsInbox;
 pub use redis::RedisInbox;
 pub use sqlite::SqliteInbox;
 

@@ -214,9 +214,9 @@ pub fn open_inbox(hub: &Hub, config: &Config) -> Result<Option<crate::inbox::Inb
             "the inbox needs a tokio runtime: build the router inside one".into(),
         ));
     }
-    if config.engine.kind == EngineKind::Redis {
+    if config.engine.kind != EngineKind::Local {
         return Err(ConfigError::Invalid(
-            "the inbox on the Redis engine connects to Redis: open it with \
+            "the inbox on a cluster engine connects to Redis or NATS: open it with \
              herald::server::connect_inbox (async) and pass it to router_with_inbox"
                 .into(),
         ));
@@ -245,6 +245,9 @@ pub async fn connect_inbox(
     hub: &Hub,
     config: &Config,
 ) -> Result<Option<crate::inbox::Inbox>, ConfigError> {
+    if config.inbox.enabled && config.engine.kind == EngineKind::Nats {
+        return connect_nats_inbox(hub, config).await;
+    }
     if !config.inbox.enabled || config.engine.kind != EngineKind::Redis {
         return open_inbox(hub, config);
     }
@@ -266,6 +269,34 @@ pub async fn connect_inbox(
     .map_err(|e| ConfigError::Invalid(format!("cannot open the inbox on Redis: {e}")))?;
     let inbox = crate::inbox::Inbox::start(Arc::new(store), hub.clone(), config.inbox.clone());
     crate::inbox::push::attach_redis(&inbox, hub, config).await?;
+    Ok(Some(inbox))
+}
+
+/// The inbox on the NATS engine: JetStream on the engine's server, shared by every node (see
+/// [`crate::inbox::nats`]).
+async fn connect_nats_inbox(
+    hub: &Hub,
+    config: &Config,
+) -> Result<Option<crate::inbox::Inbox>, ConfigError> {
+    config.validate()?;
+    let store = crate::inbox::NatsInbox::open(
+        crate::inbox::nats::NatsInboxOptions {
+            url: config.engine.url.clone(),
+            stem: config.inbox_stem(),
+            prefix: config.engine.prefix.clone(),
+            connect_timeout: config.engine.connect_timeout,
+            op_timeout: config.engine.op_timeout,
+            limits: crate::inbox::sqlite::StoreLimits {
+                max_items: config.inbox.max_items,
+                max_age: config.inbox.max_age,
+            },
+        },
+        hub.clone(),
+    )
+    .await
+    .map_err(|e| ConfigError::Invalid(format!("cannot open the inbox on NATS: {e}")))?;
+    let inbox = crate::inbox::Inbox::start(Arc::new(store), hub.clone(), config.inbox.clone());
+    crate::inbox::push::attach_nats(&inbox, hub, config).await?;
     Ok(Some(inbox))
 }
 

@@ -21,12 +21,17 @@ pub(crate) enum Store {
     Sqlite,
     /// The Redis engine on the shared test Redis, under a prefix of the test's own (removed at the end).
     Redis,
+    /// The NATS engine on the shared test NATS, under a prefix of the test's own (its streams and buckets
+    /// removed at the end).
+    Nats,
 }
 
-/// A server with the inbox on `store`; its Redis keys (if any) are removed when it is dropped.
+/// A server with the inbox on `store`; its Redis keys or NATS streams (if any) are removed when it is
+/// dropped (after the server: fields drop in order).
 pub(crate) struct Started {
     pub server: TestServer,
     pub keys: Option<crate::inbox_redis::Keys>,
+    pub nats: Option<crate::inbox_nats::Streams>,
 }
 
 impl std::ops::Deref for Started {
@@ -42,23 +47,31 @@ pub(crate) async fn start_on(store: Store, extra: &[(&str, &str)]) -> Started {
         ("inbox.enabled".into(), "true".into()),
         ("centrifugo.api_key".into(), key),
     ];
-    let keys = match store {
-        Store::Sqlite => None,
+    let (mut keys, mut nats) = (None, None);
+    match store {
+        Store::Sqlite => {}
         Store::Redis => {
-            let keys = crate::inbox_redis::Keys::new();
-            o.extend(keys.overrides());
-            Some(keys)
+            let k = crate::inbox_redis::Keys::new();
+            o.extend(k.overrides());
+            keys = Some(k);
         }
-    };
+        Store::Nats => {
+            let n = crate::inbox_nats::Streams::new();
+            o.extend(n.overrides());
+            nats = Some(n);
+        }
+    }
     o.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let o: Vec<(&str, &str)> = o.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     Started {
         server: TestServer::start(&o).await,
         keys,
+        nats,
     }
 }
 
-/// Runs each named `async fn name(store: Store)` as two tests, `name::sqlite` and `name::redis`.
+/// Runs each named `async fn name(store: Store)` as three tests, `name::sqlite`, `name::redis` and
+/// `name::nats`.
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
         $(
@@ -70,6 +83,10 @@ macro_rules! on_both_stores {
                 #[tokio::test]
                 async fn redis() {
                     super::$name(super::Store::Redis).await
+                }
+                #[tokio::test]
+                async fn nats() {
+                    super::$name(super::Store::Nats).await
                 }
             }
         )*
@@ -684,30 +701,37 @@ async fn bad_input_and_refusals() {
 }
 
 #[tokio::test]
-async fn inbox_off_and_refused_on_nats() {
+async fn inbox_off_and_its_engines() {
     let s = TestServer::start(&[("centrifugo.api_key", &format!("{API_KEY:?}"))]).await;
     let (status, e) = backend(&s.url, "stats", json!({})).await;
     assert_eq!((status, e["code"].as_str()), (404, Some("inbox_disabled")));
     let dir = tempfile::tempdir().unwrap();
+    for (kind, url) in [
+        ("nats", "nats://127.0.0.1:4222"),
+        ("redis", "redis://127.0.0.1:6379"),
+    ] {
+        config(
+            dir.path(),
+            &[
+                ("inbox.enabled", "true"),
+                ("engine.kind", &format!("{kind:?}")),
+                ("engine.url", &format!("{url:?}")),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("the inbox runs on the {kind} engine: {e}"));
+    }
+    // On NATS the prefix names buckets and streams.
     let err = config(
         dir.path(),
         &[
             ("inbox.enabled", "true"),
             ("engine.kind", "\"nats\""),
             ("engine.url", "\"nats://127.0.0.1:4222\""),
+            ("inbox.prefix", "\"app:inbox\""),
         ],
     )
     .unwrap_err();
-    assert!(err.to_string().contains("no inbox store on NATS"), "{err}");
-    config(
-        dir.path(),
-        &[
-            ("inbox.enabled", "true"),
-            ("engine.kind", "\"redis\""),
-            ("engine.url", "\"redis://127.0.0.1:6379\""),
-        ],
-    )
-    .expect("the inbox runs on the Redis engine");
+    assert!(err.to_string().contains("names NATS buckets"), "{err}");
 }
 
 #[tokio::test]

@@ -299,7 +299,7 @@ async fn start_up_recount_repairs_damaged_counts_on_redis() {
     notify(&s.url, &["fay"], "one", json!({"category": "a"})).await;
     notify(&s.url, &["fay"], "two", json!({"category": "b"})).await;
     let before = counts(&s.url, "fay").await;
-    let crate::inbox::Started { server, keys } = s;
+    let crate::inbox::Started { server, keys, .. } = s;
     let keys = keys.expect("redis keys");
     let mut server = server;
     server.stop().await;

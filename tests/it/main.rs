@@ -11,6 +11,7 @@ mod console;
 mod cors;
 mod engine;
 mod inbox;
+mod inbox_nats;
 mod inbox_redis;
 mod keys;
 mod lifecycle;

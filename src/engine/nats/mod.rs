@@ -22,7 +22,7 @@
 //! here), merged by seq. So a replay of a quiet channel never reads the others' single-topic records, and
 //! pays only for the publications that have alternates (none, for Centrifugo channels).
 
-mod codec;
+pub(crate) mod codec;
 mod feed;
 mod presence;
 mod read;
@@ -94,7 +94,7 @@ pub struct NatsEngine {
 
 /// Reconnection delay: quick at first, then at most two seconds apart, so a NATS restart costs little
 /// more than its own downtime.
-fn backoff(attempt: usize) -> Duration {
+pub(crate) fn backoff(attempt: usize) -> Duration {
     let ms = 50u64.saturating_mul(1u64 << attempt.min(6) as u32);
     Duration::from_millis(ms.min(2_000))
 }
@@ -311,7 +311,7 @@ async fn ensure_stream(
 }
 
 /// A KV bucket with one value per key, created if missing, its TTL brought in line with `max_age`.
-async fn ensure_kv(
+pub(crate) async fn ensure_kv(
     js: &jetstream::Context,
     bucket: &str,
     max_age: Duration,

@@ -46,10 +46,12 @@ use crate::config::PushConfig;
 use crate::engine::BoxFuture;
 use crate::hub::Hub;
 
+pub mod nats;
 pub mod redis;
 pub mod sqlite;
 pub mod vapid;
 
+pub use nats::NatsPushStore;
 pub use redis::RedisPushStore;
 pub use sqlite::SqlitePushStore;
 pub use vapid::Vapid;
@@ -658,6 +660,40 @@ pub async fn attach_redis(
             PushError::Key(_) => ConfigError::Invalid(format!("inbox.push.vapid_key: {e}")),
             _ => ConfigError::Invalid(format!(
                 "cannot read the cluster's VAPID key ({}) from Redis: {e}",
+                store.vapid_key_name()
+            )),
+        })?;
+    let push = start_configured(hub, config, inbox.store().clone(), Arc::new(store), vapid)?;
+    inbox.attach_push(push);
+    Ok(())
+}
+
+/// Like [`attach`], on the NATS engine: subscriptions in a JetStream bucket and the cluster's one VAPID key
+/// (see [`nats`]).
+pub async fn attach_nats(
+    inbox: &super::Inbox,
+    hub: &Hub,
+    config: &crate::config::Config,
+) -> Result<(), crate::config::ConfigError> {
+    use crate::config::ConfigError;
+    if !config.inbox.push.enabled {
+        return Ok(());
+    }
+    let store = NatsPushStore::connect(
+        &config.engine.url,
+        &config.inbox_stem(),
+        config.engine.connect_timeout,
+        config.engine.op_timeout,
+    )
+    .await
+    .map_err(|e| ConfigError::Invalid(format!("cannot open the push subscriptions: {e}")))?;
+    let key_path = config.vapid_key_path();
+    let vapid = nats::shared_vapid(&store, &key_path)
+        .await
+        .map_err(|e| match e {
+            PushError::Key(_) => ConfigError::Invalid(format!("inbox.push.vapid_key: {e}")),
+            _ => ConfigError::Invalid(format!(
+                "cannot read the cluster's VAPID key ({}) from NATS: {e}",
                 store.vapid_key_name()
             )),
         })?;
