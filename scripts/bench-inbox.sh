@@ -77,7 +77,7 @@ start_filled() {
   t0=$(date +%s.%N)
   start_herald keep
   t1=$(date +%s.%N)
-  repaired=$(grep -o 'repaired=[0-9]*' "$WORK/herald.err" | tail -1 | cut -d= -f2)
+  repaired=$(grep -o 'repaired=[0-9]*' "$WORK/herald.err" | tail -1 | cut -d= -f2 || true)
   echo "{\"test\": \"start\", \"label\": \"$1\", \"round\": 1, \"start_secs\": $(echo "$t1 - $t0" | bc), \"repaired\": ${repaired:-0}, \"rss_kib\": $(rss_kib), \"inbox_bytes_cached\": $(cached), \"inbox_bytes\": $(stat -c %s "$DATA/inbox.sqlite3"), \"load\": \"$(uptime | sed 's/.*load average: //')\"}" \
     | tee -a "$RESULTS" >>"$OUT/runs.log"
 }
