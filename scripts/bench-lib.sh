@@ -5,7 +5,7 @@
 # RESULTS), raises the open-file limit (10 000 subscribers need 10 000 descriptors in the bench process and
 # in each server), builds the release binaries unless HERALD_BIN and BENCH_BIN name prebuilt ones (copies,
 # so that a rebuild during a long run cannot swap the binary under it; sets HERALD, BENCH), and makes sure
-# nginx and nchan are there. $1: the results directory's name prefix; $2: the last line of the calling
+# nginx and nchan are there (unless NO_NCHAN=1). $1: the results directory's name prefix; $2: the last line of the calling
 # script's usage comment (for --help); then the script's arguments.
 bench_setup() {
   local prefix=$1 help_end=$2
@@ -37,7 +37,8 @@ bench_setup() {
   fi
   HERALD=${HERALD_BIN:-$PWD/target/release/herald}
   BENCH=${BENCH_BIN:-$PWD/target/release/herald-bench}
-  ensure_nchan
+  # NO_NCHAN=1: a script with no nchan peer (the inbox's) needs neither nginx nor the module.
+  [ "${NO_NCHAN:-0}" = 1 ] || ensure_nchan
 }
 
 # Writes the markdown table of medians of $RESULTS to $OUT/results.md and the terminal; $1: a line that
@@ -52,9 +53,10 @@ bench_report() {
   echo "== results: $OUT/results.md (raw: $RESULTS, logs: $OUT/runs.log)"
 }
 
-# Waits (up to 10 s) until $1 answers over HTTP.
+# Waits until $1 answers over HTTP: up to $2 seconds (default 10; a server that recounts a large inbox
+# at start-up needs longer).
 wait_port() {
-  for _ in $(seq 1 100); do
+  for _ in $(seq 1 $((${2:-10} * 10))); do
     curl -s -o /dev/null --max-time 1 "$1" && return 0
     sleep 0.1
   done

@@ -1073,6 +1073,8 @@ pub struct Read {
     pub requests: usize,
     pub concurrency: usize,
     pub time_limit: Duration,
+    /// Visits skipped at the start of the user sequence (see `herald-bench inbox read --help`).
+    pub user_offset: usize,
 }
 
 /// List and counts through the browser API with each user's token: request `r` is, in turn, the first
@@ -1100,7 +1102,7 @@ pub async fn read(srv: &Server, r: &Read) -> anyhow::Result<Value> {
             items_seen.clone(),
             errors.clone(),
         );
-        let (users, requests) = (r.users, r.requests);
+        let (users, requests, offset) = (r.users, r.requests, r.user_offset);
         workers.push(tokio::spawn(async move {
             loop {
                 let j = next.fetch_add(1, Ordering::Relaxed);
@@ -1108,7 +1110,7 @@ pub async fn read(srv: &Server, r: &Read) -> anyhow::Result<Value> {
                     break;
                 }
                 let kind = j % 3;
-                let u = (j / 3).wrapping_mul(7919) % users.max(1);
+                let u = (offset + j / 3).wrapping_mul(7919) % users.max(1);
                 let Ok(token) = user_token(&srv.jwt_key, &user(u)) else {
                     break;
                 };
@@ -1160,6 +1162,7 @@ pub async fn read(srv: &Server, r: &Read) -> anyhow::Result<Value> {
         "items": r.items,
         "concurrency": r.concurrency,
         "deep_cursor": deep_cursor,
+        "user_offset": r.user_offset,
         "secs": secs,
         "requests_per_sec": next.load(Ordering::Relaxed).min(r.requests) as f64 / secs.max(1e-6),
     });
@@ -1259,6 +1262,21 @@ fn summary_metrics(test: &str) -> &'static [(&'static str, &'static str)] {
             ("counts p99, ms", "/counts/p99_ms"),
             ("failed", "/failed"),
         ],
+        // Written by scripts/inbox-bulk-fill.sh and scripts/bench-inbox.sh (FILL=bulk), not by this tool.
+        "bulk_fill" => &[
+            ("rows", "/rows"),
+            ("items per inbox", "/items"),
+            ("insert, s", "/insert_secs"),
+            ("index rebuild, s", "/index_secs"),
+            ("inbox file, bytes", "/db_bytes"),
+        ],
+        "start" => &[
+            ("start to first answer (recount), s", "/start_secs"),
+            ("counts rows repaired", "/repaired"),
+            ("server RSS, KiB", "/rss_kib"),
+            ("inbox file in page cache, bytes", "/inbox_bytes_cached"),
+        ],
+        "rss" => &[("server RSS, KiB", "/rss_kib")],
         _ => &[],
     }
 }

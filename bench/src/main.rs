@@ -143,6 +143,10 @@ enum InboxCmd {
         concurrency: usize,
         #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
         time_limit: Duration,
+        /// Skip this many user visits of the sequence: rounds given disjoint ranges read users whose
+        /// pages no earlier round brought into the page cache.
+        #[arg(long, default_value_t = 0)]
+        user_offset: usize,
     },
 }
 
@@ -353,6 +357,7 @@ async fn inbox_cmd(a: InboxArgs) -> anyhow::Result<()> {
             requests,
             concurrency,
             time_limit,
+            user_offset,
         } => {
             let r = inbox::Read {
                 users,
@@ -360,6 +365,7 @@ async fn inbox_cmd(a: InboxArgs) -> anyhow::Result<()> {
                 requests,
                 concurrency,
                 time_limit,
+                user_offset,
             };
             inbox::read(&srv, &r).await?
         }
