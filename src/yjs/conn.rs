@@ -9,18 +9,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::Extension;
 use bytes::Bytes;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
 use yrs::sync::{Message, SyncMessage};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 
 use super::doc::{decode_update, valid_name, DocError, Docs, PeerHandle};
+use super::socket::{Socket, Upgrade};
 use crate::access::DocRight;
 use crate::auth::Role;
 use crate::centrifugo::conn::{check_origin, fit_close_reason};
@@ -29,8 +31,10 @@ use crate::hub::{ConnectionGuard, Transport};
 use crate::state::AppState;
 
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Small: an idle connection keeps it; updates larger than it take a few reads.
-const READ_BUFFER: usize = 1024;
+/// Small: an idle connection keeps it (zero-filled, so resident) for its life; awareness and typing fit in
+/// one read, and a larger update takes a few more reads, which is cheaper than every idle connection paying
+/// for it (as on the Centrifugo face).
+const READ_BUFFER: usize = 256;
 
 /// Close codes. The 44xx ones mirror HTTP statuses, as y-websocket servers commonly do.
 pub const CLOSE_UNAUTHORIZED: u16 = 4401;
@@ -52,7 +56,7 @@ pub async fn upgrade(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     remote: Option<Extension<ConnectInfo<SocketAddr>>>,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Result<Response, ApiError> {
     check_origin(&st, &headers)?;
     if !valid_name(&name) {
@@ -95,19 +99,20 @@ pub async fn upgrade(
     let max = docs.config().max_update_size;
     // Frames up to twice the limit are read, so that an oversized update is refused with a clear close.
     let cap = max.saturating_mul(2).max(64 * 1024);
-    Ok(ws
+    // Each frame goes to the socket's own batch at once (`write_buffer_size` 0): see socket.rs.
+    let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
-        .max_message_size(cap)
-        .max_frame_size(cap)
-        .on_upgrade(move |socket| {
-            tokio::spawn(run(docs, socket, name, right, exp, guard));
-            std::future::ready(())
-        }))
+        .write_buffer_size(0)
+        .max_message_size(Some(cap))
+        .max_frame_size(Some(cap));
+    Ok(ws.on_upgrade(config, move |socket| {
+        tokio::spawn(run(docs, socket, name, right, exp, guard));
+    }))
 }
 
 async fn run(
     docs: Arc<Docs>,
-    mut socket: WebSocket,
+    mut socket: Socket,
     name: String,
     right: Result<DocRight, Close>,
     exp: Option<u64>,
@@ -156,7 +161,7 @@ async fn run(
                     "closed by the server (too slow, or the document was unloaded); reconnect".into(),
                 )),
             },
-            msg = socket.recv() => match msg {
+            msg = socket.next() => match msg {
                 None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => break None,
                 Some(Ok(WsMessage::Binary(data))) => {
                     if let Err(c) = Box::pin(on_frame(&docs, &peer, right, data, &mut told_read_only)).await {
@@ -183,14 +188,14 @@ const WRITE_BATCH: usize = 64;
 /// Writes `first` and what else is already queued for this connection (up to `WRITE_BATCH` frames), then
 /// flushes once: under fan-out most of the server's time went to one `send` syscall per frame.
 async fn write_queued(
-    socket: &mut WebSocket,
+    socket: &mut Socket,
     peer: &mut PeerHandle,
     first: Bytes,
-) -> Result<(), axum::Error> {
-    socket.feed(WsMessage::Binary(first)).await?;
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    super::socket::feed(socket, first).await?;
     for _ in 1..WRITE_BATCH {
         match peer.rx.try_recv() {
-            Some(f) => socket.feed(WsMessage::Binary(f)).await?,
+            Some(f) => super::socket::feed(socket, f).await?,
             None => break,
         }
     }
@@ -278,9 +283,9 @@ fn close_for(e: &DocError) -> Close {
     (code, e.to_string())
 }
 
-async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
+async fn close(socket: &mut Socket, code: u16, reason: &str) {
     let frame = CloseFrame {
-        code,
+        code: code.into(),
         reason: Utf8Bytes::from(fit_close_reason(reason)),
     };
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(WsMessage::Close(Some(frame)))).await;

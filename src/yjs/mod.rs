@@ -8,7 +8,8 @@
 //!   document events;
 //! - `api.rs`: the HTTP API for backends (list, read as an update or as JSON, apply an update; list, take,
 //!   read and restore point-in-time snapshots);
-//! - `restore.rs`: the edit that makes a document hold a snapshot's content again.
+//! - `restore.rs`: the edit that makes a document hold a snapshot's content again;
+//! - `socket.rs`: the WebSocket upgrade and a socket that keeps no write buffer while idle.
 
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ mod api;
 mod conn;
 pub mod doc;
 pub mod restore;
+mod socket;
 
 pub use conn::{
     CLOSE_DOCUMENT_FULL, CLOSE_FORBIDDEN, CLOSE_INVALID, CLOSE_TOO_BIG, CLOSE_UNAUTHORIZED,

@@ -437,6 +437,55 @@ async fn awareness_reaches_the_others_and_goes_when_its_client_leaves() {
         .unwrap();
 }
 
+/// Server messages longer than a WebSocket frame of Herald's (256 bytes) go out as fragmented messages
+/// (so a connection keeps no buffer of their size): a joiner still gets every awareness state and the
+/// whole document in its first messages, and again when it asks.
+#[tokio::test]
+async fn a_joiner_of_a_document_with_many_awareness_states_gets_them_all() {
+    let s = start(&[]).await;
+    let w = doc_token(&[], &["*"]);
+    let mut a = Client::synced(&s, "crowd", Some(&w)).await;
+    let big = "x".repeat(5_000);
+    a.insert(0, &big).await;
+    // 400 states, as 400 providers would have announced them (in 4 messages of 100 here).
+    let n = 400u64;
+    for batch in 0..4 {
+        let mut clients = std::collections::HashMap::new();
+        for i in 0..100 {
+            let id = 1_000 + batch * 100 + i;
+            let json = format!(r#"{{"user":{{"name":"user {id}","color":"blue"}}}}"#);
+            clients.insert(
+                yrs::block::ClientID::new(id),
+                AwarenessUpdateEntry {
+                    clock: 1,
+                    json: json.into(),
+                },
+            );
+        }
+        a.send(Message::Awareness(AwarenessUpdate { clients }))
+            .await;
+    }
+    let mut b = Client::synced(&s, "crowd", Some(&w)).await;
+    b.until(|c| c.awareness.len() as u64 == n && c.text().len() == big.len())
+        .await
+        .unwrap();
+    let mut c = Client::synced(&s, "crowd", Some(&w)).await;
+    c.until(|c| c.awareness.len() as u64 == n).await.unwrap();
+    assert_eq!(c.text(), big, "the whole document");
+    for id in 1_000..1_000 + n {
+        let want = format!(r#"{{"user":{{"name":"user {id}","color":"blue"}}}}"#);
+        assert_eq!(c.awareness.get(&id), Some(&Some(want)), "state of {id}");
+    }
+    c.awareness.clear();
+    c.send(Message::AwarenessQuery).await;
+    c.until(|c| c.awareness.len() as u64 == n).await.unwrap();
+    // They are a's, and go with it.
+    drop(a);
+    c.until(|c| c.awareness.values().filter(|v| v.is_none()).count() as u64 == n)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn tokens_decide_who_reads_and_who_edits() {
     let s = start(&[]).await;
