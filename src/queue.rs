@@ -103,6 +103,12 @@ impl<T> Sender<T> {
     pub fn is_closed(&self) -> bool {
         self.0.state.lock().closed
     }
+
+    /// Takes everything waiting, leaving the queue open: for a producer that replaces a backlog with
+    /// something shorter (a Yjs connection that fell behind is caught up with one merged update).
+    pub fn take_all(&self) -> VecDeque<T> {
+        std::mem::take(&mut self.0.state.lock().items)
+    }
 }
 
 impl<T> Clone for Sender<T> {
@@ -238,6 +244,17 @@ mod tests {
         assert_eq!(got, None, "a closed queue delivers nothing more");
         assert!(tx.is_closed());
         assert_eq!(tx.try_send(2), Err(TrySendError::Closed(2)));
+    }
+
+    #[test]
+    fn take_all_empties_the_queue_and_leaves_it_open() {
+        let (tx, mut rx) = channel::<u32>(2);
+        tx.try_send(1).unwrap();
+        tx.try_send(2).unwrap();
+        assert_eq!(tx.take_all(), VecDeque::from([1, 2]));
+        assert_eq!(rx.try_recv(), None);
+        assert_eq!(tx.try_send(3), Ok(()), "room again, still open");
+        assert_eq!(rx.try_recv(), Some(3));
     }
 
     #[test]

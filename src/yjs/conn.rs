@@ -5,7 +5,9 @@
 //! message (the provider passes its reason to `permissionDeniedHandler`), then a close frame whose code
 //! and reason say why (a close code of the 4xxx range for auth, standard codes otherwise).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -136,6 +138,7 @@ async fn run(
         }
     };
     let mut peer = docs.join(doc);
+    let mut commits = Commits::default();
     let shutdown = docs.hub().shutdown_token();
     let mut told_read_only = false;
     // Rights come from the token, so they end with it (as an SSE stream does): the provider stops on a
@@ -150,7 +153,11 @@ async fn run(
             _ = sleep_until_opt(expires) => {
                 break Some((CLOSE_UNAUTHORIZED, "the token expired: reconnect with a fresh one".into()))
             }
-            frame = peer.rx.recv() => match frame {
+            stored = commits.committed() => match stored {
+                Ok(()) => commits.start(&docs, &peer),
+                Err(e) => break Some(close_for(&e)),
+            },
+            frame = peer.recv() => match frame {
                 Some(f) => {
                     if write_queued(&mut socket, &mut peer, f).await.is_err() {
                         break None;
@@ -161,10 +168,12 @@ async fn run(
                     "closed by the server (too slow, or the document was unloaded); reconnect".into(),
                 )),
             },
-            msg = socket.next() => match msg {
+            // Read on while earlier updates wait for their commit, up to a bound.
+            msg = socket.next(), if !commits.full() => match msg {
                 None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => break None,
                 Some(Ok(WsMessage::Binary(data))) => {
-                    if let Err(c) = Box::pin(on_frame(&docs, &peer, right, data, &mut told_read_only)).await {
+                    let read = on_frame(&docs, &peer, &mut commits, right, data, &mut told_read_only);
+                    if let Err(c) = Box::pin(read).await {
                         break Some(c);
                     }
                 }
@@ -175,6 +184,10 @@ async fn run(
             },
         }
     };
+    // What the client sent before it left (or was closed) is stored as if it had stayed: it was read.
+    if let Ok(Err(e)) = tokio::time::timeout(CLOSE_TIMEOUT, commits.finish(&docs, &peer)).await {
+        tracing::debug!(doc = %name, error = %e, "updates of a closing connection not stored");
+    }
     docs.leave(&peer.doc, peer.id).await;
     if let Some((code, reason)) = end {
         tracing::debug!(doc = %name, code, reason, "closing y-websocket connection");
@@ -194,7 +207,7 @@ async fn write_queued(
 ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
     super::socket::feed(socket, first).await?;
     for _ in 1..WRITE_BATCH {
-        match peer.rx.try_recv() {
+        match peer.try_recv() {
             Some(f) => super::socket::feed(socket, f).await?,
             None => break,
         }
@@ -202,11 +215,90 @@ async fn write_queued(
     socket.flush().await
 }
 
+/// Bytes of one connection's updates waiting behind its commit in flight; past them the connection stops
+/// reading its socket until that commit ends, which holds a writer faster than the disk to its pace.
+const WAITING_BYTES: usize = 1 << 20;
+/// The same, in updates.
+const WAITING_UPDATES: usize = 4096;
+
+type Commit = Pin<Box<dyn Future<Output = Result<(), DocError>> + Send>>;
+
+/// A connection's updates on their way to the engine: at most one commit in flight, and the updates read
+/// since, which go into the next one merged. So a fast writer's updates share commits instead of taking
+/// one each (its next message used to be read only once the previous update was committed), their order
+/// is kept (one commit at a time), and each is still stored before anyone else sees it.
+#[derive(Default)]
+struct Commits {
+    inflight: Option<Commit>,
+    waiting: Vec<Bytes>,
+    waiting_bytes: usize,
+}
+
+impl Commits {
+    /// Adds a checked update; it is stored at once when no commit is in flight.
+    fn push(&mut self, docs: &Arc<Docs>, peer: &PeerHandle, update: Bytes) {
+        self.waiting_bytes += update.len();
+        self.waiting.push(update);
+        if self.inflight.is_none() {
+            self.start(docs, peer);
+        }
+    }
+
+    /// Starts storing what waits, as one commit.
+    fn start(&mut self, docs: &Arc<Docs>, peer: &PeerHandle) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let updates = std::mem::take(&mut self.waiting);
+        self.waiting_bytes = 0;
+        let (docs, doc, id) = (docs.clone(), peer.doc.clone(), peer.id);
+        self.inflight = Some(Box::pin(async move {
+            docs.store_updates(&doc, Some(id), updates).await
+        }));
+    }
+
+    fn full(&self) -> bool {
+        self.waiting_bytes >= WAITING_BYTES || self.waiting.len() >= WAITING_UPDATES
+    }
+
+    /// Completes when the commit in flight does (never when there is none). Cancel-safe: the commit
+    /// stays in `inflight` until it completes.
+    async fn committed(&mut self) -> Result<(), DocError> {
+        match &mut self.inflight {
+            Some(commit) => {
+                let r = commit.await;
+                self.inflight = None;
+                if r.is_err() {
+                    // The connection is closed for it: what waited behind it is not stored either.
+                    self.waiting.clear();
+                    self.waiting_bytes = 0;
+                }
+                r
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stores everything read, commit after commit.
+    async fn finish(&mut self, docs: &Arc<Docs>, peer: &PeerHandle) -> Result<(), DocError> {
+        loop {
+            if self.inflight.is_none() {
+                self.start(docs, peer);
+            }
+            if self.inflight.is_none() {
+                return Ok(());
+            }
+            self.committed().await?;
+        }
+    }
+}
+
 /// Handles the message of one frame. A frame holds one message, as every y-websocket client sends them
 /// (and as the reference server reads them); a truncated one is refused, not skipped.
 async fn on_frame(
-    docs: &Docs,
+    docs: &Arc<Docs>,
     peer: &PeerHandle,
+    commits: &mut Commits,
     right: DocRight,
     data: Bytes,
     told_read_only: &mut bool,
@@ -247,9 +339,13 @@ async fn on_frame(
                     }
                     return Ok(());
                 }
-                docs.submit_update(&peer.doc, Some(peer.id), u.into())
-                    .await
-                    .map_err(|e| close_for(&e))?;
+                let pending = commits.waiting_bytes;
+                if docs
+                    .check_update(&peer.doc, &u, pending)
+                    .map_err(|e| close_for(&e))?
+                {
+                    commits.push(docs, peer, u.into());
+                }
             }
             Message::Awareness(update) => {
                 docs.submit_awareness(&peer.doc, peer.id, &update)

@@ -14,7 +14,7 @@
 //! something to replay.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +30,7 @@ use yrs::updates::encoder::Encode;
 use yrs::{ReadTxn, StateVector, Transact, Update};
 
 use crate::config::YjsConfig;
+use crate::frame::Publication;
 use crate::hub::{Delivery, Hub, HubError, NewPublication, SubscribeSpec};
 use crate::log::{LogError, Record};
 use crate::queue;
@@ -51,8 +52,14 @@ const KIND_SNAPSHOT: &str = "snapshot";
 const KIND_AWARENESS: &str = "awareness";
 /// Records read per page when a document loads.
 const LOAD_PAGE: usize = 500;
-/// Frames queued for one connection before it is cut off as too slow.
+/// Frames queued for one connection before its backlog is merged (see [`Peer::offer`]).
 const PEER_QUEUE: usize = 1024;
+/// Bytes queued for one connection before its backlog is merged. A connection that fell behind costs
+/// at most this, or twice its merged backlog (about the document's size), whichever is larger.
+const PEER_QUEUE_BYTES: usize = 1 << 20;
+/// Publications a document applies before it relays what they changed: under load, one frame per
+/// client then carries many updates, and each client applies one merged update instead of many.
+const RELAY_BATCH: usize = 1024;
 /// Publications queued for a document before the hub cuts it off; it is then reloaded.
 const DOC_QUEUE: usize = 65_536;
 
@@ -261,6 +268,11 @@ struct DocState {
 /// A connection's place in a document.
 struct Peer {
     tx: queue::Sender<Bytes>,
+    /// Bytes in `tx`, shared with the connection, which takes off what it writes.
+    queued: Arc<AtomicUsize>,
+    /// Bytes left after this connection's last catch-up: the next one waits until the backlog is twice
+    /// that, so a client slower than the document's edits costs one merge per doubling, not per update.
+    floor: usize,
     /// The awareness client ids this connection announced, removed when it leaves. A provider announces
     /// one, so a `Vec` (one 8-byte allocation) rather than a set (a hash table per idle connection).
     clients: Vec<ClientID>,
@@ -270,11 +282,144 @@ struct Peer {
 pub struct PeerHandle {
     pub doc: Arc<Loaded>,
     pub id: u64,
-    pub rx: queue::Receiver<Bytes>,
+    rx: queue::Receiver<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl PeerHandle {
+    /// The next frame to write; `None` once the document closed this connection's queue.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        let f = self.rx.recv().await?;
+        self.queued.fetch_sub(f.len(), Ordering::Relaxed);
+        Some(f)
+    }
+
+    /// A frame if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Bytes> {
+        let f = self.rx.try_recv()?;
+        self.queued.fetch_sub(f.len(), Ordering::Relaxed);
+        Some(f)
+    }
 }
 
 fn encode(msg: &Message) -> Bytes {
     Bytes::from(msg.encode_v1())
+}
+
+fn update_frame(update: Vec<u8>) -> Bytes {
+    encode(&Message::Sync(SyncMessage::Update(update)))
+}
+
+/// One update holding all of `updates` (the first one itself when it is alone); `None` when yrs cannot
+/// merge them (it is not hardened against every input, hence the unwind guard).
+fn merged<'a>(updates: impl IntoIterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
+    let updates: Vec<&[u8]> = updates.into_iter().collect();
+    match updates.as_slice() {
+        [] => None,
+        [one] => Some(one.to_vec()),
+        many => std::panic::catch_unwind(|| yrs::merge_updates_v1(many))
+            .ok()
+            .and_then(Result::ok),
+    }
+}
+
+impl Peer {
+    /// Queues `frame` for this connection. One that fell behind (more than `PEER_QUEUE_BYTES` or
+    /// `PEER_QUEUE` frames waiting) is caught up rather than closed: its backlog becomes one merged
+    /// update (and one awareness message), which brings it exactly where the frames would have, in one
+    /// frame it can apply at once. Closing it instead made it reconnect and sync the whole document again,
+    /// which is more work for both sides, under the very load that made it slow.
+    fn offer(&mut self, frame: Bytes, doc: &yrs::Doc) {
+        let len = frame.len();
+        let limit = PEER_QUEUE_BYTES.max(self.floor.saturating_mul(2));
+        if self.queued.load(Ordering::Relaxed) + len <= limit {
+            // Counted before it is queued, so the connection never takes off more than was added.
+            self.queued.fetch_add(len, Ordering::Relaxed);
+            match self.tx.try_send(frame) {
+                Ok(()) => return,
+                Err(queue::TrySendError::Closed(_)) => {
+                    self.queued.fetch_sub(len, Ordering::Relaxed);
+                    return;
+                }
+                Err(queue::TrySendError::Full(f)) => {
+                    self.queued.fetch_sub(len, Ordering::Relaxed);
+                    return self.catch_up(f, doc);
+                }
+            }
+        }
+        self.catch_up(frame, doc)
+    }
+
+    fn catch_up(&mut self, frame: Bytes, doc: &yrs::Doc) {
+        if self.tx.is_closed() {
+            return;
+        }
+        let backlog = self.tx.take_all();
+        let taken: usize = backlog.iter().map(Bytes::len).sum();
+        self.queued.fetch_sub(taken, Ordering::Relaxed);
+        let mut left = 0;
+        for f in compact_backlog(backlog.into_iter().chain([frame]), doc) {
+            let len = f.len();
+            self.queued.fetch_add(len, Ordering::Relaxed);
+            if self.tx.try_send(f).is_err() {
+                self.queued.fetch_sub(len, Ordering::Relaxed);
+            } else {
+                left += len;
+            }
+        }
+        self.floor = left;
+        metrics::counter!("herald_yjs_catch_ups_total").increment(1);
+    }
+}
+
+/// The frames of a backlog with every update merged into one (a sync step 2 if one of them was, which the
+/// client takes as the end of its sync) and every awareness message into one (the newest entry per
+/// client), behind the other frames (the server's sync step 1, an auth refusal) in their order. Yjs
+/// updates commute and awareness entries are ordered by their clocks, so the client ends up where the
+/// whole backlog would have taken it. When yrs cannot merge the updates, the whole document stands in for
+/// them: every update relayed was applied to it first.
+fn compact_backlog(frames: impl Iterator<Item = Bytes>, doc: &yrs::Doc) -> Vec<Bytes> {
+    let mut kept = Vec::new();
+    let mut updates: Vec<Vec<u8>> = Vec::new();
+    let mut step2 = false;
+    let mut aware: HashMap<ClientID, AwarenessUpdateEntry> = HashMap::new();
+    for f in frames {
+        match Message::decode_v1(&f) {
+            Ok(Message::Sync(SyncMessage::SyncStep2(u))) => {
+                step2 = true;
+                updates.push(u);
+            }
+            Ok(Message::Sync(SyncMessage::Update(u))) => updates.push(u),
+            Ok(Message::Awareness(a)) => {
+                for (client, e) in a.clients {
+                    match aware.get(&client) {
+                        Some(old) if old.clock > e.clock => {}
+                        _ => {
+                            aware.insert(client, e);
+                        }
+                    }
+                }
+            }
+            _ => kept.push(f),
+        }
+    }
+    if !aware.is_empty() {
+        kept.push(encode(&Message::Awareness(AwarenessUpdate {
+            clients: aware,
+        })));
+    }
+    if !updates.is_empty() {
+        let update = merged(updates.iter().map(Vec::as_slice)).unwrap_or_else(|| {
+            doc.transact()
+                .encode_state_as_update_v1(&StateVector::default())
+        });
+        kept.push(encode(&Message::Sync(if step2 {
+            SyncMessage::SyncStep2(update)
+        } else {
+            SyncMessage::Update(update)
+        })));
+    }
+    kept
 }
 
 impl Docs {
@@ -444,8 +589,18 @@ impl Docs {
                 tokio::select! {
                     _ = task_doc.stop.cancelled() => return,
                     d = rx.recv() => match d {
-                        Some(Delivery::Pub { publication, .. }) => task_doc.deliver(&docs, &publication.record),
-                        Some(_) => {}
+                        Some(first) => {
+                            // What else already arrived is applied with it, and relayed as one update.
+                            let mut batch = Vec::new();
+                            let mut next = Some(first);
+                            while let Some(d) = next {
+                                if let Delivery::Pub { publication, .. } = d {
+                                    batch.push(publication);
+                                }
+                                next = if batch.len() < RELAY_BATCH { rx.try_recv() } else { None };
+                            }
+                            task_doc.deliver(&docs, &batch);
+                        }
                         None => break,
                     },
                 }
@@ -469,37 +624,74 @@ impl Docs {
         origin: Option<u64>,
         data: Bytes,
     ) -> Result<(), DocError> {
-        let result = self.check_and_store(doc, origin, data).await;
+        if self.check_update(doc, &data, 0)? {
+            self.store_updates(doc, origin, vec![data]).await?;
+        }
+        Ok(())
+    }
+
+    /// Checks a client's update before it is stored: its size, that it decodes, and the room left in the
+    /// document with `pending` bytes of the same connection's updates not stored yet. `Ok(false)`: an empty
+    /// update, nothing to store. A refusal is counted.
+    pub fn check_update(
+        &self,
+        doc: &Loaded,
+        data: &[u8],
+        pending: usize,
+    ) -> Result<bool, DocError> {
+        let result = (|| {
+            let max = self.cfg.max_update_size;
+            if data.len() > max {
+                return Err(DocError::UpdateTooLarge {
+                    size: data.len(),
+                    max,
+                });
+            }
+            if decode_update(data)?.is_empty() {
+                return Ok(false);
+            }
+            let st = doc.state.lock();
+            if st.stored_bytes + pending + data.len() > self.cfg.max_document_size {
+                return Err(DocError::DocumentFull(self.cfg.max_document_size));
+            }
+            Ok(true)
+        })();
         if let Err(e) = &result {
             refused(e);
         }
         result
     }
 
-    async fn check_and_store(
+    /// Stores checked updates of one connection as one record: merged when there are several, which
+    /// is what lets a connection read on while its earlier updates wait for their commit (they go into
+    /// the next one together). Returns once the engine acknowledged them; the document and the other
+    /// clients get them from the hub, so nothing is relayed before it is stored.
+    pub async fn store_updates(
         &self,
         doc: &Loaded,
         origin: Option<u64>,
-        data: Bytes,
+        updates: Vec<Bytes>,
     ) -> Result<(), DocError> {
-        let max = self.cfg.max_update_size;
-        if data.len() > max {
-            return Err(DocError::UpdateTooLarge {
-                size: data.len(),
-                max,
-            });
-        }
-        let update = decode_update(&data)?;
-        if update.is_empty() {
-            return Ok(());
-        }
-        {
-            let st = doc.state.lock();
-            if st.stored_bytes + data.len() > self.cfg.max_document_size {
-                return Err(DocError::DocumentFull(self.cfg.max_document_size));
-            }
-        }
-        self.publish(doc, origin, data, KIND_UPDATE, false).await?;
+        let data = match updates.as_slice() {
+            [] => return Ok(()),
+            [one] => one.clone(),
+            many => match merged(many.iter().map(|u| u.as_ref())) {
+                Some(m) => Bytes::from(m),
+                None => {
+                    // Each was checked alone: stored alone, in order, they are as good.
+                    for u in updates {
+                        self.publish(doc, origin, u, KIND_UPDATE, false)
+                            .await
+                            .inspect_err(refused)?;
+                    }
+                    doc.state.lock().changed = true;
+                    return Ok(());
+                }
+            },
+        };
+        self.publish(doc, origin, data, KIND_UPDATE, false)
+            .await
+            .inspect_err(refused)?;
         doc.state.lock().changed = true;
         Ok(())
     }
@@ -564,29 +756,36 @@ impl Docs {
         // Its buffer is given back whenever it is drained: an idle connection of a busy document would
         // otherwise keep up to 16 slots (512 B) from the last burst of frames it was sent.
         let (tx, rx) = queue::channel_keeping(PEER_QUEUE, 0);
+        let queued = Arc::new(AtomicUsize::new(0));
         {
             let mut st = doc.state.lock();
+            let mut peer = Peer {
+                tx,
+                queued: queued.clone(),
+                floor: 0,
+                clients: Vec::new(),
+            };
             let sv = st.awareness.doc().transact().state_vector();
-            let _ = tx.try_send(encode(&Message::Sync(SyncMessage::SyncStep1(sv))));
+            let step1 = encode(&Message::Sync(SyncMessage::SyncStep1(sv)));
+            peer.offer(step1, st.awareness.doc());
             if let Ok(u) = st.awareness.update() {
                 if !u.clients.is_empty() {
-                    let _ = tx.try_send(encode(&Message::Awareness(u)));
+                    peer.offer(encode(&Message::Awareness(u)), st.awareness.doc());
                 }
             }
             if doc.stop.is_cancelled() {
-                tx.close(); // unloaded meanwhile: the connection ends and reconnects
+                peer.tx.close(); // unloaded meanwhile: the connection ends and reconnects
             }
-            st.peers.insert(
-                id,
-                Peer {
-                    tx,
-                    clients: Vec::new(),
-                },
-            );
+            st.peers.insert(id, peer);
             st.idle_since = None;
         }
         metrics::gauge!("herald_yjs_connections").increment(1.0);
-        PeerHandle { doc, id, rx }
+        PeerHandle {
+            doc,
+            id,
+            rx,
+            queued,
+        }
     }
 
     /// Removes a connection, and its awareness states for everyone.
@@ -928,100 +1127,100 @@ impl Loaded {
         }
     }
 
-    /// Applies what the hub delivered and passes it on to this node's clients (but the one it came from).
-    fn deliver(&self, docs: &Docs, r: &Record) {
+    /// Applies what the hub delivered and passes it on to this node's clients (but the one each came
+    /// from). The updates of a batch are relayed as one merged update, encoded once and shared by every
+    /// client (the clients that wrote some of them get the others' only); an awareness message is relayed
+    /// in its place, after the updates before it.
+    fn deliver(&self, docs: &Docs, batch: &[Arc<Publication>]) {
         let mut st = self.state.lock();
-        let origin = r
-            .tags
-            .get("origin")
-            .and_then(|o| o.split_once(':'))
-            .filter(|(node, _)| *node == docs.node)
-            .and_then(|(_, id)| id.parse::<u64>().ok());
-        let frame = match r.event_type.as_deref() {
-            Some(KIND_AWARENESS) => {
-                let Ok(u) = AwarenessUpdate::decode_v1(&r.data) else {
-                    return;
-                };
-                // Another node may have relayed what this one already has (or two clients sent the same).
-                let u = news(&st.awareness, &u);
-                if u.clients.is_empty() {
-                    return;
-                }
-                if let Err(e) = st.awareness.apply_update(u.clone()) {
-                    tracing::debug!(doc = %self.name, error = %e, "awareness update not applied");
-                }
-                encode(&Message::Awareness(u))
-            }
-            kind => {
-                if r.seq <= st.applied {
-                    return;
-                }
-                st.applied = r.seq;
-                if kind == Some(KIND_SNAPSHOT) {
-                    st.stored_bytes = r.data.len();
-                    st.since_snapshot = 0;
-                } else {
-                    st.stored_bytes += r.data.len();
-                    st.since_snapshot += 1;
-                    st.snap_dirty = true;
-                }
-                let update = match decode_update(&r.data) {
-                    Ok(u) => u,
-                    Err(e) => {
-                        tracing::warn!(doc = %self.name, seq = r.seq, error = %e, "stored update skipped");
-                        return;
+        let mut updates: Vec<(Option<u64>, Bytes)> = Vec::new();
+        for p in batch {
+            let r = &p.record;
+            let origin = r
+                .tags
+                .get("origin")
+                .and_then(|o| o.split_once(':'))
+                .filter(|(node, _)| *node == docs.node)
+                .and_then(|(_, id)| id.parse::<u64>().ok());
+            match r.event_type.as_deref() {
+                Some(KIND_AWARENESS) => {
+                    let Ok(u) = AwarenessUpdate::decode_v1(&r.data) else {
+                        continue;
+                    };
+                    // Another node may have relayed what this one already has (or two clients sent the same).
+                    let u = news(&st.awareness, &u);
+                    if u.clients.is_empty() {
+                        continue;
                     }
-                };
-                if let Err(e) = apply(&st.awareness, update) {
-                    tracing::warn!(doc = %self.name, seq = r.seq, error = %e, "update not applied");
-                } else if kind != Some(KIND_SNAPSHOT) {
-                    metrics::counter!("herald_yjs_updates_applied_total").increment(1);
-                    metrics::counter!("herald_yjs_update_bytes_total")
-                        .increment(r.data.len() as u64);
+                    if let Err(e) = st.awareness.apply_update(u.clone()) {
+                        tracing::debug!(doc = %self.name, error = %e, "awareness update not applied");
+                    }
+                    relay_updates(&mut st, std::mem::take(&mut updates));
+                    relay(&mut st, origin, &encode(&Message::Awareness(u)));
                 }
-                if kind == Some(KIND_SNAPSHOT) {
-                    return; // nothing new for clients: it merges what they already had
+                kind => {
+                    if r.seq <= st.applied {
+                        continue;
+                    }
+                    st.applied = r.seq;
+                    if kind == Some(KIND_SNAPSHOT) {
+                        st.stored_bytes = r.data.len();
+                        st.since_snapshot = 0;
+                    } else {
+                        st.stored_bytes += r.data.len();
+                        st.since_snapshot += 1;
+                        st.snap_dirty = true;
+                    }
+                    let update = match decode_update(&r.data) {
+                        Ok(u) => u,
+                        Err(e) => {
+                            tracing::warn!(doc = %self.name, seq = r.seq, error = %e, "stored update skipped");
+                            continue;
+                        }
+                    };
+                    if let Err(e) = apply(&st.awareness, update) {
+                        tracing::warn!(doc = %self.name, seq = r.seq, error = %e, "update not applied");
+                    } else if kind != Some(KIND_SNAPSHOT) {
+                        metrics::counter!("herald_yjs_updates_applied_total").increment(1);
+                        metrics::counter!("herald_yjs_update_bytes_total")
+                            .increment(r.data.len() as u64);
+                    }
+                    if kind != Some(KIND_SNAPSHOT) {
+                        // A snapshot brings clients nothing new: it merges what they already had.
+                        updates.push((origin, r.data.clone()));
+                    }
                 }
-                encode(&Message::Sync(SyncMessage::Update(r.data.to_vec())))
-            }
-        };
-        for (id, p) in &st.peers {
-            if Some(*id) == origin {
-                continue;
-            }
-            if p.tx.try_send(frame.clone()).is_err() {
-                p.tx.close(); // too slow: its connection ends and it reconnects
             }
         }
+        relay_updates(&mut st, updates);
     }
 
     /// Answers a client's sync step 1 with what it lacks, queued behind everything already sent to it.
     pub fn sync_step2(&self, peer: u64, sv: &StateVector) {
-        let st = self.state.lock();
+        let mut st = self.state.lock();
+        let st = &mut *st;
         let diff = st.awareness.doc().transact().encode_state_as_update_v1(sv);
-        if let Some(p) = st.peers.get(&peer) {
-            if p.tx
-                .try_send(encode(&Message::Sync(SyncMessage::SyncStep2(diff))))
-                .is_err()
-            {
-                p.tx.close();
-            }
+        if let Some(p) = st.peers.get_mut(&peer) {
+            let frame = encode(&Message::Sync(SyncMessage::SyncStep2(diff)));
+            p.offer(frame, st.awareness.doc());
         }
     }
 
     /// Queues a frame for one connection, behind what is already queued for it.
     pub fn send(&self, peer: u64, frame: Bytes) {
-        let st = self.state.lock();
-        if let Some(p) = st.peers.get(&peer) {
-            let _ = p.tx.try_send(frame);
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        if let Some(p) = st.peers.get_mut(&peer) {
+            p.offer(frame, st.awareness.doc());
         }
     }
 
     /// Sends a connection every awareness state known (its query-awareness).
     pub fn send_awareness(&self, peer: u64) {
-        let st = self.state.lock();
-        if let (Some(p), Ok(u)) = (st.peers.get(&peer), st.awareness.update()) {
-            let _ = p.tx.try_send(encode(&Message::Awareness(u)));
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        if let (Some(p), Ok(u)) = (st.peers.get_mut(&peer), st.awareness.update()) {
+            p.offer(encode(&Message::Awareness(u)), st.awareness.doc());
         }
     }
 
@@ -1054,5 +1253,160 @@ impl Loaded {
     pub fn stats(&self) -> (usize, u64, usize) {
         let st = self.state.lock();
         (st.stored_bytes, st.since_snapshot, st.peers.len())
+    }
+}
+
+/// Queues `frame` for every connection of the document but `origin`.
+fn relay(st: &mut DocState, origin: Option<u64>, frame: &Bytes) {
+    let DocState {
+        awareness, peers, ..
+    } = st;
+    for (id, p) in peers.iter_mut() {
+        if Some(*id) != origin {
+            p.offer(frame.clone(), awareness.doc());
+        }
+    }
+}
+
+/// Relays `updates` (each with the connection it came from) as one merged update, encoded once: a
+/// connection that wrote some of them gets the merge of the others only (nothing when they are all its
+/// own), as it would have had they been relayed one by one. When yrs cannot merge them, each goes alone.
+fn relay_updates(st: &mut DocState, updates: Vec<(Option<u64>, Bytes)>) {
+    if updates.is_empty() {
+        return;
+    }
+    let Some(all) = merged(updates.iter().map(|(_, u)| u.as_ref())) else {
+        for (origin, u) in updates {
+            relay(st, origin, &update_frame(u.to_vec()));
+        }
+        return;
+    };
+    let frame = update_frame(all);
+    let mut writers: Vec<u64> = updates.iter().filter_map(|(o, _)| *o).collect();
+    writers.sort_unstable();
+    writers.dedup();
+    let mut own: HashMap<u64, Option<Bytes>> = HashMap::with_capacity(writers.len());
+    for w in writers {
+        if !st.peers.contains_key(&w) {
+            continue;
+        }
+        let others: Vec<&[u8]> = updates
+            .iter()
+            .filter(|(o, _)| *o != Some(w))
+            .map(|(_, u)| u.as_ref())
+            .collect();
+        let f = if others.is_empty() {
+            None
+        } else {
+            // Unmergeable: the whole merge, its own updates included, which Yjs ignores as known.
+            Some(merged(others).map_or_else(|| frame.clone(), update_frame))
+        };
+        own.insert(w, f);
+    }
+    let DocState {
+        awareness, peers, ..
+    } = st;
+    for (id, p) in peers.iter_mut() {
+        match own.get(id) {
+            Some(None) => {}
+            Some(Some(f)) => p.offer(f.clone(), awareness.doc()),
+            None => p.offer(frame.clone(), awareness.doc()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yrs::{GetString, Text};
+
+    fn edit(doc: &yrs::Doc, s: &str) -> Vec<u8> {
+        let before = doc.transact().state_vector();
+        let t = doc.get_or_insert_text("t");
+        let at = t.len(&doc.transact());
+        t.insert(&mut doc.transact_mut(), at, s);
+        doc.transact().encode_state_as_update_v1(&before)
+    }
+
+    fn presence(client: u64, clock: u32, json: &str) -> Bytes {
+        let mut clients = HashMap::new();
+        clients.insert(
+            ClientID::new(client),
+            AwarenessUpdateEntry {
+                clock,
+                json: json.into(),
+            },
+        );
+        encode(&Message::Awareness(AwarenessUpdate { clients }))
+    }
+
+    /// A backlog becomes its other frames in order, one awareness message with the newest entry per
+    /// client, and one update that brings a client where the whole backlog would have: a sync step 2 when
+    /// one of them was, so the client still sees the end of its sync.
+    #[test]
+    fn a_backlog_is_merged_into_one_update_and_one_awareness_message() {
+        let writer = yrs::Doc::new();
+        let (a, b, c) = (edit(&writer, "a"), edit(&writer, "b"), edit(&writer, "c"));
+        let step1 = encode(&Message::Sync(SyncMessage::SyncStep1(
+            StateVector::default(),
+        )));
+        let frames = vec![
+            step1.clone(),
+            presence(7, 1, "{\"x\":1}"),
+            update_frame(a),
+            presence(7, 3, "{\"x\":3}"),
+            encode(&Message::Sync(SyncMessage::SyncStep2(b))),
+            presence(7, 2, "{\"x\":2}"),
+            update_frame(c),
+        ];
+        let out = compact_backlog(frames.into_iter(), &yrs::Doc::new());
+        assert_eq!(out.len(), 3, "{out:?}");
+        assert_eq!(out[0], step1);
+        match Message::decode_v1(&out[1]).unwrap() {
+            Message::Awareness(u) => {
+                assert_eq!(u.clients.len(), 1);
+                let e = &u.clients[&ClientID::new(7)];
+                assert_eq!(
+                    (e.clock, &*e.json),
+                    (3, "{\"x\":3}"),
+                    "the newest clock wins"
+                );
+            }
+            m => panic!("not awareness: {m:?}"),
+        }
+        let Message::Sync(SyncMessage::SyncStep2(merged)) = Message::decode_v1(&out[2]).unwrap()
+        else {
+            panic!("the merged update is not a sync step 2");
+        };
+        let reader = yrs::Doc::new();
+        reader
+            .transact_mut()
+            .apply_update(Update::decode_v1(&merged).unwrap())
+            .unwrap();
+        let t = reader.get_or_insert_text("t");
+        assert_eq!(t.get_string(&reader.transact()), "abc");
+    }
+
+    /// Updates that yrs cannot merge are replaced by the whole document, which holds them all.
+    #[test]
+    fn an_unmergeable_backlog_is_replaced_by_the_whole_document() {
+        let doc = yrs::Doc::new();
+        let good = edit(&doc, "whole");
+        let frames = vec![
+            update_frame(good),
+            update_frame(vec![0xff, 0xff, 0xff, 0x7f, 1]),
+        ];
+        let out = compact_backlog(frames.into_iter(), &doc);
+        assert_eq!(out.len(), 1);
+        let Message::Sync(SyncMessage::Update(u)) = Message::decode_v1(&out[0]).unwrap() else {
+            panic!("not an update");
+        };
+        let reader = yrs::Doc::new();
+        reader
+            .transact_mut()
+            .apply_update(Update::decode_v1(&u).unwrap())
+            .unwrap();
+        let t = reader.get_or_insert_text("t");
+        assert_eq!(t.get_string(&reader.transact()), "whole");
     }
 }

@@ -46,6 +46,8 @@ struct Client {
     awareness_log: Vec<(u64, u32)>,
     denied: Vec<String>,
     synced: bool,
+    /// Update messages received (sync step 2 excluded).
+    updates: usize,
 }
 
 #[derive(Debug)]
@@ -75,6 +77,7 @@ impl Client {
             awareness_log: Vec::new(),
             denied: Vec::new(),
             synced: false,
+            updates: 0,
         };
         let sv = c.doc.transact().state_vector();
         c.send(Message::Sync(SyncMessage::SyncStep1(sv))).await;
@@ -110,6 +113,31 @@ impl Client {
         }
         let update = self.doc.transact().encode_state_as_update_v1(&before);
         self.send(Message::Sync(SyncMessage::Update(update))).await;
+    }
+
+    /// Appends `n` edits to the text (edit `i` is `"<i>,"`), each its own update message as a provider
+    /// sends them, all written before one flush (a burst). Returns the text they add.
+    async fn burst(&mut self, n: usize) -> String {
+        let mut added = String::new();
+        for i in 0..n {
+            let piece = format!("{i},");
+            let at = self.text().len() as u32;
+            let before = self.doc.transact().state_vector();
+            {
+                let t = self.doc.get_or_insert_text("t");
+                let mut txn = self.doc.transact_mut();
+                t.insert(&mut txn, at, &piece);
+            }
+            let update = self.doc.transact().encode_state_as_update_v1(&before);
+            let m = Message::Sync(SyncMessage::Update(update));
+            self.ws
+                .feed(Ws::Binary(m.encode_v1().into()))
+                .await
+                .expect("feed");
+            added.push_str(&piece);
+        }
+        self.ws.flush().await.expect("flush");
+        added
     }
 
     /// Reads messages until `pred` holds; `Err` when the server closed first.
@@ -156,7 +184,10 @@ impl Client {
                     self.apply(&u);
                     self.synced = true;
                 }
-                Message::Sync(SyncMessage::Update(u)) => self.apply(&u),
+                Message::Sync(SyncMessage::Update(u)) => {
+                    self.updates += 1;
+                    self.apply(&u);
+                }
                 Message::Awareness(u) => {
                     for (id, e) in u.clients {
                         let v = (&*e.json != "null").then(|| e.json.to_string());
@@ -336,11 +367,31 @@ async fn large_updates_and_many_updates_are_kept() {
     let big = "b".repeat(100_000);
     a.insert(0, &big).await;
     stored(&s, "big", &big).await;
-    let mut b = Client::synced(&s, "many", Some(&w)).await;
-    for _ in 0..1100 {
-        b.insert(0, "m").await;
-    }
-    // 1100 durable appends one after the other: seconds on a loaded machine, so a wider bound.
+    // 1100 updates as 1100 records, past the default retention of 1000 per channel: through the API,
+    // since one client's updates sent back to back share commits (merged into fewer records).
+    let local = Doc::new();
+    let t = local.get_or_insert_text("t");
+    let updates: Vec<Vec<u8>> = (0..1100)
+        .map(|_| {
+            let before = local.transact().state_vector();
+            t.insert(&mut local.transact_mut(), 0, "m");
+            local.transact().encode_state_as_update_v1(&before)
+        })
+        .collect();
+    let http = reqwest::Client::new();
+    let statuses: Vec<u16> = futures_util::stream::iter(updates)
+        .map(|u| {
+            let req = http
+                .post(format!("{}/api/yjs/doc/update?name=many", s.url))
+                .header("x-api-key", API_KEY)
+                .body(u);
+            async move { req.send().await.map_or(0, |r| r.status().as_u16()) }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|&c| c == 200), "every update stored");
+    // 1100 durable appends: seconds on a loaded machine, so a wider bound.
     stored_within(&s, "many", &"m".repeat(1100), Duration::from_secs(60)).await;
     let stored = s
         .hub
@@ -1034,10 +1085,13 @@ async fn two_nodes_share_a_document(n1: &TestServer, n2: &TestServer) {
 async fn compaction_trims_the_updates(s: &TestServer) {
     let w = doc_token(&[], &["*"]);
     let mut a = Client::synced(s, "compact", Some(&w)).await;
+    let mut so_far = String::new();
     for word in ["one ", "two ", "three ", "four ", "five "] {
         a.insert(a.text().len() as u32, word).await;
+        // Stored before the next is sent: five records (updates sent back to back may share one).
+        so_far.push_str(word);
+        stored(s, "compact", &so_far).await;
     }
-    stored(s, "compact", "one two three four five ").await;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let stored = s
@@ -1129,4 +1183,101 @@ async fn yjs_work_is_counted_in_the_metrics() {
         .unwrap();
     assert_eq!(bad.closed().await.0, herald::yjs::CLOSE_INVALID);
     assert!(metric(&s, "herald_yjs_updates_refused_total{reason=\"corrupt\"}").await > corrupt);
+}
+
+/// One writer's burst: the connection reads on while its first update is being committed, so the rest
+/// share the next commits (stored merged, in order), and the other client gets them as a few merged
+/// updates, not one message each, and ends with every edit in the writer's order.
+#[tokio::test]
+async fn one_writers_burst_shares_commits_and_is_relayed_merged_and_in_order() {
+    let s = start(&[]).await;
+    let w = doc_token(&[], &["*"]);
+    let mut writer = Client::synced(&s, "burst", Some(&w)).await;
+    let mut reader = Client::synced(&s, "burst", Some(&w)).await;
+    const N: usize = 300;
+    let want = writer.burst(N).await;
+    reader.until(|c| c.text() == want).await.unwrap();
+    assert!(
+        reader.updates < N / 2,
+        "{} update messages for {N} updates: not merged",
+        reader.updates
+    );
+    let records = s
+        .hub
+        .engine()
+        .read_channel("$yjs:burst".into(), 0, u64::MAX, 2 * N)
+        .await
+        .unwrap();
+    assert!(
+        records.len() < N / 2,
+        "{} records for {N} updates: each had a commit of its own",
+        records.len()
+    );
+    stored(&s, "burst", &want).await;
+    // The writer got none of its own updates back.
+    assert_eq!(writer.updates, 0);
+    // A late joiner, and the writer itself, agree.
+    let late = Client::synced(&s, "burst", Some(&w)).await;
+    assert_eq!(late.text(), want);
+}
+
+/// A client that stops reading while a writer sends far more than its queue holds is caught up (its
+/// backlog replaced by one merged update), not closed: once it reads again it converges, on the same
+/// connection, and the server counted the catch-up.
+#[tokio::test]
+async fn a_reader_that_falls_behind_is_caught_up_and_converges() {
+    let s = start(&[]).await;
+    let w = doc_token(&[], &["*"]);
+    // A small receive buffer, so the backlog stays in Herald's queue rather than in the kernel's.
+    let url = format!(
+        "{}/yjs/slow?authorization={w}",
+        s.url.replace("http://", "ws://")
+    );
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let tcp = sock.connect(addr.parse().unwrap()).await.unwrap();
+    let (ws, _) =
+        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(tcp))
+            .await
+            .expect("ws");
+    let mut slow = Client {
+        ws,
+        doc: Doc::new(),
+        awareness: Default::default(),
+        awareness_log: Vec::new(),
+        denied: Vec::new(),
+        synced: false,
+        updates: 0,
+    };
+    let sv = slow.doc.transact().state_vector();
+    slow.send(Message::Sync(SyncMessage::SyncStep1(sv))).await;
+    slow.until(|c| c.synced).await.unwrap();
+    let before = metric(&s, "herald_yjs_catch_ups_total").await;
+
+    let mut writer = Client::synced(&s, "slow", Some(&w)).await;
+    let chunk = "z".repeat(8 * 1024);
+    let mut want = String::new();
+    // 6 MiB in 768 updates: several times the 1 MiB a connection's queue holds.
+    for _ in 0..768 {
+        let at = want.len() as u32;
+        writer.insert(at, &chunk).await;
+        want.push_str(&chunk);
+    }
+    stored_within(&s, "slow", &want, Duration::from_secs(60)).await;
+    let caught_up = metric(&s, "herald_yjs_catch_ups_total").await;
+    assert!(
+        caught_up > before,
+        "no catch-up counted ({before} -> {caught_up})"
+    );
+    // Reading again: the same connection converges (a close would be an Err here).
+    slow.until(|c| c.text().len() == want.len())
+        .await
+        .expect("caught up, not closed");
+    assert_eq!(slow.text(), want);
+    assert!(
+        slow.updates < 768,
+        "{} update messages: the backlog was not merged",
+        slow.updates
+    );
 }
