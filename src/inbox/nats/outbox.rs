@@ -263,6 +263,7 @@ impl NatsInbox {
                     user: user.clone(),
                     event_id: event_id(&self.epoch, ev.v, &user),
                     payload: ev.p.clone(),
+                    in_log: false,
                 });
             }
             d.sent.insert(user.clone(), (top, None));
@@ -272,7 +273,7 @@ impl NatsInbox {
         d.sent
             .retain(|_, (_, cleared)| cleared.is_none_or(|c| c > cursor));
         if !events.is_empty() && events[0].seq as u64 <= d.suspect_until {
-            events = self.drop_published(events, d.suspect_until).await?;
+            events = self.mark_published(events, d.suspect_until).await?;
         }
         d.handed = Some((cursor, users));
         if events.is_empty() {
@@ -282,20 +283,21 @@ impl NatsInbox {
         Ok(Some(events))
     }
 
-    /// Drops the events (met at or below `until`) that the log already has.
-    async fn drop_published(
+    /// Marks the events (met at or below `until`) that the log already has: not published again, but
+    /// still handed over, so what follows publication (Web Push) is not skipped for them.
+    async fn mark_published(
         &self,
         events: Vec<PendingEvent>,
         until: u64,
     ) -> Result<Vec<PendingEvent>, InboxError> {
         let mut keep = Vec::with_capacity(events.len());
         let mut gone = 0usize;
-        for e in events {
+        for mut e in events {
             if e.seq as u64 <= until {
                 match self.hub.find_id(e.event_id.clone()).await {
                     Ok(Some(_)) => {
                         gone += 1;
-                        continue;
+                        e.in_log = true;
                     }
                     Ok(None) => {}
                     Err(err) => return Err(storage(format!("cannot look an event up: {err}"))),
@@ -306,7 +308,7 @@ impl NatsInbox {
         if gone > 0 {
             tracing::info!(
                 events = gone,
-                "inbox: events already published by the previous outbox holder dropped"
+                "inbox: events already published by the previous outbox holder are not published again"
             );
         }
         Ok(keep)

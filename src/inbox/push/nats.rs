@@ -14,19 +14,35 @@
 //!   (a conditional create, so two first nodes agree on one); the others copy it to their key file, and a
 //!   file that differs stops the start.
 //!
-//! Layout: bucket `<stem>-push` (file storage): `e.<token>`, `u.<token>`, `vapid`.
+//! - **Pending pushes are one KV entry each** in a bucket of their own (`<stem>-push-due`), so the
+//!   dispatcher's scans see only the queue (bounded by `inbox.push.queue`), never the subscriptions. The
+//!   entry's key is a token of (event id, endpoint): recording a batch again creates nothing new. A claim
+//!   is a write conditional on the revision read that moves the entry's due time past the lease, so two
+//!   nodes never claim the same push while its lease runs, and a node that dies leaves it due again
+//!   when the lease ends. Due times are the nodes' wall clocks (NATS 2.9 offers none of its own to a
+//!   client): clocks kept in step by NTP are assumed; a skew delays or advances a push by that much.
+//!   Unlike SQLite and Redis, a `record` call is not one atomic step: entries are created one by one
+//!   (each is idempotent, so the publisher's retry after a failure half way completes it).
+//!
+//! Layout: bucket `<stem>-push` (file storage): `e.<token>`, `u.<token>`, `vapid`; bucket
+//! `<stem>-push-due` (file storage): `p.<token>`.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
+
+use base64::Engine as _;
+use futures_util::StreamExt;
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::vapid::{parse_pem, read_key, to_pem, write_new};
-use super::{PushError, PushStore, Subscription, Vapid};
+use super::{Due, PushError, PushJob, PushStore, Recorded, Subscription, Vapid};
 use crate::engine::nats::codec::token;
 use crate::engine::BoxFuture;
+use crate::inbox::now_ms;
 
 /// Attempts of one list write against concurrent writes of the same list.
 const ATTEMPTS: u32 = 50;
@@ -39,8 +55,24 @@ struct Line {
     created_at: i64,
 }
 
+/// One pending push (the value of `p.<token>` in the `-push-due` bucket).
+#[derive(Clone, Serialize, Deserialize)]
+struct Pending {
+    key: String,
+    endpoint: String,
+    user: String,
+    category: String,
+    /// The plaintext, base64.
+    payload: String,
+    attempts: u32,
+    /// Wall-clock milliseconds when it is due (or when its claim's lease ends).
+    due_ms: i64,
+}
+
 pub struct NatsPushStore {
     kv: kv::Store,
+    /// The pending pushes, apart from the subscriptions so scanning them costs only the queue.
+    due: kv::Store,
     bucket: String,
     op_timeout: Duration,
 }
@@ -95,8 +127,22 @@ impl NatsPushStore {
         .await
         .map_err(|_| storage(format!("bucket {bucket}: no answer in time")))?
         .map_err(|e| storage(format!("bucket {bucket}: {e}")))?;
+        let due_bucket = format!("{stem}-push-due");
+        let due = tokio::time::timeout(
+            connect_timeout.max(op_timeout),
+            crate::engine::nats::ensure_kv(
+                &js,
+                &due_bucket,
+                Duration::ZERO,
+                jetstream::stream::StorageType::File,
+            ),
+        )
+        .await
+        .map_err(|_| storage(format!("bucket {due_bucket}: no answer in time")))?
+        .map_err(|e| storage(format!("bucket {due_bucket}: {e}")))?;
         Ok(NatsPushStore {
             kv,
+            due,
             bucket,
             op_timeout,
         })
@@ -214,6 +260,54 @@ impl NatsPushStore {
         Ok(matches!(r, Ok(Ok(()))))
     }
 
+    /// Every pending push with its key and revision (the queue is bounded by `inbox.push.queue`).
+    async fn pending_entries(&self) -> Result<Vec<(String, Pending, u64)>, PushError> {
+        let keys: Vec<String> = self
+            .bounded(async {
+                let keys = self.due.keys().await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(
+                    keys.filter_map(|k| async move { k.ok() })
+                        .collect::<Vec<_>>()
+                        .await,
+                )
+            })
+            .await?;
+        let futures =
+            keys.into_iter()
+                .map(|k| async move {
+                    let e = self.bounded(self.due.entry(k.clone())).await?;
+                    Ok::<_, PushError>(e.filter(|e| e.operation == kv::Operation::Put).and_then(
+                        |e| {
+                            serde_json::from_slice::<Pending>(&e.value)
+                                .ok()
+                                .map(|p| (k, p, e.revision))
+                        },
+                    ))
+                })
+                .collect();
+        let mut out = Vec::new();
+        for r in crate::inbox::nats::all(futures, 32).await {
+            if let Some(e) = r? {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `p` at `key` if the entry is still at `revision`; false when another write came first.
+    async fn swap(&self, key: &str, p: &Pending, revision: u64) -> Result<bool, PushError> {
+        let value = Bytes::from(serde_json::to_vec(p).map_err(storage)?);
+        match tokio::time::timeout(self.op_timeout, self.due.update(key, value, revision)).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Ok(Err(e)) => Err(storage(e)),
+            Err(_) => Err(storage(format!(
+                "no answer within {:?} (engine.op_timeout)",
+                self.op_timeout
+            ))),
+        }
+    }
+
     async fn stored_vapid(&self) -> Result<Option<String>, PushError> {
         let v = self.bounded(self.kv.get("vapid")).await?;
         Ok(v.and_then(|b| String::from_utf8(b.to_vec()).ok()))
@@ -309,6 +403,177 @@ impl PushStore for NatsPushStore {
                 .collect())
         })
     }
+
+    fn subscribed(&self, users: Vec<String>) -> BoxFuture<'_, Result<HashSet<String>, PushError>> {
+        Box::pin(async move {
+            let futures = users
+                .into_iter()
+                .map(|u| async move {
+                    let (lines, _) = self.lines(&u).await?;
+                    // A stale line (its endpoint moved away) only costs a look at the owners later.
+                    Ok::<_, PushError>((!lines.is_empty()).then_some(u))
+                })
+                .collect();
+            let mut out = HashSet::new();
+            for r in crate::inbox::nats::all(futures, 32).await {
+                if let Some(u) = r? {
+                    out.insert(u);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn record(&self, jobs: Vec<PushJob>, max: usize) -> BoxFuture<'_, Result<Recorded, PushError>> {
+        Box::pin(async move {
+            let mut pending = self.pending_entries().await?.len();
+            let mut out = Recorded::default();
+            let now = now_ms();
+            let b64 = base64::engine::general_purpose::STANDARD;
+            for job in &jobs {
+                let (lines, _) = self.lines(&job.user).await?;
+                for l in self.owned(&job.user, lines).await? {
+                    if pending >= max {
+                        out.dropped += 1;
+                        continue;
+                    }
+                    let p = Pending {
+                        key: job.key.clone(),
+                        endpoint: l.endpoint.clone(),
+                        user: job.user.clone(),
+                        category: job.category.clone(),
+                        payload: b64.encode(&job.payload),
+                        attempts: 0,
+                        due_ms: now,
+                    };
+                    let value = Bytes::from(serde_json::to_vec(&p).map_err(storage)?);
+                    let key = pending_key(&job.key, &l.endpoint);
+                    match tokio::time::timeout(self.op_timeout, self.due.create(&key, value)).await
+                    {
+                        Ok(Ok(_)) => {
+                            out.recorded += 1;
+                            pending += 1;
+                        }
+                        // Recorded before and still pending: not again.
+                        Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                        Ok(Err(e)) => return Err(storage(e)),
+                        Err(_) => {
+                            return Err(storage(format!(
+                                "no answer within {:?} (engine.op_timeout)",
+                                self.op_timeout
+                            )))
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn claim(&self, limit: usize, lease: Duration) -> BoxFuture<'_, Result<Vec<Due>, PushError>> {
+        Box::pin(async move {
+            let now = now_ms();
+            let mut due: Vec<_> = self
+                .pending_entries()
+                .await?
+                .into_iter()
+                .filter(|(_, p, _)| p.due_ms <= now)
+                .collect();
+            due.sort_by_key(|(_, p, rev)| (p.due_ms, *rev));
+            let until = now + lease.as_millis() as i64;
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let mut out = Vec::new();
+            for (key, mut p, rev) in due {
+                if out.len() >= limit {
+                    break;
+                }
+                let claimed_at = p.due_ms;
+                p.due_ms = until;
+                // Another node's claim (or a finish) came first: it is theirs.
+                if !self.swap(&key, &p, rev).await? {
+                    continue;
+                }
+                let Ok(payload) = b64.decode(&p.payload) else {
+                    tracing::warn!(
+                        key,
+                        due = claimed_at,
+                        "inbox push: an unreadable pending push is dropped"
+                    );
+                    let _ = self.bounded(self.due.purge(&key)).await;
+                    continue;
+                };
+                out.push(Due {
+                    id: key,
+                    key: p.key,
+                    endpoint: p.endpoint,
+                    user: p.user,
+                    category: p.category,
+                    payload,
+                    attempts: p.attempts,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn finish(&self, id: String) -> BoxFuture<'_, Result<(), PushError>> {
+        Box::pin(async move { self.bounded(self.due.purge(&id)).await })
+    }
+
+    fn retry(
+        &self,
+        id: String,
+        after: Duration,
+        attempts: u32,
+    ) -> BoxFuture<'_, Result<(), PushError>> {
+        Box::pin(async move {
+            for _ in 0..ATTEMPTS {
+                let Some(e) = self.bounded(self.due.entry(id.clone())).await? else {
+                    return Ok(());
+                };
+                if e.operation != kv::Operation::Put {
+                    return Ok(()); // finished meanwhile
+                }
+                let mut p: Pending = serde_json::from_slice(&e.value).map_err(storage)?;
+                p.attempts = attempts;
+                p.due_ms = now_ms() + after.as_millis() as i64;
+                if self.swap(&id, &p, e.revision).await? {
+                    return Ok(());
+                }
+            }
+            Err(storage(format!("the pending push {id} kept changing")))
+        })
+    }
+
+    fn next_due(&self) -> BoxFuture<'_, Result<Option<Duration>, PushError>> {
+        Box::pin(async move {
+            let now = now_ms();
+            Ok(self
+                .pending_entries()
+                .await?
+                .iter()
+                .map(|(_, p, _)| p.due_ms)
+                .min()
+                .map(|at| Duration::from_millis((at - now).max(0) as u64)))
+        })
+    }
+
+    fn pending(&self) -> BoxFuture<'_, Result<u64, PushError>> {
+        Box::pin(async move {
+            let keys = self
+                .bounded(async {
+                    let keys = self.due.keys().await.map_err(|e| e.to_string())?;
+                    Ok::<_, String>(keys.filter(|k| std::future::ready(k.is_ok())).count().await)
+                })
+                .await?;
+            Ok(keys as u64)
+        })
+    }
+}
+
+/// The key of the pending push of event `key` to `endpoint`.
+fn pending_key(key: &str, endpoint: &str) -> String {
+    format!("p.{}", token(&format!("{key}\n{endpoint}")))
 }
 
 /// The VAPID key every node of the cluster signs with, kept in NATS and copied to `path` (see the module
@@ -369,7 +634,10 @@ mod tests {
 
     impl Drop for Stem {
         fn drop(&mut self) {
-            let name = format!("KV_{}-push", self.0);
+            let names = [
+                format!("KV_{}-push", self.0),
+                format!("KV_{}-push-due", self.0),
+            ];
             let _ = std::thread::spawn(move || {
                 let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -379,7 +647,10 @@ mod tests {
                 };
                 rt.block_on(async move {
                     if let Ok(c) = async_nats::connect(url()).await {
-                        let _ = jetstream::new(c).delete_stream(&name).await;
+                        let js = jetstream::new(c);
+                        for name in &names {
+                            let _ = js.delete_stream(name).await;
+                        }
                     }
                 });
             })
@@ -471,5 +742,93 @@ mod tests {
         let key = p256::SecretKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
         write_new(&c, &key).unwrap();
         assert!(matches!(shared_vapid(&s, &c).await, Err(PushError::Key(_))));
+    }
+
+    fn job(key: &str, user: &str) -> PushJob {
+        PushJob {
+            key: key.into(),
+            user: user.into(),
+            category: "news".into(),
+            payload: format!("{{\"k\":\"{key}\"}}\n").into_bytes(),
+        }
+    }
+
+    /// Pending pushes shared by two nodes: recorded once, bounded, and each claimed by exactly one of
+    /// them, concurrently; a retry comes back when due, a finished push never.
+    #[tokio::test]
+    async fn pending_pushes_are_claimed_by_one_node_each() {
+        let stem = Stem(format!(
+            "unitdue{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        ));
+        let (a, b) = (store(&stem).await, store(&stem).await);
+        for i in 0..3 {
+            a.add("alice".into(), sub(&format!("https://p/a{i}"), i), 5)
+                .await
+                .unwrap();
+        }
+        b.add("bob".into(), sub("https://p/b", 9), 5).await.unwrap();
+        let who = a
+            .subscribed(vec!["alice".into(), "carol".into(), "bob".into()])
+            .await
+            .unwrap();
+        assert_eq!(who, HashSet::from(["alice".to_string(), "bob".to_string()]));
+
+        let jobs: Vec<PushJob> = (0..10).map(|i| job(&format!("e{i}"), "alice")).collect();
+        let r = a.record(jobs.clone(), 25).await.unwrap();
+        assert_eq!(
+            r,
+            Recorded {
+                recorded: 25,
+                dropped: 5
+            }
+        );
+        let r = b.record(jobs, 100).await.unwrap();
+        assert_eq!(r.recorded, 5, "only what was not recorded before");
+        assert_eq!(a.pending().await.unwrap(), 30);
+        assert_eq!(a.next_due().await.unwrap(), Some(Duration::ZERO));
+
+        let lease = Duration::from_secs(60);
+        let (ca, cb) = tokio::join!(a.claim(20, lease), b.claim(20, lease));
+        let (ca, cb) = (ca.unwrap(), cb.unwrap());
+        assert_eq!(ca.len() + cb.len(), 30);
+        let ids: HashSet<&str> = ca.iter().chain(&cb).map(|d| d.id.as_str()).collect();
+        assert_eq!(ids.len(), 30, "no push claimed twice");
+        assert!(a.claim(20, lease).await.unwrap().is_empty());
+        assert!(
+            a.next_due().await.unwrap() > Some(Duration::from_secs(50)),
+            "leased"
+        );
+        let d = &ca[0];
+        assert_eq!(d.user, "alice");
+        assert_eq!(d.category, "news");
+        assert_eq!(d.payload, format!("{{\"k\":\"{}\"}}\n", d.key).into_bytes());
+        assert!(d.endpoint.starts_with("https://p/a"));
+
+        for d in ca.iter().chain(&cb).skip(1) {
+            a.finish(d.id.clone()).await.unwrap();
+        }
+        b.retry(ca[0].id.clone(), Duration::ZERO, 2).await.unwrap();
+        let back = a.claim(20, lease).await.unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(
+            (back[0].id.as_str(), back[0].attempts),
+            (ca[0].id.as_str(), 2)
+        );
+        b.finish(back[0].id.clone()).await.unwrap();
+        b.retry(back[0].id.clone(), Duration::ZERO, 3)
+            .await
+            .unwrap();
+        assert_eq!(
+            a.pending().await.unwrap(),
+            0,
+            "a finished push is not retried"
+        );
+        assert_eq!(a.next_due().await.unwrap(), None);
+        // Finished, the same event to the same endpoint may be recorded again (a later batch's retry).
+        assert_eq!(
+            a.record(vec![job("e0", "bob")], 10).await.unwrap().recorded,
+            1
+        );
     }
 }
