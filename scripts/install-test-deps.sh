@@ -70,3 +70,27 @@ if ! command -v redis-server >/dev/null; then
   echo "== installing redis-server"
   apt_install redis-server
 fi
+
+# The inbox and push tests on the cluster engines (tests/it/inbox*.rs, push_redis.rs, the stores' unit tests)
+# use the machine's Redis at 127.0.0.1:6379 and NATS with JetStream at 127.0.0.1:4222, each test under keys,
+# buckets and streams of its own (HERALD_TEST_REDIS / HERALD_TEST_NATS point elsewhere). A machine that runs
+# neither gets one started here, in the background, keeping its data under target/test-services.
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+services="$PWD/target/test-services"
+if [ -z "${HERALD_TEST_REDIS:-}" ] && ! listening 6379; then
+  echo "== starting redis-server on 127.0.0.1:6379"
+  mkdir -p "$services/redis"
+  redis-server --bind 127.0.0.1 --port 6379 --dir "$services/redis" --daemonize yes \
+    --logfile "$services/redis.log" >/dev/null
+fi
+if [ -z "${HERALD_TEST_NATS:-}" ] && ! listening 4222; then
+  echo "== starting nats-server (JetStream) on 127.0.0.1:4222"
+  mkdir -p "$services/nats"
+  nats_bin=$(command -v nats-server || echo /usr/sbin/nats-server)
+  nohup "$nats_bin" -js -a 127.0.0.1 -p 4222 -sd "$services/nats" >"$services/nats.log" 2>&1 &
+fi
+for port in ${HERALD_TEST_REDIS:+} ${HERALD_TEST_REDIS:-6379} ${HERALD_TEST_NATS:-4222}; do
+  case "$port" in *[!0-9]*) continue ;; esac # pointed elsewhere: that server is the caller's business
+  for _ in $(seq 1 100); do listening "$port" && break; sleep 0.1; done
+  listening "$port" || { echo "nothing listens on 127.0.0.1:$port (see $services)" >&2; exit 1; }
+done
