@@ -131,6 +131,10 @@ test('a member whose connection drops gets what was said meanwhile, once', async
     method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ user: 'kim', code: 3010, reason: 'test drop' }),
   });
   assert.equal(res.status, 200, await res.text());
+  // The disconnect is carried out by kim's connection task, after the answer: publish only once the old
+  // connection is gone, or the messages could still reach it live instead of through the recovery.
+  for (let i = 0; i < 200 && (await kimsClient()) === before; i++) await new Promise((r) => setTimeout(r, 25));
+  assert.notEqual(await kimsClient(), before, 'the old connection is closed');
   await api(herald.url, API_KEY, 'publish', { channel: 'room:drops', data: { text: 'during the drop 1' } });
   await api(herald.url, API_KEY, 'publish', { channel: 'room:drops', data: { text: 'during the drop 2' } });
   await kim.locator('#messages li', { hasText: 'during the drop 2' }).waitFor({ timeout: 15000 });
