@@ -257,6 +257,11 @@ pub struct YjsConfig {
     /// age limit.
     #[serde(with = "humantime_serde")]
     pub snapshot_max_age: Duration,
+    /// Under sustained edits, a document relays what it received at most once per this interval, as one
+    /// merged update per client (the first edit after a quiet interval goes at once); zero: every batch the
+    /// engine delivers is relayed as it comes.
+    #[serde(with = "humantime_serde")]
+    pub relay_interval: Duration,
 }
 
 impl Default for YjsConfig {
@@ -273,6 +278,7 @@ impl Default for YjsConfig {
             snapshot_interval: Duration::from_secs(10 * 60),
             snapshot_keep: 50,
             snapshot_max_age: Duration::from_secs(30 * 24 * 3600),
+            relay_interval: Duration::from_millis(10),
         }
     }
 }
@@ -824,6 +830,12 @@ impl Config {
         if self.yjs.snapshot_keep == 0 {
             return Err(ConfigError::Invalid(
                 "yjs.snapshot_keep must be at least 1 (set yjs.snapshot_interval = \"0s\" to take none automatically)".into(),
+            ));
+        }
+        if self.yjs.relay_interval > Duration::from_secs(1) {
+            return Err(ConfigError::Invalid(
+                "yjs.relay_interval must be at most 1s (it delays what clients see under sustained edits)"
+                    .into(),
             ));
         }
         if self.yjs.max_document_size < self.yjs.max_update_size {

@@ -4,6 +4,7 @@
 // @hocuspocus/provider for Hocuspocus. See README.md for what each figure means.
 //
 //   node bench.mjs [--servers herald,y-websocket-server,hocuspocus] [--rounds 3] [--workers 2]
+//                  (also: herald-unpaced, Herald with yjs.relay_interval = "0s", for an A/B in one run)
 //                  [--edits 100000] [--edits-per-update 1000]
 //                  [--fanout 100:1:0,500:1:0,100:10:0,100:1:50]   clients:writers:rate (rate per writer, 0 = max)
 //                  [--fanout-updates 1000] [--docs 1000] [--doc-clients 2] [--doc-updates 5]
@@ -87,7 +88,7 @@ async function startServer(name, dir) {
   const logFile = path.join(opt.out, `${name}.log`);
   const stdio = ['ignore', 'ignore', 'pipe'];
   let child, url, kind;
-  if (name === 'herald') {
+  if (name === 'herald' || name === 'herald-unpaced') {
     // Defaults but for the limits this benchmark needs: SQLite log, log.durable = true (synchronous=FULL).
     const cfg = path.join(dir, 'herald.toml');
     writeFileSync(cfg, [
@@ -95,7 +96,9 @@ async function startServer(name, dir) {
       '[log]', `durable = ${opt.heraldDurable}`,
       '[limits]', 'max_connections = 100000',
       '[yjs]', 'anonymous = "write"', `max_documents = ${opt.docs + opt.memDocs + 100}`,
-      'max_update_size = 16777216', 'max_document_size = 1073741824', '',
+      'max_update_size = 16777216', 'max_document_size = 1073741824',
+      // herald-unpaced: Herald relaying every batch as it comes (the relay pacing off), for an A/B in one run.
+      ...(name === 'herald-unpaced' ? ['relay_interval = "0s"'] : []), '',
     ].join('\n'));
     child = spawn(opt.herald, ['serve', '--config', cfg], { stdio, env: { HERALD_LOG_LEVEL: 'warn', ...process.env } });
     url = `ws://127.0.0.1:${port}/yjs`;

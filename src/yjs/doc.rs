@@ -584,12 +584,29 @@ impl Docs {
         }
         let docs = self.clone();
         let task_doc = doc.clone();
+        let interval = self.cfg.relay_interval;
         tokio::spawn(async move {
+            // When the last relay was, unless it was cut short by `RELAY_BATCH` (then more waits already).
+            let mut last_relay: Option<Instant> = None;
             loop {
                 tokio::select! {
                     _ = task_doc.stop.cancelled() => return,
                     d = rx.recv() => match d {
                         Some(first) => {
+                            // Under sustained edits, what arrives within `relay_interval` of the last
+                            // relay waits for the interval's end and goes with it: a client then gets at
+                            // most one update per interval, however many were stored. Applying a message
+                            // costs a client about the same whatever it holds, and it is the clients
+                            // (browsers, phones) that fall behind first. The first edit after a quiet
+                            // interval goes at once, so typing alone is not delayed.
+                            if let Some(due) = last_relay.map(|t| t + interval) {
+                                if due > Instant::now() {
+                                    tokio::select! {
+                                        _ = task_doc.stop.cancelled() => return,
+                                        _ = tokio::time::sleep_until(due) => {}
+                                    }
+                                }
+                            }
                             // What else already arrived is applied with it, and relayed as one update.
                             let mut batch = Vec::new();
                             let mut next = Some(first);
@@ -600,6 +617,7 @@ impl Docs {
                                 next = if batch.len() < RELAY_BATCH { rx.try_recv() } else { None };
                             }
                             task_doc.deliver(&docs, &batch);
+                            last_relay = (batch.len() < RELAY_BATCH).then(Instant::now);
                         }
                         None => break,
                     },

@@ -1281,3 +1281,49 @@ async fn a_reader_that_falls_behind_is_caught_up_and_converges() {
         slow.updates
     );
 }
+
+/// Under sustained edits a document relays at most once per `yjs.relay_interval`: updates committed one
+/// after the other (each a publication of its own) reach a reader as one merged update, not one each,
+/// while the first edit after a quiet interval is relayed on its own.
+#[tokio::test]
+async fn sustained_edits_are_relayed_once_per_interval() {
+    let s = start(&[("yjs.relay_interval", "1s")]).await;
+    let w = doc_token(&[], &["*"]);
+    let mut writer = Client::synced(&s, "paced", Some(&w)).await;
+    let mut reader = Client::synced(&s, "paced", Some(&w)).await;
+    let records = |n: usize| {
+        let hub = s.hub.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                let got = hub
+                    .engine()
+                    .read_channel("$yjs:paced".into(), 0, u64::MAX, 100)
+                    .await
+                    .unwrap()
+                    .len();
+                if got >= n {
+                    return got;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{got} of {n} stored");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    writer.insert(0, "a").await;
+    reader.until(|c| c.text() == "a").await.unwrap();
+    assert_eq!(reader.updates, 1);
+    // Five more, each committed before the next is sent: five publications within the interval.
+    let mut want = String::from("a");
+    for (i, piece) in ["b", "c", "d", "e", "f"].iter().enumerate() {
+        writer.insert(want.len() as u32, piece).await;
+        want.push_str(piece);
+        assert_eq!(records(i + 2).await, i + 2, "one record per update");
+    }
+    reader.until(|c| c.text() == want).await.unwrap();
+    assert!(
+        reader.updates <= 3,
+        "{} update messages for 6 separately committed updates within one interval",
+        reader.updates
+    );
+}
