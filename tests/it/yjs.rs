@@ -1305,7 +1305,10 @@ async fn sustained_edits_are_relayed_once_per_interval() {
                 if got >= n {
                     return got;
                 }
-                assert!(tokio::time::Instant::now() < deadline, "{got} of {n} stored");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{got} of {n} stored"
+                );
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
