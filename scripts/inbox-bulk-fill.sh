@@ -41,19 +41,31 @@ BASE=20               # item levels generated first, then copied forward BASE le
 [ "$ITEMS" -ge $((NEW + BASE)) ] || { NEW=$ITEMS; BASE=0; }
 NOW=$(date +%s)000
 free_gb() { df -P --block-size=1G "$DIR" | awk 'NR == 2 { print $4 }'; }
-chunk() { # mode from to items
-  sqlite3 "$DB" -cmd ".parameter set @users $USERS" -cmd ".parameter set @items $4" \
-    -cmd ".parameter set @from $2" -cmd ".parameter set @to $3" -cmd ".parameter set @now $NOW" \
-    -cmd ".parameter set @mode '$1'" <scripts/inbox-bulk-fill.sql >/dev/null
-  echo "fill: $1 levels $2..$3 done after $(( $(date +%s) - ${t0%.*} )) s, $(free_gb) GB free ($(uptime | sed 's/.*load average/load average/'))" >&2
+# The template: the first BASE levels, generated once into a file of their own and copied forward from
+# there (see the .sql); deleted at the end.
+TPL=$DIR/fill-template.sqlite3
+chunk() { # database mode from to items
+  local attach="ATTACH '$TPL' AS tpl"
+  # Generating the template itself: an empty stand-in (a file attached to itself would be locked by itself).
+  [ "$1" != "$TPL" ] || attach="ATTACH ':memory:' AS tpl; CREATE TABLE tpl.items AS SELECT * FROM main.items WHERE 0"
+  sqlite3 "$1" -cmd "$attach" -cmd ".parameter set @users $USERS" -cmd ".parameter set @items $5" \
+    -cmd ".parameter set @from $3" -cmd ".parameter set @to $4" -cmd ".parameter set @now $NOW" \
+    -cmd ".parameter set @mode '$2'" <scripts/inbox-bulk-fill.sql >/dev/null
+  echo "fill: $2 levels $3..$4 into $(basename "$1") done after $(( $(date +%s) - ${t0%.*} )) s, $(free_gb) GB free ($(uptime | sed 's/.*load average/load average/'))" >&2
 }
 
 t0=$(date +%s.%N)
 sqlite3 "$DB" "PRAGMA journal_mode = DELETE" >/dev/null   # off WAL: the load needs no WAL
 # In chunks of item levels (USERS rows each, one statement per chunk): a stop for lack of disk or time
 # leaves a consistent file of every inbox with the same number of items.
+rm -f "$TPL"
+sqlite3 "$TPL" "$(sqlite3 "$DB" "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'items'")"
 DONE=0
-[ "$BASE" = 0 ] || { chunk generate 0 "$BASE" "$ITEMS"; DONE=$BASE; }
+if [ "$BASE" != 0 ]; then
+  chunk "$TPL" generate 0 "$BASE" "$ITEMS"
+  chunk "$DB" copy 0 "$BASE" "$ITEMS"
+  DONE=$BASE
+fi
 while [ "$DONE" -lt $((ITEMS - NEW)) ]; do
   if [ "$(free_gb)" -lt "$MIN_FREE_GB" ]; then
     echo "fill: stopping at $DONE levels: $(free_gb) GB free, under $MIN_FREE_GB" >&2; break
@@ -62,11 +74,11 @@ while [ "$DONE" -lt $((ITEMS - NEW)) ]; do
     echo "fill: stopping at $DONE levels: FILL_SECS=$FILL_SECS reached" >&2; break
   fi
   TO=$((DONE + BASE > ITEMS - NEW ? ITEMS - NEW : DONE + BASE))
-  chunk copy "$DONE" "$TO" "$ITEMS"
+  chunk "$DB" copy "$DONE" "$TO" "$ITEMS"
   DONE=$TO
 done
 if [ "$NEW" -gt 0 ]; then
-  chunk generate "$DONE" $((DONE + NEW)) $((DONE + NEW))
+  chunk "$DB" generate "$DONE" $((DONE + NEW)) $((DONE + NEW))
   DONE=$((DONE + NEW))
 fi
 # One row per inbox (version as if every item had made one event), and the id sequence past the rows.
@@ -77,6 +89,7 @@ sqlite3 "$DB" -cmd ".parameter set @users $USERS" -cmd ".parameter set @items $D
   DELETE FROM sqlite_sequence WHERE name = 'items';
   INSERT INTO sqlite_sequence (name, seq) SELECT 'items', max(id) FROM items;"
 sqlite3 "$DB" "PRAGMA journal_mode = WAL" >/dev/null
+rm -f "$TPL"
 t1=$(date +%s.%N)
 ROWS=$(sqlite3 "$DB" 'SELECT max(id) FROM items')
 echo "{\"users\": $USERS, \"items_planned\": $ITEMS, \"items\": $DONE, \"fill_secs\": $FILL_SECS, \"rows\": $ROWS, \"insert_secs\": $(echo "$t1 - $t0" | bc), \"db_bytes\": $(stat -c %s "$DB")}"

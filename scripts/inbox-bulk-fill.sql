@@ -14,10 +14,11 @@
 --
 -- Parameters: @users, @items (items per inbox: the newest have the states of new items), @from, @to (the
 -- item levels this chunk writes), @now (ms), @mode: 'generate' computes every column, 'copy' copies the
--- rows of levels 0 .. @to-@from-1 (generated first) to levels @from .. @to-1 with their ids and times
--- moved on. Copying computes no strings (~2 us of CPU a row into another table against ~7 us generated; into
--- the same table SQLite first materializes the rows it reads, not timed to the end yet), and the old items
--- it makes have the sizes and the mix of states of generated old items; the newest are generated.
+-- rows of levels 0 .. @to-@from-1 of the template (the table `items` of a file attached as `tpl`, filled
+-- by 'generate' run on that file) to levels @from .. @to-1 with their ids and times moved on. Copying
+-- computes no strings (~2 us of CPU a row against ~7 us generated), and the old items it makes have the
+-- sizes and the mix of states of generated old items; the newest are generated. The template is a file of
+-- its own because a copy within one table makes SQLite materialize every row it reads first.
 .bail on
 PRAGMA journal_mode = OFF;
 PRAGMA synchronous = OFF;
@@ -89,4 +90,4 @@ SELECT id + @from * @users, user, category, title, body, avatar, action_url, act
        min(seen_ms + (@from * 5184000000) / @items, @now),
        min(archived_ms + (@from * 5184000000) / @items, @now),
        snoozed_until, action, CASE WHEN idem_key IS NOT NULL THEN printf('evt-%012d', id + @from * @users) END
-FROM items WHERE @mode = 'copy' AND id <= (@to - @from) * @users;
+FROM tpl.items WHERE @mode = 'copy' AND id <= (@to - @from) * @users;

@@ -96,6 +96,13 @@ pub struct InboxConfig {
     /// Changes one user may make per second through the browser API (a burst of twice as many is let
     /// through); over it, 429 with Retry-After.
     pub user_rate: u32,
+    /// The start-up check of the counts (SQLite, in the background while Herald serves): most inboxes
+    /// recounted in one read transaction.
+    pub check_batch: usize,
+    /// A pause before each batch of the start-up check (none by default): spreads the check out, leaving
+    /// the disk and the cores to requests.
+    #[serde(with = "humantime_serde")]
+    pub check_pause: Duration,
     /// Web Push to users with no open connection (`[inbox.push]`).
     pub push: PushConfig,
 }
@@ -204,6 +211,8 @@ impl Default for InboxConfig {
             max_ids: 500,
             max_users: 1000,
             user_rate: 20,
+            check_batch: 1000,
+            check_pause: Duration::ZERO,
             push: PushConfig::default(),
         }
     }

@@ -1271,10 +1271,20 @@ fn summary_metrics(test: &str) -> &'static [(&'static str, &'static str)] {
             ("inbox file, bytes", "/db_bytes"),
         ],
         "start" => &[
-            ("start to first answer (recount), s", "/start_secs"),
-            ("counts rows repaired", "/repaired"),
+            ("start to first answer, s", "/start_secs"),
+            (
+                "start-up check still running then (1 = yes)",
+                "/check_running",
+            ),
             ("server RSS, KiB", "/rss_kib"),
             ("inbox file in page cache, bytes", "/inbox_bytes_cached"),
+        ],
+        "check" => &[
+            ("start-up check finished (1 = yes)", "/finished"),
+            ("start-up check, s", "/check_secs"),
+            ("inboxes checked", "/users"),
+            ("counts rows repaired", "/repaired"),
+            ("server RSS after it, KiB", "/rss_kib"),
         ],
         "rss" => &[("server RSS, KiB", "/rss_kib")],
         _ => &[],
@@ -1320,7 +1330,14 @@ pub fn summary(jsonl: &str) -> anyhow::Result<String> {
         let rs = &runs[label];
         let mut first = true;
         for (name, ptr) in summary_metrics(test) {
-            let vals: Vec<f64> = rs.iter().filter_map(|r| r.pointer(ptr)?.as_f64()).collect();
+            // A yes/no figure (the start-up check's) counts as 1/0.
+            let vals: Vec<f64> = rs
+                .iter()
+                .filter_map(|r| {
+                    let v = r.pointer(ptr)?;
+                    v.as_f64().or_else(|| v.as_bool().map(f64::from))
+                })
+                .collect();
             if vals.is_empty() {
                 continue;
             }

@@ -4,7 +4,8 @@
 //! - **Counts are rows, changed in the same commit as the items.** Badges that drift come from counts
 //!   cached apart from the data; here every change computes what the item contributed before and after and
 //!   applies the difference to the per-category counts inside the transaction that changes the item. A
-//!   start-up recount compares them with the items and repairs (and reports) any difference.
+//!   start-up check (in the background on SQLite) compares them with the items and repairs (and
+//!   reports) any difference.
 //! - **Events are written in the same commit too** (an outbox table), then published on the user's own
 //!   channel (`<namespace>:#<user>`) through [`Hub::publish`], with an id of their own. A crash between the
 //!   commit and the publish leaves the event in the outbox, and the next start publishes it (unless the log
@@ -538,6 +539,25 @@ pub struct Stats {
     pub pending_events: i64,
     /// Differences between the stored counts and a recount of the items (0 unless something is wrong).
     pub count_mismatches: i64,
+    /// The check of every inbox's counts that this node ran when it opened the store.
+    pub startup_check: StartupCheck,
+}
+
+/// The start-up check: every inbox recounted from its items, and counts that differ rewritten. On SQLite
+/// it runs in the background while Herald serves (so `finished` may be false for a while on a large
+/// file); on Redis and NATS it ends before the node serves.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StartupCheck {
+    /// Every inbox has been checked (none left that the check has not reached).
+    pub finished: bool,
+    /// Inboxes checked so far.
+    pub users_checked: i64,
+    /// (user, category) counts found different from the items and rewritten.
+    pub repaired: i64,
+    /// How long the whole check took, once finished.
+    pub duration_ms: Option<u64>,
+    /// Why the check stopped before the end (the inboxes it had not reached are unchecked).
+    pub error: Option<String>,
 }
 
 /// Where inboxes are kept. Every change commits its items, counts and event together.

@@ -17,8 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     invalid, Archived, Changed, Counts, Delivered, InboxError, InboxStore, Item, ListQuery,
-    NewItem, NotifyResult, Page, Patch, PendingEvent, Preferences, Stats, Status, Tally, Target,
-    MAX_EVENT_ITEMS, MAX_PAGE,
+    NewItem, NotifyResult, Page, Patch, PendingEvent, Preferences, StartupCheck, Stats, Status,
+    Tally, Target, MAX_EVENT_ITEMS, MAX_PAGE,
 };
 use crate::engine::BoxFuture;
 
@@ -91,6 +91,28 @@ pub struct SqliteInbox {
     jobs: mpsc::Sender<Job>,
     readers: std::sync::Arc<Mutex<Vec<Connection>>>,
     path: PathBuf,
+    /// The background start-up check's progress, for `stats`.
+    check: std::sync::Arc<Mutex<StartupCheck>>,
+}
+
+/// How the start-up check goes through the inboxes (see [`SqliteInbox::open_with`]).
+#[derive(Debug, Clone, Copy)]
+pub struct CheckOptions {
+    /// Most inboxes recounted in one read transaction (which also ends after 100 ms, so that it never
+    /// keeps the WAL from being checkpointed for long).
+    pub batch: usize,
+    /// A pause before each batch (none by default): leaves the disk and the cores to requests on a
+    /// machine that needs them more than it needs the check done soon.
+    pub pause: Duration,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            batch: 1000,
+            pause: Duration::ZERO,
+        }
+    }
 }
 
 /// Limits the store applies itself, in the same transaction as the change.
@@ -108,12 +130,24 @@ struct Ctx {
 }
 
 impl SqliteInbox {
-    /// Opens (creating if needed) the inbox at `path`, recounts every inbox (logging any repair), and
-    /// starts the writer thread. `durable`: `synchronous=FULL`, as the log's `log.durable`.
+    /// [`SqliteInbox::open_with`] the default [`CheckOptions`].
     pub fn open(
         path: impl AsRef<Path>,
         durable: bool,
         limits: StoreLimits,
+    ) -> Result<SqliteInbox, InboxError> {
+        Self::open_with(path, durable, limits, CheckOptions::default())
+    }
+
+    /// Opens (creating if needed) the inbox at `path`, starts the writer thread, and starts the check of
+    /// every inbox's counts against its items in the background (`check`; see [`background_check`]): the
+    /// store serves at once, whatever the size of the file. `durable`: `synchronous=FULL`, as the log's
+    /// `log.durable`.
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        durable: bool,
+        limits: StoreLimits,
+        check: CheckOptions,
     ) -> Result<SqliteInbox, InboxError> {
         let path = path.as_ref().to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -144,34 +178,29 @@ impl SqliteInbox {
                 e
             }
         };
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        let repaired = recount(&conn, true);
-        conn.execute_batch(if repaired.is_ok() {
-            "COMMIT"
-        } else {
-            "ROLLBACK"
-        })?;
-        let repaired = repaired?;
-        if repaired > 0 {
-            tracing::warn!(
-                repaired,
-                path = %path.display(),
-                "inbox: counts differed from the items and were repaired"
-            );
-        } else {
-            tracing::info!(path = %path.display(), "inbox: counts checked against the items");
-        }
         let (jobs, rx) = mpsc::channel(QUEUE);
         let ctx = Ctx { epoch, limits };
         std::thread::Builder::new()
             .name("herald-inbox".into())
             .spawn(move || run_writer(conn, ctx, rx))
             .map_err(|e| InboxError::Storage(format!("cannot start the inbox writer: {e}")))?;
-        Ok(SqliteInbox {
+        let store = SqliteInbox {
             jobs,
             readers: Default::default(),
             path,
-        })
+            check: Default::default(),
+        };
+        let on = CheckOn {
+            jobs: store.jobs.downgrade(),
+            readers: store.readers.clone(),
+            path: store.path.clone(),
+        };
+        let progress = store.check.clone();
+        std::thread::Builder::new()
+            .name("herald-inbox-check".into())
+            .spawn(move || background_check(on, check, progress))
+            .map_err(|e| InboxError::Storage(format!("cannot start the inbox check: {e}")))?;
+        Ok(store)
     }
 
     /// Runs `f` in its own savepoint in the writer's next transaction; answers after the commit.
@@ -179,52 +208,68 @@ impl SqliteInbox {
         &self,
         f: impl FnOnce(&Ctx, &Connection) -> Result<T, InboxError> + Send + 'static,
     ) -> Result<T, InboxError> {
-        let (tx, rx) = oneshot::channel::<Result<T, InboxError>>();
-        let job: Job = Box::new(move |ctx: &Ctx, conn: &Connection| -> Reply {
-            let r = in_savepoint(conn, || f(ctx, conn));
-            Box::new(move |committed: Result<(), InboxError>| {
-                let _ = tx.send(committed.and(r));
-            })
-        });
-        self.jobs.send(job).await.map_err(|_| InboxError::Closed)?;
-        rx.await.map_err(|_| {
-            InboxError::Storage("the inbox writer could not start a transaction".into())
-        })?
+        write_on(&self.jobs, f).await
     }
 
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, InboxError> + Send + 'static,
     ) -> Result<T, InboxError> {
-        let readers = self.readers.clone();
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = match readers.lock().pop() {
-                Some(c) => c,
-                None => {
-                    let c = Connection::open_with_flags(
-                        &path,
-                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                    )?;
-                    c.busy_timeout(Duration::from_secs(5))?;
-                    c
-                }
-            };
-            // One read transaction: a page, its counts and its version are one snapshot.
-            conn.execute_batch("BEGIN")?;
-            let out = f(&conn);
-            let ended = conn.execute_batch("COMMIT");
-            if ended.is_ok() {
-                let mut pool = readers.lock();
-                if pool.len() < 8 {
-                    pool.push(conn);
-                }
-            }
-            out
-        })
-        .await
-        .map_err(|e| InboxError::Storage(format!("inbox read failed: {e}")))?
+        read_on(&self.readers, &self.path, f).await
     }
+}
+
+/// [`SqliteInbox::write`] for whoever holds the writer's queue (the store, its check).
+async fn write_on<T: Send + 'static>(
+    jobs: &mpsc::Sender<Job>,
+    f: impl FnOnce(&Ctx, &Connection) -> Result<T, InboxError> + Send + 'static,
+) -> Result<T, InboxError> {
+    let (tx, rx) = oneshot::channel::<Result<T, InboxError>>();
+    let job: Job = Box::new(move |ctx: &Ctx, conn: &Connection| -> Reply {
+        let r = in_savepoint(conn, || f(ctx, conn));
+        Box::new(move |committed: Result<(), InboxError>| {
+            let _ = tx.send(committed.and(r));
+        })
+    });
+    jobs.send(job).await.map_err(|_| InboxError::Closed)?;
+    rx.await
+        .map_err(|_| InboxError::Storage("the inbox writer could not start a transaction".into()))?
+}
+
+/// A read in one transaction on a pooled read-only connection (see [`SqliteInbox::read`]).
+async fn read_on<T: Send + 'static>(
+    readers: &std::sync::Arc<Mutex<Vec<Connection>>>,
+    path: &Path,
+    f: impl FnOnce(&Connection) -> Result<T, InboxError> + Send + 'static,
+) -> Result<T, InboxError> {
+    let readers = readers.clone();
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let conn = match readers.lock().pop() {
+            Some(c) => c,
+            None => {
+                let c = Connection::open_with_flags(
+                    &path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                c.busy_timeout(Duration::from_secs(5))?;
+                c
+            }
+        };
+        // One read transaction: a page, its counts and its version are one snapshot.
+        conn.execute_batch("BEGIN")?;
+        let out = f(&conn);
+        let ended = conn.execute_batch("COMMIT");
+        if ended.is_ok() {
+            let mut pool = readers.lock();
+            if pool.len() < 8 {
+                pool.push(conn);
+            }
+        }
+        out
+    })
+    .await
+    .map_err(|e| InboxError::Storage(format!("inbox read failed: {e}")))?
 }
 
 fn in_savepoint<T>(
@@ -764,9 +809,9 @@ fn tallies(conn: &Connection, sql: &str) -> Result<BTreeMap<(String, String), Ta
     Ok(map)
 }
 
-/// Compares the stored counts with a recount of the items; with `repair`, replaces them. Returns the
-/// number of (user, category) rows that differed.
-fn recount(conn: &Connection, repair: bool) -> Result<i64, InboxError> {
+/// How many (user, category) counts differ from a recount of the items, in one snapshot of the whole file
+/// (reads every item: `inbox_stats`' figure, an operator's tool).
+fn count_mismatches(conn: &Connection) -> Result<i64, InboxError> {
     let actual = tallies(
         conn,
         "SELECT user, category, COUNT(*),
@@ -779,23 +824,277 @@ fn recount(conn: &Connection, repair: bool) -> Result<i64, InboxError> {
         conn,
         "SELECT user, category, total, unread, unseen, archived FROM counts",
     )?;
-    let mut differ = 0i64;
-    for (k, t) in &actual {
-        if stored.get(k) != Some(t) {
-            differ += 1;
+    Ok(differing(&actual, &stored))
+}
+
+/// Keys whose tallies differ between `a` and `b`, counting keys present in only one of them.
+fn differing<K: Ord>(a: &BTreeMap<K, Tally>, b: &BTreeMap<K, Tally>) -> i64 {
+    let changed = a.iter().filter(|(k, t)| b.get(*k) != Some(*t)).count();
+    let gone = b.keys().filter(|k| !a.contains_key(*k)).count();
+    (changed + gone) as i64
+}
+
+/// One user's counts, per category: what the items add up to, and what is stored.
+type UserTallies = (BTreeMap<String, Tally>, BTreeMap<String, Tally>);
+
+fn user_tallies(conn: &Connection, user: &str) -> Result<UserTallies, InboxError> {
+    let read = |sql: &str| -> Result<BTreeMap<String, Tally>, InboxError> {
+        let mut stmt = conn.prepare_cached(sql)?;
+        let rows = stmt.query_map([user], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                Tally {
+                    total: r.get(1)?,
+                    unread: r.get(2)?,
+                    unseen: r.get(3)?,
+                    archived: r.get(4)?,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    };
+    // One walk of the user's part of the `(user, id)` index, a table lookup per item.
+    let actual = read(
+        "SELECT category, COUNT(*),
+             SUM(archived_ms IS NULL AND snoozed_until IS NULL AND read_ms IS NULL),
+             SUM(archived_ms IS NULL AND snoozed_until IS NULL AND seen_ms IS NULL),
+             SUM(archived_ms IS NOT NULL)
+         FROM items WHERE user = ?1 GROUP BY category",
+    )?;
+    let stored =
+        read("SELECT category, total, unread, unseen, archived FROM counts WHERE user = ?1")?;
+    Ok((actual, stored))
+}
+
+/// The first user after `after` (or the first of all) that has items or stored counts: the check walks
+/// both, so that counts left for a user with no items are found too.
+fn next_user(conn: &Connection, after: Option<&str>) -> Result<Option<String>, InboxError> {
+    let first = |table: &str| -> Result<Option<String>, InboxError> {
+        Ok(match after {
+            Some(a) => conn
+                .prepare_cached(&format!(
+                    "SELECT user FROM {table} WHERE user > ?1 ORDER BY user LIMIT 1"
+                ))?
+                .query_row([a], |r| r.get(0))
+                .optional()?,
+            None => conn
+                .prepare_cached(&format!("SELECT user FROM {table} ORDER BY user LIMIT 1"))?
+                .query_row([], |r| r.get(0))
+                .optional()?,
+        })
+    };
+    Ok(match (first("items")?, first("counts")?) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    })
+}
+
+/// A read batch of the check ends after this long (and at least one inbox).
+const CHECK_READ_BUDGET: Duration = Duration::from_millis(100);
+/// A repair in the writer ends after this long (and at least one inbox), so that changes queued behind
+/// it wait little.
+const CHECK_WRITE_BUDGET: Duration = Duration::from_millis(5);
+
+/// What one read batch of the check found.
+struct CheckedBatch {
+    /// The last user checked (where the next batch starts), `None` if there was none.
+    last: Option<String>,
+    users: i64,
+    /// Users whose counts differed from their items in this snapshot.
+    suspects: Vec<String>,
+    /// No user after `last`.
+    done: bool,
+}
+
+/// Recounts the inboxes after `after`, in a read transaction (one snapshot, so the stored counts and the
+/// items it compares are of the same moment), until `max` users or [`CHECK_READ_BUDGET`].
+fn check_batch(
+    conn: &Connection,
+    after: Option<String>,
+    max: usize,
+) -> Result<CheckedBatch, InboxError> {
+    let started = std::time::Instant::now();
+    let mut b = CheckedBatch {
+        last: after,
+        users: 0,
+        suspects: Vec::new(),
+        done: false,
+    };
+    while b.users < max.max(1) as i64 && (b.users == 0 || started.elapsed() < CHECK_READ_BUDGET) {
+        let Some(user) = next_user(conn, b.last.as_deref())? else {
+            b.done = true;
+            break;
+        };
+        let (actual, stored) = user_tallies(conn, &user)?;
+        if differing(&actual, &stored) > 0 {
+            b.suspects.push(user.clone());
+        }
+        b.users += 1;
+        b.last = Some(user);
+    }
+    Ok(b)
+}
+
+/// In the writer (so nothing else changes these inboxes meanwhile): recounts each user again and
+/// rewrites the counts that differ, until [`CHECK_WRITE_BUDGET`]. Returns how many users it went through
+/// and, per repaired user, how many of its counts differed. Deciding here, not from the read snapshot,
+/// is what keeps a change committed since the snapshot from being undone by a repair.
+fn repair_users(
+    conn: &Connection,
+    users: &[String],
+) -> Result<(usize, Vec<(String, i64)>), InboxError> {
+    let started = std::time::Instant::now();
+    let mut repaired = Vec::new();
+    let mut done = 0;
+    for user in users {
+        if done > 0 && started.elapsed() >= CHECK_WRITE_BUDGET {
+            break;
+        }
+        done += 1;
+        let (actual, stored) = user_tallies(conn, user)?;
+        let differ = differing(&actual, &stored);
+        if differ == 0 {
+            continue;
+        }
+        conn.prepare_cached("DELETE FROM counts WHERE user = ?1")?
+            .execute([user])?;
+        for (category, t) in &actual {
+            conn.prepare_cached(
+                "INSERT INTO counts (user, category, total, unread, unseen, archived)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                user, category, t.total, t.unread, t.unseen, t.archived
+            ])?;
+        }
+        repaired.push((user.clone(), differ));
+    }
+    Ok((done, repaired))
+}
+
+/// What the check needs of the store: the writer's queue (weak, so that the check never keeps a closed
+/// store's writer alive), the read connections, the file.
+struct CheckOn {
+    jobs: mpsc::WeakSender<Job>,
+    readers: std::sync::Arc<Mutex<Vec<Connection>>>,
+    path: PathBuf,
+}
+
+/// Waits `d`, or less if the store closes meanwhile (then `Closed`).
+async fn pause(on: &CheckOn, d: Duration) -> Result<(), InboxError> {
+    let until = tokio::time::Instant::now() + d;
+    loop {
+        if on.jobs.upgrade().is_none() {
+            return Err(InboxError::Closed);
+        }
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            return Ok(());
+        }
+        tokio::time::sleep_until(until.min(now + Duration::from_millis(100))).await;
+    }
+}
+
+/// Repaired users named one by one in the log; beyond them, only the total.
+const LOGGED_REPAIRS: usize = 20;
+
+/// Checks every inbox's counts against its items, in user order: each batch recounts up to `o.batch`
+/// users in a read snapshot, off the writer; only the users whose counts differed there are recounted
+/// again in the writer and repaired ([`repair_users`]). So a check of a file whose counts are right costs
+/// the writer nothing, and a change waits behind at most one short repair. Progress goes to `progress`
+/// after each batch. Returns the counts repaired.
+async fn check_all(
+    on: &CheckOn,
+    o: CheckOptions,
+    progress: Option<&Mutex<StartupCheck>>,
+) -> Result<i64, InboxError> {
+    let (mut after, mut repaired, mut logged) = (None, 0i64, 0usize);
+    loop {
+        pause(on, o.pause).await?;
+        let batch = o.batch;
+        let b = read_on(&on.readers, &on.path, move |conn| {
+            check_batch(conn, after, batch)
+        })
+        .await?;
+        let mut suspects = b.suspects;
+        while !suspects.is_empty() {
+            let jobs = on.jobs.upgrade().ok_or(InboxError::Closed)?;
+            let these = suspects.clone();
+            let (done, fixed) = write_on(&jobs, move |_, conn| repair_users(conn, &these)).await?;
+            suspects.drain(..done.min(suspects.len()));
+            for (user, n) in fixed {
+                repaired += n;
+                metrics::counter!("herald_inbox_recount_repairs_total").increment(n as u64);
+                if logged < LOGGED_REPAIRS {
+                    logged += 1;
+                    tracing::warn!(
+                        user = %user,
+                        counts = n,
+                        "inbox: counts differed from the items and were repaired"
+                    );
+                }
+            }
+        }
+        if let Some(p) = progress {
+            let mut p = p.lock();
+            p.users_checked += b.users;
+            p.repaired = repaired;
+            metrics::gauge!("herald_inbox_startup_check_users").set(p.users_checked as f64);
+        }
+        if b.done {
+            return Ok(repaired);
+        }
+        after = b.last;
+    }
+}
+
+/// The start-up check, on a thread of its own started by [`SqliteInbox::open_with`]: [`check_all`], then
+/// the result logged and kept for `stats`. A restart in the middle starts again from the first user (it
+/// keeps no position in the file); it repairs nothing twice, since what it repaired already matches.
+fn background_check(on: CheckOn, o: CheckOptions, progress: std::sync::Arc<Mutex<StartupCheck>>) {
+    let started = std::time::Instant::now();
+    metrics::gauge!("herald_inbox_startup_check_finished").set(0.0);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::warn!(error = %e, "inbox: the start-up check could not start");
+            progress.lock().error = Some(format!("could not start: {e}"));
+            return;
+        }
+    };
+    let path = on.path.display().to_string();
+    match rt.block_on(check_all(&on, o, Some(&progress))) {
+        Ok(repaired) => {
+            let mut p = progress.lock();
+            p.finished = true;
+            p.duration_ms = Some(started.elapsed().as_millis() as u64);
+            metrics::gauge!("herald_inbox_startup_check_finished").set(1.0);
+            if repaired > 0 {
+                tracing::warn!(
+                    repaired,
+                    users = p.users_checked,
+                    secs = started.elapsed().as_secs_f64(),
+                    path = %path,
+                    "inbox: start-up check done: counts differed from the items and were repaired"
+                );
+            } else {
+                tracing::info!(
+                    users = p.users_checked,
+                    secs = started.elapsed().as_secs_f64(),
+                    path = %path,
+                    "inbox: start-up check done: counts match the items"
+                );
+            }
+        }
+        Err(InboxError::Closed) => tracing::debug!("inbox: start-up check stopped with the store"),
+        Err(e) => {
+            tracing::warn!(error = %e, path = %path, "inbox: the start-up check stopped");
+            progress.lock().error = Some(e.to_string());
         }
     }
-    differ += stored.keys().filter(|k| !actual.contains_key(*k)).count() as i64;
-    if repair && differ > 0 {
-        conn.execute("DELETE FROM counts", [])?;
-        let mut ins = conn.prepare(
-            "INSERT INTO counts (user, category, total, unread, unseen, archived) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
-        for ((u, c), t) in &actual {
-            ins.execute(params![u, c, t.total, t.unread, t.unseen, t.archived])?;
-        }
-    }
-    Ok(differ)
 }
 
 fn list_page(conn: &Connection, user: &str, q: &ListQuery) -> Result<Page, InboxError> {
@@ -1070,15 +1369,27 @@ impl InboxStore for SqliteInbox {
         }))
     }
 
+    /// With `repair`, the start-up check's walk ([`check_all`]), awaited: it never holds the writer for
+    /// more than a short repair, whatever the size of the file.
     fn recount(&self, repair: bool) -> BoxFuture<'_, Result<i64, InboxError>> {
         if repair {
-            Box::pin(self.write(move |_, conn| recount(conn, true)))
+            Box::pin(async move {
+                let on = CheckOn {
+                    jobs: self.jobs.downgrade(),
+                    readers: self.readers.clone(),
+                    path: self.path.clone(),
+                };
+                check_all(&on, CheckOptions::default(), None).await
+            })
         } else {
-            Box::pin(self.read(move |conn| recount(conn, false)))
+            Box::pin(self.read(count_mismatches))
         }
     }
 
     fn stats(&self) -> BoxFuture<'_, Result<Stats, InboxError>> {
+        // Taken before the counts are compared: a check that had not finished then may have repaired
+        // what `count_mismatches` finds by the time it is read.
+        let startup_check = self.check.lock().clone();
         Box::pin(self.read(move |conn| {
             let one = |sql: &str| -> Result<i64, InboxError> {
                 Ok(conn.query_row(sql, [], |r| r.get(0))?)
@@ -1087,7 +1398,8 @@ impl InboxStore for SqliteInbox {
                 users: one("SELECT COUNT(DISTINCT user) FROM counts")?,
                 items: one("SELECT COUNT(*) FROM items")?,
                 pending_events: one("SELECT COUNT(*) FROM outbox")?,
-                count_mismatches: recount(conn, false)?,
+                count_mismatches: count_mismatches(conn)?,
+                startup_check,
             })
         }))
     }
@@ -1098,14 +1410,21 @@ mod tests {
     use super::*;
     use crate::inbox::NewItem;
 
+    /// A store whose start-up check waits an hour before it starts (until the store closes): the tests
+    /// that damage counts decide when they are checked.
     fn store(dir: &Path) -> SqliteInbox {
-        SqliteInbox::open(
+        let later = CheckOptions {
+            batch: 1000,
+            pause: Duration::from_secs(3600),
+        };
+        SqliteInbox::open_with(
             dir.join("inbox.sqlite3"),
             false,
             StoreLimits {
                 max_items: 3,
                 max_age: Duration::from_secs(3600),
             },
+            later,
         )
         .unwrap()
     }
@@ -1275,6 +1594,101 @@ mod tests {
             "counts read back at version 3"
         );
         assert_eq!(s.recount(false).await.unwrap(), 0);
+    }
+
+    /// The check compares each inbox in a read snapshot and repairs in the writer: a change committed
+    /// between the two is kept (the repair recounts again), and an inbox whose counts are right is
+    /// left alone.
+    #[tokio::test]
+    async fn a_repair_decided_in_the_writer_keeps_a_change_made_after_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        for t in ["a", "b"] {
+            s.notify(vec!["u".into(), "v".into()], item(t), None)
+                .await
+                .unwrap();
+        }
+        let conn = Connection::open(dir.path().join("inbox.sqlite3")).unwrap();
+        conn.execute("UPDATE counts SET unread = 99 WHERE user = 'u'", [])
+            .unwrap();
+        let b = s.read(|c| check_batch(c, None, 10)).await.unwrap();
+        assert_eq!(
+            (b.users, b.suspects.clone(), b.done),
+            (2, vec!["u".to_string()], true)
+        );
+        let id = s
+            .list("u".into(), ListQuery::default())
+            .await
+            .unwrap()
+            .items[0]
+            .id;
+        let read = Patch {
+            read: Some(true),
+            ..Default::default()
+        };
+        s.update("u".into(), Target::Ids(vec![id]), read)
+            .await
+            .unwrap();
+        let users = vec!["u".to_string(), "v".to_string()];
+        let (done, fixed) = s.write(move |_, c| repair_users(c, &users)).await.unwrap();
+        assert_eq!(
+            (done, fixed),
+            (2, vec![("u".to_string(), 1)]),
+            "v was right"
+        );
+        let (c, _) = s.counts("u".into()).await.unwrap();
+        assert_eq!(
+            (c.all.total, c.all.unread),
+            (2, 1),
+            "the read after the snapshot kept"
+        );
+        assert_eq!(s.recount(false).await.unwrap(), 0);
+    }
+
+    /// A store opened on damaged counts answers at once; its check, in the background, finds and
+    /// repairs them, and says so in `stats`.
+    #[tokio::test]
+    async fn the_start_up_check_repairs_in_the_background_and_reports_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inbox.sqlite3");
+        let users: Vec<String> = (0..5).map(|i| format!("u{i}")).collect();
+        {
+            let s = store(dir.path());
+            s.notify(users.clone(), item("a"), None).await.unwrap();
+        }
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "UPDATE counts SET unseen = 7 WHERE user IN ('u1', 'u3');
+             INSERT INTO counts VALUES ('ghost', 'x', 5, 5, 5, 0);",
+        )
+        .unwrap();
+        let limits = StoreLimits {
+            max_items: 3,
+            max_age: Duration::from_secs(3600),
+        };
+        // One inbox per batch, a pause before each: the check cannot be over before `stats` answers.
+        let slow = CheckOptions {
+            batch: 1,
+            pause: Duration::from_millis(300),
+        };
+        let s = SqliteInbox::open_with(&path, false, limits, slow).unwrap();
+        let first = s.stats().await.unwrap();
+        assert!(!first.startup_check.finished, "{first:?}");
+        assert_eq!(first.count_mismatches, 3, "not repaired yet");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let done = loop {
+            let st = s.stats().await.unwrap();
+            if st.startup_check.finished {
+                break st;
+            }
+            assert!(std::time::Instant::now() < deadline, "{st:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let c = &done.startup_check;
+        assert_eq!((c.users_checked, c.repaired, c.error.clone()), (6, 3, None));
+        assert!(c.duration_ms.unwrap() >= 6 * 300, "{c:?}");
+        assert_eq!(done.count_mismatches, 0);
+        assert_eq!(s.counts("ghost".into()).await.unwrap().0.all.total, 0);
     }
 
     /// The sweep runs every second in the writer thread: its queries must find due items through an

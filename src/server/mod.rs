@@ -202,8 +202,8 @@ fn inbox_namespace(config: &mut Config, ns: &str) {
     }
 }
 
-/// Opens the inbox store when `inbox.enabled` (`None` otherwise), recounts it, and starts the publisher of
-/// its events on `hub`. Needs a tokio runtime.
+/// Opens the inbox store when `inbox.enabled` (`None` otherwise), starts the check of its counts in the
+/// background, and starts the publisher of its events on `hub`. Needs a tokio runtime.
 pub fn open_inbox(hub: &Hub, config: &Config) -> Result<Option<crate::inbox::Inbox>, ConfigError> {
     if !config.inbox.enabled {
         return Ok(None);
@@ -222,12 +222,16 @@ pub fn open_inbox(hub: &Hub, config: &Config) -> Result<Option<crate::inbox::Inb
         ));
     }
     let path = config.inbox_path();
-    let store = crate::inbox::SqliteInbox::open(
+    let store = crate::inbox::SqliteInbox::open_with(
         &path,
         config.log.durable,
         crate::inbox::sqlite::StoreLimits {
             max_items: config.inbox.max_items,
             max_age: config.inbox.max_age,
+        },
+        crate::inbox::sqlite::CheckOptions {
+            batch: config.inbox.check_batch,
+            pause: config.inbox.check_pause,
         },
     )
     .map_err(|e| {

@@ -1392,12 +1392,124 @@ async fn start_up_recount_repairs_damaged_counts() {
     let s = s
         .restart(&[("inbox.enabled", "true"), ("centrifugo.api_key", &key)])
         .await;
+    let st = checked(&s.url).await;
+    assert_eq!(st["startup_check"]["repaired"], 3, "{st}");
     assert_eq!(
         counts(&s.url, "fay").await,
         before,
         "recounted from the items at start-up"
     );
     assert_eq!(counts(&s.url, "ghost").await["total"], 0);
-    let (_, st) = backend(&s.url, "stats", json!({})).await;
-    assert_eq!(st["result"]["count_mismatches"], 0, "{st}");
+    assert_eq!(st["count_mismatches"], 0, "{st}");
+}
+
+/// `inbox_stats` once the start-up check has finished (it runs in the background): waits for it, up
+/// to 60 s.
+async fn checked(url: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, st) = backend(url, "stats", json!({})).await;
+        assert_eq!(status, 200, "{st}");
+        if st["result"]["startup_check"]["finished"] == true {
+            return st["result"].clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline
+                && st["result"]["startup_check"]["error"].is_null(),
+            "the start-up check did not finish: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The start-up check on a real restart of the binary: Herald answers before the check has finished
+/// (the check is slowed by config: one inbox per batch, a pause before each, so ≥ 5 s for 10 inboxes),
+/// serves the damaged counts as they are until the check reaches them, keeps a change made meanwhile,
+/// and repairs every damaged count, reporting it in `inbox_stats` and the metrics.
+#[tokio::test]
+async fn the_start_up_check_runs_in_the_background_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut envs = vec![
+        ("HERALD_INBOX__ENABLED", "true"),
+        ("HERALD_CENTRIFUGO__API_KEY", API_KEY),
+        ("HERALD_JWT_KEY", KEY),
+    ];
+    let (mut child, url) = spawn_herald(dir.path(), &envs).await;
+    let users: Vec<String> = (0..9).map(|i| format!("c{i}")).collect();
+    let names: Vec<&str> = users.iter().map(String::as_str).collect();
+    notify(&url, &names, "one", json!({"category": "x"})).await;
+    notify(&url, &names, "two", json!({"category": "y"})).await;
+    assert_eq!(checked(&url).await["startup_check"]["repaired"], 0);
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    // Every user's `x` counts wrong, c3's `y` counts gone, counts for a user with no items.
+    let db = rusqlite::Connection::open(dir.path().join("inbox.sqlite3")).unwrap();
+    db.execute_batch(
+        "UPDATE counts SET unread = 99 WHERE category = 'x';
+         DELETE FROM counts WHERE user = 'c3' AND category = 'y';
+         INSERT INTO counts VALUES ('ghost', 'x', 5, 5, 5, 0);",
+    )
+    .unwrap();
+    drop(db);
+    envs.extend([
+        ("HERALD_INBOX__CHECK_BATCH", "1"),
+        ("HERALD_INBOX__CHECK_PAUSE", "500ms"),
+    ]);
+    let (_child, url) = spawn_herald(dir.path(), &envs).await;
+    let (status, first) = backend(&url, "stats", json!({})).await;
+    assert_eq!(status, 200, "{first}");
+    let first = &first["result"];
+    assert_eq!(first["startup_check"]["finished"], false, "{first}");
+    assert!(first["count_mismatches"].as_i64().unwrap() > 0, "{first}");
+    // A change to the inbox the check reaches last among the users with items: its counts are still
+    // damaged (unread 99 in `x`), the change applies to them, and the repair must keep it.
+    let items = all_items(&url, "c8").await;
+    let x = items.iter().find(|i| i["category"] == "x").unwrap();
+    let id = x["id"].as_i64().unwrap();
+    let (status, v) = browser(
+        &url,
+        "c8",
+        "POST",
+        &format!("/inbox/items/{id}"),
+        Some(json!({"read": true})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["counts"]["categories"]["x"]["unread"], 98,
+        "served as stored until the check"
+    );
+    let st = checked(&url).await;
+    // 9 `x` counts, c3's `y`, the ghost's.
+    assert_eq!(st["startup_check"]["repaired"], 11, "{st}");
+    assert_eq!(st["startup_check"]["users_checked"], 10, "{st}");
+    assert_eq!(st["count_mismatches"], 0, "{st}");
+    for u in &names {
+        assert_eq!(
+            counts(&url, u).await,
+            recount(&all_items(&url, u).await),
+            "{u}"
+        );
+    }
+    assert_eq!(
+        counts(&url, "c8").await["categories"]["x"]["unread"],
+        0,
+        "the read kept"
+    );
+    assert_eq!(counts(&url, "ghost").await["total"], 0);
+    let metrics = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "herald_inbox_recount_repairs_total 11",
+        "herald_inbox_startup_check_finished 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in {metrics}"
+        );
+    }
 }

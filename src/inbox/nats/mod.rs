@@ -47,8 +47,8 @@ use serde_json::json;
 use super::sqlite::StoreLimits;
 use super::{
     invalid, Archived, Changed, Counts, Delivered, InboxError, InboxStore, Item, ListQuery,
-    NewItem, NotifyResult, Page, Patch, PendingEvent, Preferences, Stats, Status, Target,
-    MAX_EVENT_ITEMS, MAX_PAGE,
+    NewItem, NotifyResult, Page, Patch, PendingEvent, Preferences, StartupCheck, Stats, Status,
+    Target, MAX_EVENT_ITEMS, MAX_PAGE,
 };
 use crate::engine::nats::codec::{token, untoken};
 use crate::engine::BoxFuture;
@@ -103,6 +103,8 @@ pub struct NatsInbox {
     holding: AtomicBool,
     drain: tokio::sync::Mutex<outbox::Drain>,
     due: parking_lot::Mutex<outbox::Due>,
+    /// What the check of every inbox at open found (it ends before the store is returned).
+    startup_check: StartupCheck,
 }
 
 pub(super) fn storage(e: impl std::fmt::Display) -> InboxError {
@@ -217,7 +219,7 @@ impl NatsInbox {
             tokio::time::timeout(o.connect_timeout.max(o.op_timeout) * 2, setup)
                 .await
                 .map_err(|_| storage("setting up the inbox's buckets took too long"))??;
-        let store = NatsInbox {
+        let mut store = NatsInbox {
             bucket: o.stem.clone(),
             client,
             body_subject: format!("{}.inbox.body", o.prefix),
@@ -236,8 +238,17 @@ impl NatsInbox {
             holding: AtomicBool::new(false),
             drain: tokio::sync::Mutex::new(outbox::Drain::default()),
             due: parking_lot::Mutex::new(outbox::Due::default()),
+            startup_check: StartupCheck::default(),
         };
-        let repaired = store.recount_all(true).await?.0;
+        let started = std::time::Instant::now();
+        let (repaired, users, _, _) = store.recount_all(true).await?;
+        store.startup_check = StartupCheck {
+            finished: true,
+            users_checked: users,
+            repaired,
+            duration_ms: Some(started.elapsed().as_millis() as u64),
+            error: None,
+        };
         if repaired > 0 {
             tracing::warn!(
                 repaired,
@@ -1118,6 +1129,7 @@ impl InboxStore for NatsInbox {
                 items,
                 pending_events,
                 count_mismatches,
+                startup_check: self.startup_check.clone(),
             })
         })
     }

@@ -56,8 +56,8 @@ use tokio::sync::watch;
 use super::sqlite::StoreLimits;
 use super::{
     invalid, Archived, Changed, Counts, Delivered, InboxError, InboxStore, Item, ItemAction,
-    ListQuery, NewItem, NotifyResult, Page, Patch, PendingEvent, Preferences, Stats, Status, Tally,
-    Target, MAX_EVENT_ITEMS, MAX_PAGE,
+    ListQuery, NewItem, NotifyResult, Page, Patch, PendingEvent, Preferences, StartupCheck, Stats,
+    Status, Tally, Target, MAX_EVENT_ITEMS, MAX_PAGE,
 };
 use crate::engine::BoxFuture;
 use crate::hub::Hub;
@@ -104,6 +104,8 @@ pub struct RedisInbox {
     suspect: AtomicBool,
     /// Counts the messages on `P:wake`.
     wake: watch::Sender<u64>,
+    /// What the check of every inbox at open found (it ends before the store is returned).
+    startup_check: StartupCheck,
 }
 
 fn storage(e: impl std::fmt::Display) -> InboxError {
@@ -392,6 +394,7 @@ impl RedisInbox {
             hub,
             suspect: AtomicBool::new(true),
             wake,
+            startup_check: StartupCheck::default(),
         };
         let fresh = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
         let mut pipe = ::redis::pipe();
@@ -410,7 +413,15 @@ impl RedisInbox {
             .and_then(text)
             .ok_or_else(|| storage("Redis did not keep the inbox epoch"))?;
         store.warn_without_persistence().await;
+        let started = std::time::Instant::now();
         let repaired = store.recount_all(true).await?;
+        store.startup_check = StartupCheck {
+            finished: true,
+            users_checked: repaired.1,
+            repaired: repaired.0,
+            duration_ms: Some(started.elapsed().as_millis() as u64),
+            error: None,
+        };
         if repaired.0 > 0 {
             tracing::warn!(
                 repaired = repaired.0,
@@ -1355,6 +1366,7 @@ impl InboxStore for RedisInbox {
                 items,
                 pending_events,
                 count_mismatches,
+                startup_check: self.startup_check.clone(),
             })
         })
     }
