@@ -130,6 +130,10 @@ impl SqliteInbox {
         // tens of thousands of users, and spills dirty pages mid-transaction. A bound, not an allocation:
         // pages are cached only as they are touched.
         conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
+        // Each change runs in a savepoint, and SQLite copies every page a savepoint first touches into a
+        // sub-journal, a temporary file by default: a notify of 1 000 users wrote and reread it for
+        // ~12% of the writer's time (perf). In memory it is a copy of the page and no system call.
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.execute_batch(SCHEMA)?;
         let epoch: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
