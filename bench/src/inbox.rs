@@ -1436,6 +1436,70 @@ mod tests {
         );
     }
 
+    /// A thread's own CPU time is read from its `task/<tid>/stat` (`/proc/<tid>/stat` gives every thread
+    /// the whole process's): a spinning thread has its time, a sleeping one none of it.
+    #[test]
+    fn thread_cpu_is_each_threads_own() {
+        let stat = "42 (herald inbox) S 1 2 3 4 5 6 7 8 9 10 250 31 0 0 20 0 9 0";
+        assert_eq!(thread_ticks(stat), Some(281));
+        let me = std::process::id();
+        let named = |name: &str| server_ticks(&[me]).1.get(name).copied().unwrap_or(0);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sleeper = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("herald-writer".into())
+                .spawn(move || {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                        std::thread::park_timeout(Duration::from_millis(50));
+                    }
+                })
+                .unwrap()
+        };
+        // Spins until it has 25 ticks of CPU of its own (bounded in wall time: a loaded machine gives it
+        // less of a core), says so, then sleeps until stopped.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let spinner = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("herald-inbox".into())
+                .spawn(move || {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                    let own = || {
+                        std::fs::read_to_string("/proc/thread-self/stat")
+                            .ok()
+                            .and_then(|s| thread_ticks(&s))
+                            .unwrap_or(0)
+                    };
+                    let mut x = 0u64;
+                    while own() < 25 && std::time::Instant::now() < deadline {
+                        for _ in 0..100_000 {
+                            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+                        }
+                    }
+                    let _ = done_tx.send(own());
+                    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                        std::thread::park_timeout(Duration::from_millis(50));
+                    }
+                })
+                .unwrap()
+        };
+        let spun = done_rx.recv_timeout(Duration::from_secs(40)).unwrap();
+        let (inbox, writer) = (named("herald-inbox"), named("herald-writer"));
+        stop.store(true, Ordering::Relaxed);
+        for t in [spinner, sleeper] {
+            t.thread().unpark();
+            t.join().unwrap();
+        }
+        assert!(spun >= 25, "the spinner got {spun} ticks in 30 s");
+        assert!(inbox >= spun, "the spinning thread: {inbox} ticks");
+        assert!(
+            writer <= 2,
+            "the sleeping thread: {writer} ticks, not the process's"
+        );
+    }
+
     #[test]
     fn events_are_found_in_either_envelope() {
         let ev = json!({"type": "updated", "version": 3, "counts": {"unread": 1}});
