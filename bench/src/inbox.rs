@@ -399,6 +399,64 @@ impl RssPeak {
     }
 }
 
+/// CPU time of the server's processes in clock ticks, as (whole processes, by thread name). Named threads
+/// are read live from `/proc/<pid>/task`; the whole process's figure also holds threads that exited
+/// (tokio's blocking pool), so "other" is the whole minus the named ones. A figure steadier than wall
+/// time on a shared machine: other load delays the server but does not add to its CPU time.
+fn server_ticks(pids: &[u32]) -> (u64, HashMap<String, u64>) {
+    let mut by_name: HashMap<String, u64> = HashMap::new();
+    for &pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let name = match name.trim() {
+                n @ ("herald-inbox" | "herald-writer") => n.to_string(),
+                n if n.starts_with("tokio") => "tokio".to_string(),
+                _ => "other".to_string(),
+            };
+            // `/proc/<tid>/stat` would give the whole process's time: the thread's is under `task/`.
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            *by_name.entry(name).or_default() += thread_ticks(&stat).unwrap_or(0);
+        }
+    }
+    (rss::total_cpu_ticks(pids).unwrap_or(0), by_name)
+}
+
+/// utime + stime of a `stat` line (fields 14 and 15, counted after the command name's closing
+/// parenthesis, as the name may hold spaces).
+fn thread_ticks(stat: &str) -> Option<u64> {
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// CPU seconds spent between two [`server_ticks`] readings, per thread group, and this tool's own (it
+/// shares the machine's cores with the server).
+fn cpu_spent(
+    before: &(u64, HashMap<String, u64>),
+    after: &(u64, HashMap<String, u64>),
+    tool: (u64, u64),
+) -> Value {
+    let secs = |t: u64| t as f64 / rss::CLOCK_TICKS;
+    let of = |m: &HashMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+    let named = |k: &str| of(&after.1, k).saturating_sub(of(&before.1, k));
+    let (inbox, writer, tokio) = (
+        named("herald-inbox"),
+        named("herald-writer"),
+        named("tokio"),
+    );
+    let whole = after.0.saturating_sub(before.0);
+    json!({
+        "server": secs(whole),
+        "inbox_writer": secs(inbox),
+        "log_writer": secs(writer),
+        "tokio_workers": secs(tokio),
+        "other_threads": secs(whole.saturating_sub(inbox + writer + tokio)),
+        "load_tool": secs(tool.1.saturating_sub(tool.0)),
+    })
+}
+
 /// Connects `n` listeners (user `i` to `channel(i)`) in batches; each calls `on_event(i, data)`. Returns
 /// the tasks, how many connected, and the first error.
 async fn connect_all<F>(
@@ -548,6 +606,8 @@ pub async fn fanout(srv: &Server, f: &Fanout) -> anyhow::Result<Value> {
     let rss_conns = rss::total_kib(&srv.pids);
     let disk_before = srv.disk();
     let peak = RssPeak::start(&srv.pids);
+    let ticks_before = server_ticks(&srv.pids);
+    let tool_before = rss::cpu_ticks(std::process::id()).unwrap_or(0);
 
     let client = client(f.concurrency)?;
     let calls = f.users.div_ceil(f.per_call.max(1));
@@ -644,6 +704,11 @@ pub async fn fanout(srv: &Server, f: &Fanout) -> anyhow::Result<Value> {
     // Let the server settle its files (the outbox cleared, the WAL written) before reading sizes.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_peak = peak.finish().await;
+    let cpu = cpu_spent(
+        &ticks_before,
+        &server_ticks(&srv.pids),
+        (tool_before, rss::cpu_ticks(std::process::id()).unwrap_or(0)),
+    );
     let disk_after = srv.disk();
     let (ended, end_reason) = stop_all(&stop, tasks).await;
     let rows = acked_rows.load(Ordering::Relaxed);
@@ -679,6 +744,7 @@ pub async fn fanout(srv: &Server, f: &Fanout) -> anyhow::Result<Value> {
         "ended_early": ended,
         "first_end_reason": end_reason,
         "rss_kib": {"idle": rss_idle, "conns": rss_conns, "peak": rss_peak},
+        "cpu_secs": cpu,
         "disk_bytes": growth,
     }))
 }
@@ -1207,6 +1273,14 @@ fn summary_metrics(test: &str) -> &'static [(&'static str, &'static str)] {
             ("connected users' receipt p50, ms", "/reach_ms/p50_ms"),
             ("rows/s (acknowledged)", "/rows_per_sec"),
             ("call p99, ms", "/call_ms/p99_ms"),
+            (
+                "server CPU from the first call to 2 s after the last event, s",
+                "/cpu_secs/server",
+            ),
+            ("  inbox writer thread, s", "/cpu_secs/inbox_writer"),
+            ("  log writer thread, s", "/cpu_secs/log_writer"),
+            ("  tokio workers, s", "/cpu_secs/tokio_workers"),
+            ("load tool CPU, s", "/cpu_secs/load_tool"),
             ("server RSS with connections, KiB", "/rss_kib/conns"),
             ("server RSS peak, KiB", "/rss_kib/peak"),
             ("inbox files before, bytes", "/disk_bytes/inbox_before"),
@@ -1376,6 +1450,70 @@ mod tests {
         assert!(
             !t.contains("counts p99"),
             "figures no run has are left out: {t}"
+        );
+    }
+
+    /// A thread's own CPU time is read from its `task/<tid>/stat` (`/proc/<tid>/stat` gives every thread
+    /// the whole process's): a spinning thread has its time, a sleeping one none of it.
+    #[test]
+    fn thread_cpu_is_each_threads_own() {
+        let stat = "42 (herald inbox) S 1 2 3 4 5 6 7 8 9 10 250 31 0 0 20 0 9 0";
+        assert_eq!(thread_ticks(stat), Some(281));
+        let me = std::process::id();
+        let named = |name: &str| server_ticks(&[me]).1.get(name).copied().unwrap_or(0);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sleeper = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("herald-writer".into())
+                .spawn(move || {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                        std::thread::park_timeout(Duration::from_millis(50));
+                    }
+                })
+                .unwrap()
+        };
+        // Spins until it has 25 ticks of CPU of its own (bounded in wall time: a loaded machine gives it
+        // less of a core), says so, then sleeps until stopped.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let spinner = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("herald-inbox".into())
+                .spawn(move || {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                    let own = || {
+                        std::fs::read_to_string("/proc/thread-self/stat")
+                            .ok()
+                            .and_then(|s| thread_ticks(&s))
+                            .unwrap_or(0)
+                    };
+                    let mut x = 0u64;
+                    while own() < 25 && std::time::Instant::now() < deadline {
+                        for _ in 0..100_000 {
+                            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+                        }
+                    }
+                    let _ = done_tx.send(own());
+                    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                        std::thread::park_timeout(Duration::from_millis(50));
+                    }
+                })
+                .unwrap()
+        };
+        let spun = done_rx.recv_timeout(Duration::from_secs(40)).unwrap();
+        let (inbox, writer) = (named("herald-inbox"), named("herald-writer"));
+        stop.store(true, Ordering::Relaxed);
+        for t in [spinner, sleeper] {
+            t.thread().unpark();
+            t.join().unwrap();
+        }
+        assert!(spun >= 25, "the spinner got {spun} ticks in 30 s");
+        assert!(inbox >= spun, "the spinning thread: {inbox} ticks");
+        assert!(
+            writer <= 2,
+            "the sleeping thread: {writer} ticks, not the process's"
         );
     }
 
