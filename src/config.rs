@@ -267,8 +267,9 @@ pub struct YjsConfig {
     #[serde(with = "humantime_serde")]
     pub snapshot_max_age: Duration,
     /// Under sustained edits, a document relays what it received at most once per this interval, as one
-    /// merged update per client (the first edit after a quiet interval goes at once); zero: every batch the
-    /// engine delivers is relayed as it comes.
+    /// merged update per client (the first edit after a quiet interval goes at once); zero (the default):
+    /// every batch the engine delivers is relayed as it comes. Off by default until measured to help: on a
+    /// loaded 2-core machine it helped at 100 clients of a document and hurt at 500 (docs/BENCHMARKS.md).
     #[serde(with = "humantime_serde")]
     pub relay_interval: Duration,
 }
@@ -287,7 +288,7 @@ impl Default for YjsConfig {
             snapshot_interval: Duration::from_secs(10 * 60),
             snapshot_keep: 50,
             snapshot_max_age: Duration::from_secs(30 * 24 * 3600),
-            relay_interval: Duration::from_millis(10),
+            relay_interval: Duration::ZERO,
         }
     }
 }

@@ -4,7 +4,7 @@
 // @hocuspocus/provider for Hocuspocus. See README.md for what each figure means.
 //
 //   node bench.mjs [--servers herald,y-websocket-server,hocuspocus] [--rounds 3] [--workers 2]
-//                  (also: herald-unpaced, Herald with yjs.relay_interval = "0s", for an A/B in one run)
+//                  (also: herald-paced / herald-unpaced, Herald with yjs.relay_interval = "10ms" / "0s")
 //                  [--edits 100000] [--edits-per-update 1000]
 //                  [--fanout 100:1:0,500:1:0,100:10:0,100:1:50]   clients:writers:rate (rate per writer, 0 = max)
 //                  [--fanout-updates 1000] [--docs 1000] [--doc-clients 2] [--doc-updates 5]
@@ -88,7 +88,7 @@ async function startServer(name, dir) {
   const logFile = path.join(opt.out, `${name}.log`);
   const stdio = ['ignore', 'ignore', 'pipe'];
   let child, url, kind;
-  if (name === 'herald' || name === 'herald-unpaced') {
+  if (name === 'herald' || name === 'herald-unpaced' || name === 'herald-paced') {
     // Defaults but for the limits this benchmark needs: SQLite log, log.durable = true (synchronous=FULL).
     const cfg = path.join(dir, 'herald.toml');
     writeFileSync(cfg, [
@@ -97,8 +97,9 @@ async function startServer(name, dir) {
       '[limits]', 'max_connections = 100000',
       '[yjs]', 'anonymous = "write"', `max_documents = ${opt.docs + opt.memDocs + 100}`,
       'max_update_size = 16777216', 'max_document_size = 1073741824',
-      // herald-unpaced: Herald relaying every batch as it comes (the relay pacing off), for an A/B in one run.
-      ...(name === 'herald-unpaced' ? ['relay_interval = "0s"'] : []), '',
+      // herald-paced / herald-unpaced: Herald with the relay pacing at 10 ms / off (the default), for an A/B
+      // of yjs.relay_interval in one run.
+      ...(name === 'herald-paced' ? ['relay_interval = "10ms"'] : name === 'herald-unpaced' ? ['relay_interval = "0s"'] : []), '',
     ].join('\n'));
     child = spawn(opt.herald, ['serve', '--config', cfg], { stdio, env: { HERALD_LOG_LEVEL: 'warn', ...process.env } });
     url = `ws://127.0.0.1:${port}/yjs`;
