@@ -289,9 +289,11 @@ async function traffic(s, label, rooms, writes, rate, perf) {
     perfProc = spawn('perf', ['record', '-F', '499', '-g', '-p', String(s.pid), '-o', perf], { stdio: 'ignore' });
     await sleep(500);
   }
+  const m0 = await heraldCounters(s);
   const cpu0 = s.cpuMs();
   const res = await callAll(() => ({ op: 'go', timeoutMs: opt.scenarioTimeoutMs }));
   const cpu1 = s.cpuMs();
+  const m1 = await heraldCounters(s);
   if (perfProc) { perfProc.kill('SIGINT'); await new Promise((r) => perfProc.once('exit', r)); }
   await closeAll();
   const hist = res.reduce((h, r) => merge(h, r.hist), {});
@@ -307,7 +309,23 @@ async function traffic(s, label, rooms, writes, rate, perf) {
     [`${label}_complete`]: res.every((r) => r.complete) && received === expectedDeliveries && count(hist) === received,
     [`${label}_lost`]: expectedDeliveries - received,
     [`${label}_server_closes`]: res.reduce((n, r) => n + (r.closes ?? 0), 0),
+    // Herald only: connections caught up with one merged update after falling 1 MiB behind, and updates
+    // applied (merged relays), during the run; they tell a slow round's cause from the server's side.
+    ...(m0 && m1 ? Object.fromEntries(Object.keys(m1).map((k) => [`${label}_herald_${k}`, m1[k] - (m0[k] ?? 0)])) : {}),
   };
+}
+
+// Herald's Yjs counters from its /metrics (Prometheus text), or null for the other servers.
+async function heraldCounters(s) {
+  if (!s.name.startsWith('herald')) return null;
+  try {
+    const text = await (await fetch(`${s.url.replace(/^ws/, 'http').replace(/\/yjs$/, '')}/metrics`)).text();
+    const out = {};
+    for (const [, k, v] of text.matchAll(/^herald_yjs_(catch_ups|updates_applied)_total(?:\{[^}]*\})? (\S+)$/gm)) out[k] = (out[k] ?? 0) + Number(v);
+    return { catch_ups: out.catch_ups ?? 0, updates_applied: out.updates_applied ?? 0 };
+  } catch {
+    return null;
+  }
 }
 
 async function fanout(s, round) {
