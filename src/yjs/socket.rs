@@ -5,11 +5,12 @@
 //! connection kept, for its whole life, a buffer as large as the largest frame (or batch of frames) it
 //! ever wrote: the whole awareness of its document sent to it on joining (about 9 bytes per client, so
 //! ~4.5 KB per connection on average for 1 000 clients of one document, growing with them), or its sync
-//! step 2, which is the whole document. Here tungstenite writes each frame at once into [`BatchIo`],
-//! which gathers a batch of frames in a buffer of its own, writes it with one syscall on flush, and then
-//! frees it; and a message longer than [`FRAME_MAX`] is written as a fragmented WebSocket message
-//! (RFC 6455 §5.4, reassembled by every client), so tungstenite's own buffer stays under a few hundred
-//! bytes whatever is written. Clients see the same messages as before.
+//! step 2, which is the whole document. Here a message is written by [`feed`] straight into [`BatchIo`]:
+//! tungstenite's `FrameHeader` formats the header, the payload follows it, and the batch of frames goes
+//! out in one write on flush, after which the buffer is freed. tungstenite itself only writes control
+//! frames (pongs, the close), and [`BatchIo`] takes whatever it writes at once, so its buffer is always
+//! empty between calls and the two writers cannot interleave within a frame. Clients see the same
+//! messages as from any WebSocket server, one frame each.
 
 use std::io;
 use std::pin::Pin;
@@ -19,27 +20,24 @@ use axum::extract::FromRequestParts;
 use axum::http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
-use futures_util::SinkExt;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::error::ApiError;
 
 /// A y-websocket connection's socket.
-pub type Socket = WebSocketStream<BatchIo<TokioIo<hyper::upgrade::Upgraded>>>;
+pub type Socket = WsStream<TokioIo<hyper::upgrade::Upgraded>>;
 
-/// Payload bytes per WebSocket frame written; a longer message goes out as several frames of one
-/// message. Small, because tungstenite keeps a buffer the size of the largest frame for the connection's
-/// life; each further frame costs 4 bytes of header on the wire.
-pub const FRAME_MAX: usize = 256;
+/// A WebSocket over a batching I/O (generic so that tests can run a connection over an in-memory pipe).
+pub type WsStream<T> = WebSocketStream<BatchIo<T>>;
 
-/// Gathered bytes beyond which a write goes to the socket before the flush (bounds the batch buffer).
+/// Gathered bytes beyond which [`feed`] writes to the socket before adding more (bounds the batch buffer).
 const BATCH_MAX: usize = 64 * 1024;
 
 /// A WebSocket upgrade request (HTTP/1.1; Herald does not offer WebSockets over HTTP/2).
@@ -123,35 +121,30 @@ impl Upgrade {
     }
 }
 
-/// Queues one binary message, fragmented into frames of at most [`FRAME_MAX`] bytes. Nothing else is
-/// written between its frames (this connection's task writes one message after the other; tungstenite may
-/// put a pong or a close between them, which the protocol allows).
+/// Queues one binary message, as one frame, after what is already gathered; [`WebSocketStream::flush`]
+/// sends the batch. Only for a connection that neither sent nor received a close (tungstenite would
+/// refuse to write after one; this connection's task stops writing messages when it sees one).
 pub async fn feed<T: AsyncRead + AsyncWrite + Unpin>(
     socket: &mut WebSocketStream<BatchIo<T>>,
     msg: Bytes,
 ) -> Result<(), tungstenite::Error> {
-    if msg.len() <= FRAME_MAX {
-        return socket.feed(Message::Binary(msg)).await;
+    let io = socket.get_mut();
+    if io.out.len() >= BATCH_MAX {
+        std::future::poll_fn(|cx| io.poll_drain(cx)).await?;
     }
-    let mut at = 0;
-    while at < msg.len() {
-        let end = (at + FRAME_MAX).min(msg.len());
-        let op = if at == 0 {
-            Data::Binary
-        } else {
-            Data::Continue
-        };
-        let frame = Frame::message(msg.slice(at..end), OpCode::Data(op), end == msg.len());
-        socket.feed(Message::Frame(frame)).await?;
-        at = end;
-    }
+    let header = FrameHeader {
+        is_final: true,
+        opcode: OpCode::Data(Data::Binary),
+        ..FrameHeader::default()
+    };
+    header.format(msg.len() as u64, &mut io.out)?;
+    io.out.extend_from_slice(&msg);
     Ok(())
 }
 
-/// The upgraded connection, gathering what tungstenite writes until a flush. tungstenite is configured to
-/// write each frame at once (`write_buffer_size` 0), so its own buffer holds one frame at a time; the
-/// frames of a batch meet here and go out in one write, and the buffer is freed once written, so an idle
-/// connection holds none.
+/// The upgraded connection, gathering frames until a flush: the messages [`feed`] adds, and what
+/// tungstenite writes (configured to write each frame at once, `write_buffer_size` 0). A batch goes out
+/// in one write, and the buffer is freed once written, so an idle connection holds none.
 pub struct BatchIo<T> {
     io: T,
     out: Vec<u8>,
@@ -160,7 +153,7 @@ pub struct BatchIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> BatchIo<T> {
-    fn new(io: T) -> Self {
+    pub(super) fn new(io: T) -> Self {
         BatchIo {
             io,
             out: Vec::new(),
@@ -196,12 +189,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for BatchIo<T> {
 impl<T: AsyncWrite + Unpin> AsyncWrite for BatchIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
+        _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.out.len() >= BATCH_MAX {
-            ready!(self.poll_drain(cx))?;
-        }
+        // Never pending: what tungstenite writes (a pong, the close) is taken whole at once, so nothing of
+        // it waits in tungstenite's buffer while `feed` adds frames here, and the order holds.
         self.out.extend_from_slice(buf);
         Poll::Ready(Ok(buf.len()))
     }
@@ -220,14 +212,16 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for BatchIo<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures_util::StreamExt;
+    use futures_util::{SinkExt, StreamExt};
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
+    use tokio_tungstenite::tungstenite::Message;
 
-    /// A long message leaves as frames of at most `FRAME_MAX` bytes that a stock client reads back as the
-    /// one message it was, and once flushed neither tungstenite nor the batch keeps a buffer of its size.
+    /// A long message leaves as one frame that a stock client reads back as the message it was, frames
+    /// keep their order with what tungstenite writes itself (a pong), and once flushed no buffer of the
+    /// message's size stays.
     #[tokio::test]
-    async fn a_long_message_is_fragmented_and_no_buffer_of_its_size_stays() {
+    async fn messages_go_out_whole_in_order_and_no_buffer_of_their_size_stays() {
         let (server_io, mut client_io) = tokio::io::duplex(1 << 20);
         let config = WebSocketConfig::default().write_buffer_size(0);
         let mut server =
@@ -236,6 +230,10 @@ mod tests {
         let long: Bytes = (0..10_000u32).map(|i| i as u8).collect::<Vec<u8>>().into();
         let short = Bytes::from_static(b"short");
         feed(&mut server, long.clone()).await.unwrap();
+        server
+            .feed(Message::Pong(Bytes::from_static(b"p")))
+            .await
+            .unwrap();
         feed(&mut server, short.clone()).await.unwrap();
         assert!(
             server.get_ref().out.len() > long.len(),
@@ -248,55 +246,46 @@ mod tests {
             "the batch buffer is freed"
         );
 
-        // The raw frames: unmasked server frames, 2-byte headers (payloads < 126), FIN on the last only.
-        let mut raw = vec![0u8; long.len() + short.len() + 1024];
+        // The raw frames: unmasked server frames with FIN set, in the order they were written.
+        let mut raw = vec![0u8; long.len() + 1024];
         let n = tokio::time::timeout(Duration::from_secs(5), client_io.read(&mut raw))
             .await
             .unwrap()
             .unwrap();
-        let (mut at, mut frames, mut payload) = (0, Vec::new(), Vec::new());
+        let (mut at, mut frames) = (0, Vec::new());
         while at < n {
-            let (b0, len) = (raw[at], (raw[at + 1] & 0x7f) as usize);
-            let len = if len == 126 {
-                at += 2;
-                u16::from_be_bytes([raw[at], raw[at + 1]]) as usize
-            } else {
-                len
+            let b0 = raw[at];
+            let (len, head) = match raw[at + 1] & 0x7f {
+                126 => (u16::from_be_bytes([raw[at + 2], raw[at + 3]]) as usize, 4),
+                127 => panic!("no 64-bit lengths here"),
+                l => (l as usize, 2),
             };
-            assert!(len <= FRAME_MAX, "a frame of {len} bytes");
-            frames.push((b0 & 0x80 != 0, b0 & 0x0f));
-            payload.extend_from_slice(&raw[at + 2..at + 2 + len]);
-            at += 2 + len;
+            assert_eq!(raw[at + 1] & 0x80, 0, "a server frame is not masked");
+            frames.push((b0, raw[at + head..at + head + len].to_vec()));
+            at += head + len;
         }
         assert_eq!(at, n);
-        let pieces = long.len().div_ceil(FRAME_MAX);
-        assert_eq!(frames.len(), pieces + 1);
-        assert_eq!(frames[0], (false, 2), "binary, not final");
-        assert!(
-            frames[1..pieces - 1].iter().all(|f| *f == (false, 0)),
-            "continuations"
-        );
-        assert_eq!(
-            frames[pieces - 1],
-            (true, 0),
-            "the last continuation ends the message"
-        );
-        assert_eq!(frames[pieces], (true, 2), "the short message is one frame");
-        assert_eq!(&payload[..long.len()], &long[..]);
+        assert_eq!(frames.len(), 3);
+        assert_eq!(frames[0], (0x82, long.to_vec()), "binary, final, whole");
+        assert_eq!(frames[1], (0x8a, b"p".to_vec()), "the pong, after it");
+        assert_eq!(frames[2], (0x82, short.to_vec()));
 
-        // And a client reassembles them.
+        // And a client reads them as messages.
         let (server_io, client_io) = tokio::io::duplex(1 << 20);
         let mut server =
             WebSocketStream::from_raw_socket(BatchIo::new(server_io), Role::Server, Some(config))
                 .await;
         let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
         feed(&mut server, long.clone()).await.unwrap();
+        feed(&mut server, short.clone()).await.unwrap();
         server.flush().await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), client.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(got, Message::Binary(long));
+        for want in [long, short] {
+            let got = tokio::time::timeout(Duration::from_secs(5), client.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, Message::Binary(want));
+        }
     }
 }
