@@ -159,7 +159,6 @@ where
     let docs = &c.docs;
     let mut peer = docs.join(doc);
     let mut commits = Commits::default();
-    let shutdown = docs.hub().shutdown_token();
     let mut told_read_only = false;
     // Rights come from the token, so they end with it (as an SSE stream does): the provider stops on a
     // 44xx close, and the app reconnects it with a fresh token. The timer is boxed, and only made for a
@@ -170,7 +169,6 @@ where
     });
     let end: Option<Close> = loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break Some((CLOSE_RESTART, "server restarting".into())),
             _ = expiry(&mut expires) => {
                 break Some((CLOSE_UNAUTHORIZED, "the token expired: reconnect with a fresh one".into()))
             }
@@ -180,9 +178,15 @@ where
             },
             frame = peer.recv() => match frame {
                 Some(f) => {
-                    if write_queued(&mut c.socket, &mut peer, f).await.is_err() {
+                    gather(&mut c.socket, &mut peer, f);
+                    if c.socket.flush().await.is_err() {
                         break None;
                     }
+                }
+                // The document closes the queues of its connections when it unloads, and when the
+                // server stops (so a connection waits on one thing, not on a shutdown token too).
+                None if docs.hub().shutdown_token().is_cancelled() => {
+                    break Some((CLOSE_RESTART, "server restarting".into()))
                 }
                 None => break Some((
                     CLOSE_TRY_LATER,
@@ -193,8 +197,10 @@ where
             msg = c.socket.next(), if !commits.full() => match msg {
                 None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => break None,
                 Some(Ok(WsMessage::Binary(data))) => {
-                    let read = on_frame(docs, &peer, &mut commits, right, data, &mut told_read_only);
-                    if let Err(c) = Box::pin(read).await {
+                    // Boxed in place: a named future would keep its storage in this task's state.
+                    let read =
+                        Box::pin(on_frame(docs, &peer, &mut commits, right, data, &mut told_read_only));
+                    if let Err(c) = read.await {
                         break Some(c);
                     }
                 }
@@ -258,21 +264,24 @@ async fn expiry(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
 /// Frames written before one flush: each is still its own message (y-websocket reads one per frame).
 const WRITE_BATCH: usize = 64;
 
-/// Writes `first` and what else is already queued for this connection (up to `WRITE_BATCH` frames), then
-/// flushes once: under fan-out most of the server's time went to one `send` syscall per frame.
-async fn write_queued<S: AsyncRead + AsyncWrite + Unpin>(
+/// Adds `first` and what else is already queued for this connection (up to `WRITE_BATCH` frames) to its
+/// batch, which the caller flushes once: under fan-out most of the server's time went to one `send`
+/// syscall per frame. A frame that cannot be added (the socket is closing) is dropped here and the flush
+/// that follows reports the socket's state.
+fn gather<S: AsyncRead + AsyncWrite + Unpin>(
     socket: &mut WsStream<S>,
     peer: &mut PeerHandle,
     first: Bytes,
-) -> Result<(), tokio_tungstenite::tungstenite::Error> {
-    super::socket::feed(socket, first).await?;
-    for _ in 1..WRITE_BATCH {
-        match peer.try_recv() {
-            Some(f) => super::socket::feed(socket, f).await?,
-            None => break,
+) {
+    let mut frame = Some(first);
+    for _ in 0..WRITE_BATCH {
+        let Some(f) = frame.take().or_else(|| peer.try_recv()) else {
+            break;
+        };
+        if super::socket::push(socket, &f).is_err() {
+            break;
         }
     }
-    socket.flush().await
 }
 
 /// Bytes of one connection's updates waiting behind its commit in flight; past them the connection stops
@@ -456,9 +465,10 @@ mod tests {
 
     /// The connection's task lives as long as the connection, so its size is paid by every idle one:
     /// 2.7 KB of the ~6.5 KB an idle y-websocket connection cost (heaptrack, 1 000 idle clients) was this
-    /// task, sized by its arguments (stored twice) and its one-off steps' states; with the state boxed
-    /// and those steps boxed, the future is under 500 bytes (and the box ~430). The bound leaves room
-    /// for the compiler's layout but fails if a large state creeps back into the loop.
+    /// task, sized by its arguments (stored twice) and its one-off steps' states. With the state boxed,
+    /// those steps boxed, the writes synchronous and the shutdown seen through the queue, the future is
+    /// 360 bytes (and the box ~430), so tokio's task cell (the future plus its header and trailer, in
+    /// 128-byte lines) takes 512. The bound fails if a large state creeps back into the loop.
     #[tokio::test]
     async fn an_idle_connection_task_is_small() {
         let engine = Arc::new(LocalEngine::new(
@@ -485,6 +495,6 @@ mod tests {
             _guard: guard,
         }));
         let size = std::mem::size_of_val(&task);
-        assert!(size <= 640, "the connection's future is {size} bytes");
+        assert!(size <= 400, "the connection's future is {size} bytes");
     }
 }

@@ -791,8 +791,9 @@ impl Docs {
                     peer.offer(encode(&Message::Awareness(u)), st.awareness.doc());
                 }
             }
-            if doc.stop.is_cancelled() {
-                peer.tx.close(); // unloaded meanwhile: the connection ends and reconnects
+            if doc.stop.is_cancelled() || self.hub.shutdown_token().is_cancelled() {
+                // Unloaded meanwhile (the connection ends and reconnects), or the server is stopping.
+                peer.tx.close();
             }
             st.peers.insert(id, peer);
             st.idle_since = None;
@@ -845,7 +846,15 @@ impl Docs {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => {
+                    // Ends every connection (each sees the token cancelled and says "restarting"):
+                    // they wait on their queue, not on the token, which would make every idle
+                    // connection's task larger.
+                    for d in self.loaded.lock().values() {
+                        d.close_peers();
+                    }
+                    return;
+                }
                 _ = tick.tick() => {}
             }
             let docs: Vec<Arc<Loaded>> = self.loaded.lock().values().cloned().collect();
@@ -1137,10 +1146,14 @@ impl Docs {
 impl Loaded {
     fn unload(&self) {
         self.stop.cancel();
-        let mut st = self.state.lock();
-        st.sub = None;
+        self.state.lock().sub = None;
         // Closing their queues ends the connections, which then reconnect and load it again.
-        for p in st.peers.values() {
+        self.close_peers();
+    }
+
+    /// Ends every connection of this document on this node: each finds its queue closed.
+    fn close_peers(&self) {
+        for p in self.state.lock().peers.values() {
             p.tx.close();
         }
     }

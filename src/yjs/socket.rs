@@ -5,7 +5,7 @@
 //! connection kept, for its whole life, a buffer as large as the largest frame (or batch of frames) it
 //! ever wrote: the whole awareness of its document sent to it on joining (about 9 bytes per client, so
 //! ~4.5 KB per connection on average for 1 000 clients of one document, growing with them), or its sync
-//! step 2, which is the whole document. Here a message is written by [`feed`] straight into [`BatchIo`]:
+//! step 2, which is the whole document. Here a message is written by [`push`] straight into [`BatchIo`]:
 //! tungstenite's `FrameHeader` formats the header, the payload follows it, and the batch of frames goes
 //! out in one write on flush, after which the buffer is freed. tungstenite itself only writes control
 //! frames (pongs, the close), and [`BatchIo`] takes whatever it writes at once, so its buffer is always
@@ -19,7 +19,6 @@ use std::task::{ready, Context, Poll};
 use axum::extract::FromRequestParts;
 use axum::http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
-use bytes::Bytes;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -36,9 +35,6 @@ pub type Socket = WsStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// A WebSocket over a batching I/O (generic so that tests can run a connection over an in-memory pipe).
 pub type WsStream<T> = WebSocketStream<BatchIo<T>>;
-
-/// Gathered bytes beyond which [`feed`] writes to the socket before adding more (bounds the batch buffer).
-const BATCH_MAX: usize = 64 * 1024;
 
 /// A WebSocket upgrade request (HTTP/1.1; Herald does not offer WebSockets over HTTP/2).
 pub struct Upgrade {
@@ -121,28 +117,27 @@ impl Upgrade {
     }
 }
 
-/// Queues one binary message, as one frame, after what is already gathered; [`WebSocketStream::flush`]
-/// sends the batch. Only for a connection that neither sent nor received a close (tungstenite would
-/// refuse to write after one; this connection's task stops writing messages when it sees one).
-pub async fn feed<T: AsyncRead + AsyncWrite + Unpin>(
+/// Adds one binary message, as one frame, after what is already gathered; [`WebSocketStream::flush`]
+/// sends the batch. Not async, so that the connection's task holds no future of it while it waits. The
+/// caller bounds a batch (in messages) before it flushes. Only for a connection that neither sent nor
+/// received a close (tungstenite would refuse to write after one; the connection's task stops writing
+/// messages when it sees one).
+pub fn push<T: AsyncRead + AsyncWrite + Unpin>(
     socket: &mut WebSocketStream<BatchIo<T>>,
-    msg: Bytes,
+    msg: &[u8],
 ) -> Result<(), tungstenite::Error> {
-    let io = socket.get_mut();
-    if io.out.len() >= BATCH_MAX {
-        std::future::poll_fn(|cx| io.poll_drain(cx)).await?;
-    }
+    let out = &mut socket.get_mut().out;
     let header = FrameHeader {
         is_final: true,
         opcode: OpCode::Data(Data::Binary),
         ..FrameHeader::default()
     };
-    header.format(msg.len() as u64, &mut io.out)?;
-    io.out.extend_from_slice(&msg);
+    header.format(msg.len() as u64, out)?;
+    out.extend_from_slice(msg);
     Ok(())
 }
 
-/// The upgraded connection, gathering frames until a flush: the messages [`feed`] adds, and what
+/// The upgraded connection, gathering frames until a flush: the messages [`push`] adds, and what
 /// tungstenite writes (configured to write each frame at once, `write_buffer_size` 0). A batch goes out
 /// in one write, and the buffer is freed once written, so an idle connection holds none.
 pub struct BatchIo<T> {
@@ -193,7 +188,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for BatchIo<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         // Never pending: what tungstenite writes (a pong, the close) is taken whole at once, so nothing of
-        // it waits in tungstenite's buffer while `feed` adds frames here, and the order holds.
+        // it waits in tungstenite's buffer while `push` adds frames here, and the order holds.
         self.out.extend_from_slice(buf);
         Poll::Ready(Ok(buf.len()))
     }
@@ -212,6 +207,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for BatchIo<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use futures_util::{SinkExt, StreamExt};
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
@@ -229,12 +225,12 @@ mod tests {
                 .await;
         let long: Bytes = (0..10_000u32).map(|i| i as u8).collect::<Vec<u8>>().into();
         let short = Bytes::from_static(b"short");
-        feed(&mut server, long.clone()).await.unwrap();
+        push(&mut server, &long).unwrap();
         server
             .feed(Message::Pong(Bytes::from_static(b"p")))
             .await
             .unwrap();
-        feed(&mut server, short.clone()).await.unwrap();
+        push(&mut server, &short).unwrap();
         assert!(
             server.get_ref().out.len() > long.len(),
             "frames are gathered until the flush"
@@ -276,8 +272,8 @@ mod tests {
             WebSocketStream::from_raw_socket(BatchIo::new(server_io), Role::Server, Some(config))
                 .await;
         let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
-        feed(&mut server, long.clone()).await.unwrap();
-        feed(&mut server, short.clone()).await.unwrap();
+        push(&mut server, &long).unwrap();
+        push(&mut server, &short).unwrap();
         server.flush().await.unwrap();
         for want in [long, short] {
             let got = tokio::time::timeout(Duration::from_secs(5), client.next())
