@@ -20,9 +20,12 @@ use parking_lot::Mutex;
 /// connection; smaller ones are kept for the next delivery.
 const KEEP_CAPACITY: usize = 16;
 
-struct Shared<T> {
+struct Shared<T, E> {
     state: Mutex<State<T>>,
     waker: AtomicWaker,
+    /// What both ends share besides the items, in the queue's own allocation (a Yjs connection's count of
+    /// queued bytes): a separate `Arc` would cost every connection another allocation.
+    extra: E,
 }
 
 struct State<T> {
@@ -43,9 +46,9 @@ pub enum TrySendError<T> {
     Closed(T),
 }
 
-pub struct Sender<T>(Arc<Shared<T>>);
+pub struct Sender<T, E = ()>(Arc<Shared<T, E>>);
 
-pub struct Receiver<T>(Arc<Shared<T>>);
+pub struct Receiver<T, E = ()>(Arc<Shared<T, E>>);
 
 /// A queue holding at most `capacity` items (at least 1).
 pub fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
@@ -56,6 +59,15 @@ pub fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
 /// `keep = 0` for a queue that is rarely used (a connection's control queue, woken once per ping
 /// interval), whose first delivery would otherwise pin a buffer of large items for the connection's life.
 pub fn channel_keeping<T>(capacity: usize, keep: usize) -> (Sender<T>, Receiver<T>) {
+    channel_with(capacity, keep, ())
+}
+
+/// [`channel_keeping`] with `extra` shared by both ends ([`Sender::extra`], [`Receiver::extra`]).
+pub fn channel_with<T, E>(
+    capacity: usize,
+    keep: usize,
+    extra: E,
+) -> (Sender<T, E>, Receiver<T, E>) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             items: VecDeque::new(),
@@ -66,11 +78,12 @@ pub fn channel_keeping<T>(capacity: usize, keep: usize) -> (Sender<T>, Receiver<
             closed: false,
         }),
         waker: AtomicWaker::new(),
+        extra,
     });
     (Sender(shared.clone()), Receiver(shared))
 }
 
-impl<T> Sender<T> {
+impl<T, E> Sender<T, E> {
     pub fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
         {
             let mut st = self.0.state.lock();
@@ -87,7 +100,7 @@ impl<T> Sender<T> {
     }
 }
 
-impl<T> Sender<T> {
+impl<T, E> Sender<T, E> {
     /// Ends the queue now: what is waiting is dropped, `recv` returns `None` and `closed` completes. A
     /// connection waits on this instead of a cancellation token of its own, which would cost every idle
     /// connection another allocation and a larger future.
@@ -104,6 +117,11 @@ impl<T> Sender<T> {
         self.0.state.lock().closed
     }
 
+    /// What this queue's ends share besides the items.
+    pub fn extra(&self) -> &E {
+        &self.0.extra
+    }
+
     /// Takes everything waiting, leaving the queue open: for a producer that replaces a backlog with
     /// something shorter (a Yjs connection that fell behind is caught up with one merged update).
     pub fn take_all(&self) -> VecDeque<T> {
@@ -111,14 +129,14 @@ impl<T> Sender<T> {
     }
 }
 
-impl<T> Clone for Sender<T> {
+impl<T, E> Clone for Sender<T, E> {
     fn clone(&self) -> Self {
         self.0.state.lock().senders += 1;
         Sender(self.0.clone())
     }
 }
 
-impl<T> Drop for Sender<T> {
+impl<T, E> Drop for Sender<T, E> {
     fn drop(&mut self) {
         let last = {
             let mut st = self.0.state.lock();
@@ -131,7 +149,7 @@ impl<T> Drop for Sender<T> {
     }
 }
 
-impl<T> Receiver<T> {
+impl<T, E> Receiver<T, E> {
     /// The next item; `None` once the queue is closed, or empty with every sender gone.
     pub async fn recv(&mut self) -> Option<T> {
         poll_fn(|cx| self.poll_recv(cx)).await
@@ -149,6 +167,11 @@ impl<T> Receiver<T> {
             None if st.senders == 0 => Poll::Ready(None),
             None => Poll::Pending,
         }
+    }
+
+    /// What this queue's ends share besides the items.
+    pub fn extra(&self) -> &E {
+        &self.0.extra
     }
 
     /// An item if one is waiting.
@@ -171,7 +194,7 @@ impl<T> Receiver<T> {
     }
 }
 
-impl<T> Drop for Receiver<T> {
+impl<T, E> Drop for Receiver<T, E> {
     fn drop(&mut self) {
         let mut st = self.0.state.lock();
         st.receiver = false;

@@ -267,9 +267,9 @@ struct DocState {
 
 /// A connection's place in a document.
 struct Peer {
-    tx: queue::Sender<Bytes>,
-    /// Bytes in `tx`, shared with the connection, which takes off what it writes.
-    queued: Arc<AtomicUsize>,
+    /// The connection's queue; its `extra` counts the bytes in it (the connection takes off what it
+    /// writes).
+    tx: queue::Sender<Bytes, AtomicUsize>,
     /// Bytes left after this connection's last catch-up: the next one waits until the backlog is twice
     /// that, so a client slower than the document's edits costs one merge per doubling, not per update.
     floor: usize,
@@ -282,22 +282,21 @@ struct Peer {
 pub struct PeerHandle {
     pub doc: Arc<Loaded>,
     pub id: u64,
-    rx: queue::Receiver<Bytes>,
-    queued: Arc<AtomicUsize>,
+    rx: queue::Receiver<Bytes, AtomicUsize>,
 }
 
 impl PeerHandle {
     /// The next frame to write; `None` once the document closed this connection's queue.
     pub async fn recv(&mut self) -> Option<Bytes> {
         let f = self.rx.recv().await?;
-        self.queued.fetch_sub(f.len(), Ordering::Relaxed);
+        self.rx.extra().fetch_sub(f.len(), Ordering::Relaxed);
         Some(f)
     }
 
     /// A frame if one is waiting.
     pub fn try_recv(&mut self) -> Option<Bytes> {
         let f = self.rx.try_recv()?;
-        self.queued.fetch_sub(f.len(), Ordering::Relaxed);
+        self.rx.extra().fetch_sub(f.len(), Ordering::Relaxed);
         Some(f)
     }
 }
@@ -332,17 +331,17 @@ impl Peer {
     fn offer(&mut self, frame: Bytes, doc: &yrs::Doc) {
         let len = frame.len();
         let limit = PEER_QUEUE_BYTES.max(self.floor.saturating_mul(2));
-        if self.queued.load(Ordering::Relaxed) + len <= limit {
+        if self.tx.extra().load(Ordering::Relaxed) + len <= limit {
             // Counted before it is queued, so the connection never takes off more than was added.
-            self.queued.fetch_add(len, Ordering::Relaxed);
+            self.tx.extra().fetch_add(len, Ordering::Relaxed);
             match self.tx.try_send(frame) {
                 Ok(()) => return,
                 Err(queue::TrySendError::Closed(_)) => {
-                    self.queued.fetch_sub(len, Ordering::Relaxed);
+                    self.tx.extra().fetch_sub(len, Ordering::Relaxed);
                     return;
                 }
                 Err(queue::TrySendError::Full(f)) => {
-                    self.queued.fetch_sub(len, Ordering::Relaxed);
+                    self.tx.extra().fetch_sub(len, Ordering::Relaxed);
                     return self.catch_up(f, doc);
                 }
             }
@@ -356,13 +355,13 @@ impl Peer {
         }
         let backlog = self.tx.take_all();
         let taken: usize = backlog.iter().map(Bytes::len).sum();
-        self.queued.fetch_sub(taken, Ordering::Relaxed);
+        self.tx.extra().fetch_sub(taken, Ordering::Relaxed);
         let mut left = 0;
         for f in compact_backlog(backlog.into_iter().chain([frame]), doc) {
             let len = f.len();
-            self.queued.fetch_add(len, Ordering::Relaxed);
+            self.tx.extra().fetch_add(len, Ordering::Relaxed);
             if self.tx.try_send(f).is_err() {
-                self.queued.fetch_sub(len, Ordering::Relaxed);
+                self.tx.extra().fetch_sub(len, Ordering::Relaxed);
             } else {
                 left += len;
             }
@@ -773,13 +772,11 @@ impl Docs {
         let id = self.next_peer.fetch_add(1, Ordering::Relaxed);
         // Its buffer is given back whenever it is drained: an idle connection of a busy document would
         // otherwise keep up to 16 slots (512 B) from the last burst of frames it was sent.
-        let (tx, rx) = queue::channel_keeping(PEER_QUEUE, 0);
-        let queued = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = queue::channel_with(PEER_QUEUE, 0, AtomicUsize::new(0));
         {
             let mut st = doc.state.lock();
             let mut peer = Peer {
                 tx,
-                queued: queued.clone(),
                 floor: 0,
                 clients: Vec::new(),
             };
@@ -799,12 +796,7 @@ impl Docs {
             st.idle_since = None;
         }
         metrics::gauge!("herald_yjs_connections").increment(1.0);
-        PeerHandle {
-            doc,
-            id,
-            rx,
-            queued,
-        }
+        PeerHandle { doc, id, rx }
     }
 
     /// Removes a connection, and its awareness states for everyone.
