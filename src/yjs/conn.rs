@@ -24,7 +24,7 @@ use yrs::sync::{Message, SyncMessage};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 
-use super::doc::{decode_update, valid_name, DocError, Docs, PeerHandle};
+use super::doc::{decode_update, valid_name, DocError, Docs, Frame, PeerHandle};
 use super::socket::{Upgrade, WsStream};
 use crate::access::DocRight;
 use crate::auth::Role;
@@ -271,7 +271,7 @@ const WRITE_BATCH: usize = 64;
 fn gather<S: AsyncRead + AsyncWrite + Unpin>(
     socket: &mut WsStream<S>,
     peer: &mut PeerHandle,
-    first: Bytes,
+    first: Frame,
 ) {
     let mut frame = Some(first);
     for _ in 0..WRITE_BATCH {
