@@ -501,21 +501,21 @@ fn apply(conn: &Connection, user: &str, category: &str, d: &Tally) -> Result<(),
     Ok(())
 }
 
+/// The tally in columns 1 to 4 of a row (total, unread, unseen, archived), after its key in column 0.
+fn tally_at(r: &rusqlite::Row<'_>) -> rusqlite::Result<Tally> {
+    Ok(Tally {
+        total: r.get(1)?,
+        unread: r.get(2)?,
+        unseen: r.get(3)?,
+        archived: r.get(4)?,
+    })
+}
+
 fn counts_of(conn: &Connection, user: &str) -> Result<Counts, InboxError> {
     let mut stmt = conn.prepare_cached(
         "SELECT category, total, unread, unseen, archived FROM counts WHERE user = ?1",
     )?;
-    let rows = stmt.query_map([user], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            Tally {
-                total: r.get(1)?,
-                unread: r.get(2)?,
-                unseen: r.get(3)?,
-                archived: r.get(4)?,
-            },
-        ))
-    })?;
+    let rows = stmt.query_map([user], |r| Ok((r.get::<_, String>(0)?, tally_at(r)?)))?;
     let mut categories = BTreeMap::new();
     for row in rows {
         let (c, t) = row?;
@@ -920,14 +920,7 @@ fn notify_batch(
                  RETURNING user, total, unread, unseen, archived",
             )?,
             params![list, category, d.total, d.unread, d.unseen, d.archived],
-            |r| {
-                Ok(Tally {
-                    total: r.get(1)?,
-                    unread: r.get(2)?,
-                    unseen: r.get(3)?,
-                    archived: r.get(4)?,
-                })
-            },
+            tally_at,
         )?;
     }
     let mut events = Vec::with_capacity(create.len());
@@ -1107,17 +1100,7 @@ type UserTallies = (BTreeMap<String, Tally>, BTreeMap<String, Tally>);
 fn user_tallies(conn: &Connection, user: &str) -> Result<UserTallies, InboxError> {
     let read = |sql: &str| -> Result<BTreeMap<String, Tally>, InboxError> {
         let mut stmt = conn.prepare_cached(sql)?;
-        let rows = stmt.query_map([user], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                Tally {
-                    total: r.get(1)?,
-                    unread: r.get(2)?,
-                    unseen: r.get(3)?,
-                    archived: r.get(4)?,
-                },
-            ))
-        })?;
+        let rows = stmt.query_map([user], |r| Ok((r.get::<_, String>(0)?, tally_at(r)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     };
     // One walk of the user's part of the `(user, id)` index, a table lookup per item.
