@@ -26,16 +26,23 @@ for a in "$@"; do
   prev=$a
   if [ "$a" = "--quick" ]; then
     QUICK=(--rounds 1 --edits 10000 --edits-per-update 500 --fanout 50:1:0,50:10:0,50:1:50 --fanout-updates 200
-           --docs 100 --mem-docs 200 --idle 300 --settle-ms 1000)
+           --wire 50:1 --wire-updates 500 --docs 100 --mem-docs 200 --idle 300 --settle-ms 1000)
   else
     PASS+=("$a")
   fi
 done
 
 if [ -z "${HERALD_BIN:-}" ]; then
-  echo "== building herald (release)"
-  nice -n 10 cargo build --release --bin herald
+  echo "== building herald and herald-bench (release)"
+  nice -n 10 cargo build --release --workspace --bins
   HERALD_BIN=$ROOT/target/release/herald
+fi
+# The wire-level fan-out's clients (herald-bench yjs); next to HERALD_BIN unless given.
+HERALD_BENCH_BIN=${HERALD_BENCH_BIN:-$(dirname "$HERALD_BIN")/herald-bench}
+if [ ! -x "$HERALD_BENCH_BIN" ]; then
+  echo "== building herald-bench (release)"
+  nice -n 10 cargo build --release --workspace --bins
+  HERALD_BENCH_BIN=$ROOT/target/release/herald-bench
 fi
 
 cd bench/yjs
@@ -56,4 +63,4 @@ node -e "require('leveldown')" # y-leveldb's native LevelDB (prebuilt in the pac
 ulimit -n "$(ulimit -Hn)"
 echo "== node $(node --version), hocuspocus on $("$NODE22" --version), herald $("$HERALD_BIN" --version 2>/dev/null || echo '?'), commit $(git -C "$ROOT" rev-parse --short HEAD)"
 echo "== uptime: $(uptime)"
-exec node bench.mjs --herald "$HERALD_BIN" --node22 "$NODE22" "${QUICK[@]}" "${PASS[@]}"
+exec node bench.mjs --herald "$HERALD_BIN" --herald-bench "$HERALD_BENCH_BIN" --node22 "$NODE22" "${QUICK[@]}" "${PASS[@]}"

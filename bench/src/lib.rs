@@ -12,6 +12,7 @@ pub mod stats;
 pub mod sub;
 pub mod table;
 pub mod target;
+pub mod yjs;
 
 pub use run::{run, Report, Workload};
 pub use target::{ServerKind, Target, Transport};

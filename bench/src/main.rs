@@ -26,6 +26,37 @@ enum Cmd {
     Table { file: std::path::PathBuf },
     /// The notification inbox's workloads (scripts/bench-inbox.sh runs them).
     Inbox(Box<InboxArgs>),
+    /// Yjs update fan-out to the clients of one document, with wire-level clients (bench/yjs runs it
+    /// against Herald and its peers; see `yjs.rs` for why).
+    Yjs(YjsArgs),
+}
+
+#[derive(clap::Args)]
+struct YjsArgs {
+    /// The server's WebSocket URL: y-websocket clients connect to `<url>/<document>`.
+    #[arg(long)]
+    url: String,
+    /// y-websocket or hocuspocus.
+    #[arg(long, value_enum, default_value = "y-websocket")]
+    dialect: herald_bench::yjs::Dialect,
+    #[arg(long, default_value = "bench")]
+    document: String,
+    /// Clients of the document, writers included.
+    #[arg(long, default_value_t = 100)]
+    clients: usize,
+    #[arg(long, default_value_t = 1)]
+    writers: usize,
+    /// Entries each writer pushes (one update each).
+    #[arg(long, default_value_t = 1000)]
+    updates: usize,
+    /// Clients connecting at once.
+    #[arg(long, default_value_t = 50)]
+    batch: usize,
+    #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Runtime threads of this process; 1 keeps the clients on one core, leaving the other to the server.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 #[derive(clap::Args)]
@@ -247,6 +278,32 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("tokio runtime")?;
             rt.block_on(inbox_cmd(*a))
+        }
+        Cmd::Yjs(a) => {
+            let rt = if a.threads <= 1 {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(a.threads)
+                    .enable_all()
+                    .build()
+            }
+            .context("tokio runtime")?;
+            let f = herald_bench::yjs::Fanout {
+                url: a.url,
+                dialect: a.dialect,
+                document: a.document,
+                clients: a.clients,
+                writers: a.writers,
+                updates: a.updates,
+                batch: a.batch,
+                timeout: a.timeout,
+            };
+            let report = rt.block_on(herald_bench::yjs::fanout(&f))?;
+            println!("{report}");
+            Ok(())
         }
         Cmd::Run(a) => {
             if let Some(limit) = nofile_limit() {

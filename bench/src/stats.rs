@@ -118,6 +118,12 @@ impl Tracker {
         }
     }
 
+    /// When message `i` was sent, if it was.
+    pub fn sent_at(&self, i: usize) -> Option<u64> {
+        let t = self.sent_us.get(i)?.load(Ordering::Relaxed);
+        (t != NOT_SENT).then_some(t)
+    }
+
     pub fn arrived(&self, i: usize, t_us: u64) {
         if let (Some(c), Some(l)) = (self.count.get(i), self.last_us.get(i)) {
             c.fetch_add(1, Ordering::Relaxed);

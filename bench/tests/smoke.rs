@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 const KEY: &str = "bench-smoke-key";
 
 async fn start_herald(dir: &std::path::Path) -> (std::net::SocketAddr, oneshot::Sender<()>) {
-    let overrides: Vec<(String, String)> = vec![
+    let mut overrides: Vec<(String, String)> = vec![
         ("listen".into(), "\"127.0.0.1:0\"".into()),
         (
             "data_dir".into(),
@@ -20,6 +20,8 @@ async fn start_herald(dir: &std::path::Path) -> (std::net::SocketAddr, oneshot::
         ("auth.allow_anonymous".into(), "true".into()),
         ("shutdown_timeout".into(), "\"2s\"".into()),
     ];
+    // The Yjs fan-out's clients carry no token.
+    overrides.push(("yjs.anonymous".into(), "\"write\"".into()));
     let config = Config::load(None, Vec::new(), &overrides).expect("config");
     let server = Server::bind(config).await.expect("bind");
     let addr = server.local_addr().expect("addr");
@@ -94,4 +96,27 @@ async fn sse_channels_and_websocket_lose_nothing() {
         p < j,
         "a Protobuf push is smaller than a JSON one ({p:.1} vs {j:.1} bytes)"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yjs_wire_clients_get_every_update_of_every_writer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (addr, _stop) = start_herald(dir.path()).await;
+    let f = herald_bench::yjs::Fanout {
+        url: format!("ws://{addr}/yjs"),
+        dialect: herald_bench::yjs::Dialect::YWebsocket,
+        document: "smoke".into(),
+        clients: 30,
+        writers: 2,
+        updates: 300,
+        batch: 10,
+        timeout: Duration::from_secs(60),
+    };
+    let r = herald_bench::yjs::fanout(&f).await.expect("fan-out");
+    println!("{r}");
+    assert_eq!(r["complete"], true, "{r}");
+    assert_eq!(r["lost"], 0, "{r}");
+    assert_eq!(r["gaps"], 0, "{r}");
+    assert_eq!(r["updates"], 600, "{r}");
+    assert!(r["deliveries_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
 }

