@@ -17,17 +17,23 @@
 //! A receiver decodes each update it gets (`Update::decode_v1`) and credits the writer's clock ranges it
 //! inserts: a server may merge several updates into one message, and a range that starts past what the
 //! receiver already has is a gap (counted, not credited). Latency is from the writer's send to the receipt.
+//! A frame identical to one already decoded (servers send one frame to every client) is not decoded again.
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use parking_lot::Mutex;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use yrs::encoding::read::{Cursor, Read as _};
 use yrs::encoding::write::Write as _;
@@ -105,8 +111,9 @@ fn sync_message(dialect: Dialect, document: &str, kind: u32, payload: &[u8]) -> 
     })
 }
 
-/// The sync payload of a message (its step and bytes), or None for anything else (awareness, auth, acks).
-fn sync_payload(dialect: Dialect, data: &[u8]) -> anyhow::Result<Option<(u32, &[u8])>> {
+/// The sync payload of a message (its step and where its bytes are), or None for anything else
+/// (awareness, auth, acks).
+fn sync_payload(dialect: Dialect, data: &[u8]) -> anyhow::Result<Option<(u32, Range<usize>)>> {
     let mut c = Cursor::new(data);
     if dialect == Dialect::Hocuspocus {
         c.read_string().context("document name")?;
@@ -117,9 +124,10 @@ fn sync_payload(dialect: Dialect, data: &[u8]) -> anyhow::Result<Option<(u32, &[
     }
     let step: u32 = c.read_var().context("sync step")?;
     let len: usize = c.read_var().context("sync payload length")?;
-    let payload = data
-        .get(c.next..c.next.saturating_add(len))
-        .context("sync payload cut short")?;
+    let payload = c.next..c.next.saturating_add(len);
+    if payload.end > data.len() {
+        bail!("sync payload cut short");
+    }
     Ok(Some((step, payload)))
 }
 
@@ -129,7 +137,12 @@ async fn open(f: &Fanout) -> anyhow::Result<Ws> {
         Dialect::YWebsocket => format!("{}/{}", f.url.trim_end_matches('/'), f.document),
         Dialect::Hocuspocus => f.url.clone(),
     };
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+    // tungstenite zero-fills its read buffer (128 KiB by default) on every read: a small one keeps that
+    // from being what the clients spend most on; no write buffering, every message goes out at once.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true)
         .await
         .with_context(|| format!("connecting to {url}"))?;
     if f.dialect == Dialect::Hocuspocus {
@@ -169,11 +182,61 @@ async fn open(f: &Fanout) -> anyhow::Result<Ws> {
     bail!("no sync step 2 within 64 messages")
 }
 
+/// The clock ranges an update inserts, by writer: all a receiver needs of an update.
+type Inserted = Arc<Vec<(usize, Range<u32>)>>;
+
+/// An update's bytes as a map key: hashed by its length and ends (cheap for a large merged update),
+/// compared in full.
+#[derive(PartialEq, Eq)]
+struct Key(Bytes);
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        let b = &self.0[..];
+        b.len().hash(h);
+        b[..b.len().min(32)].hash(h);
+        b[b.len().saturating_sub(32)..].hash(h);
+    }
+}
+
+/// Updates already decoded, by their exact bytes. A server sends the same frame to every client of a
+/// document, and decoding it (not reading it) is what these clients would otherwise spend most of their
+/// time on: a hit is a byte-for-byte match, so it yields what decoding again would.
+#[derive(Default)]
+struct Decoded(Mutex<HashMap<Key, Inserted>>);
+
+impl Decoded {
+    /// How many distinct updates are kept; receivers are never that far apart, and the map starts over.
+    const KEEP: usize = 4096;
+
+    fn get(&self, payload: Bytes, writers: &[Writer]) -> Option<Inserted> {
+        let key = Key(payload);
+        if let Some(hit) = self.0.lock().get(&key) {
+            return Some(hit.clone());
+        }
+        let update = Update::decode_v1(&key.0).ok()?;
+        let mut inserted = Vec::new();
+        for (client, ranges) in update.insertions(true).iter() {
+            if let Some(w) = writers.iter().position(|w| w.id == *client) {
+                inserted.extend(ranges.iter().map(|r| (w, r.clone())));
+            }
+        }
+        let inserted = Arc::new(inserted);
+        let mut map = self.0.lock();
+        if map.len() >= Self::KEEP {
+            map.clear();
+        }
+        map.insert(key, inserted.clone());
+        Some(inserted)
+    }
+}
+
 /// Reads until every writer's entries arrived (or the socket ends), crediting clock ranges.
 async fn receive(
     mut ws: futures_util::stream::SplitStream<Ws>,
     dialect: Dialect,
     writers: Arc<Vec<Writer>>,
+    decoded: Arc<Decoded>,
     updates: u32,
     done: Arc<AtomicU64>,
 ) -> Seen {
@@ -191,30 +254,24 @@ async fn receive(
         let Ok(Some((SYNC_STEP2 | SYNC_UPDATE, payload))) = sync_payload(dialect, &data) else {
             continue;
         };
-        let Ok(update) = Update::decode_v1(payload) else {
+        let t = now_us();
+        let Some(inserted) = decoded.get(data.slice(payload), &writers) else {
             seen.gaps += 1;
             continue;
         };
-        let t = now_us();
-        let inserted = update.insertions(true);
-        for (client, ranges) in inserted.iter() {
-            let Some(w) = writers.iter().position(|w| w.id == *client) else {
+        for (w, r) in inserted.iter() {
+            let next = &mut seen.next[*w];
+            if r.start > *next {
+                seen.gaps += 1;
                 continue;
-            };
-            for r in ranges.iter() {
-                let next = &mut seen.next[w];
-                if r.start > *next {
-                    seen.gaps += 1;
-                    continue;
-                }
-                for clock in *next..r.end {
-                    if let Some(sent) = writers[w].sent.sent_at(clock as usize) {
-                        seen.hist.saturating_record(t.saturating_sub(sent).max(1));
-                    }
-                    writers[w].sent.arrived(clock as usize, t);
-                }
-                *next = (*next).max(r.end);
             }
+            for clock in *next..r.end {
+                if let Some(sent) = writers[*w].sent.sent_at(clock as usize) {
+                    seen.hist.saturating_record(t.saturating_sub(sent).max(1));
+                }
+                writers[*w].sent.arrived(clock as usize, t);
+            }
+            *next = (*next).max(r.end);
         }
     }
     if complete(&seen) {
@@ -275,6 +332,7 @@ pub async fn fanout(f: &Fanout) -> anyhow::Result<serde_json::Value> {
             .collect(),
     );
     let done = Arc::new(AtomicU64::new(0));
+    let decoded = Arc::new(Decoded::default());
     let mut readers = Vec::new();
     let mut sinks = Vec::new();
     for (i, ws) in sockets.into_iter().enumerate() {
@@ -288,6 +346,7 @@ pub async fn fanout(f: &Fanout) -> anyhow::Result<serde_json::Value> {
                 stream,
                 f.dialect,
                 writers.clone(),
+                decoded.clone(),
                 f.updates as u32,
                 done.clone(),
             );
