@@ -26,7 +26,7 @@ for a in "$@"; do
   prev=$a
   if [ "$a" = "--quick" ]; then
     QUICK=(--rounds 1 --edits 10000 --edits-per-update 500 --fanout 50:1:0,50:10:0,50:1:50 --fanout-updates 200
-           --wire 50:1 --wire-updates 500 --docs 100 --mem-docs 200 --idle 300 --settle-ms 1000)
+           --wire 50:1,2:1:100 --wire-updates 500 --wire-doc-updates 20 --docs 100 --mem-docs 200 --idle 300 --settle-ms 1000)
   else
     PASS+=("$a")
   fi

@@ -39,9 +39,13 @@ struct YjsArgs {
     /// y-websocket or hocuspocus.
     #[arg(long, value_enum, default_value = "y-websocket")]
     dialect: herald_bench::yjs::Dialect,
+    /// The document's name (with --documents > 1, their prefix).
     #[arg(long, default_value = "bench")]
     document: String,
-    /// Clients of the document, writers included.
+    /// Documents, each with --clients clients and --writers writers of its own.
+    #[arg(long, default_value_t = 1)]
+    documents: usize,
+    /// Clients per document, writers included.
     #[arg(long, default_value_t = 100)]
     clients: usize,
     #[arg(long, default_value_t = 1)]
@@ -295,6 +299,7 @@ fn main() -> anyhow::Result<()> {
                 url: a.url,
                 dialect: a.dialect,
                 document: a.document,
+                documents: a.documents,
                 clients: a.clients,
                 writers: a.writers,
                 updates: a.updates,

@@ -27,9 +27,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use parking_lot::Mutex;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
+use parking_lot::Mutex;
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -58,10 +58,13 @@ pub enum Dialect {
 pub struct Fanout {
     pub url: String,
     pub dialect: Dialect,
+    /// The document's name, or with `documents` > 1 the prefix of theirs (`<document>-<i>`).
     pub document: String,
-    /// Clients of the document, writers included.
+    /// Documents, each with `clients` clients; all written at once.
+    pub documents: usize,
+    /// Clients per document, writers included.
     pub clients: usize,
-    /// The first `writers` clients write.
+    /// The first `writers` clients of each document write.
     pub writers: usize,
     /// Entries each writer pushes.
     pub updates: usize,
@@ -132,9 +135,9 @@ fn sync_payload(dialect: Dialect, data: &[u8]) -> anyhow::Result<Option<(u32, Ra
 }
 
 /// Opens one client and completes the sync handshake: our (empty) state vector out, the server's state back.
-async fn open(f: &Fanout) -> anyhow::Result<Ws> {
+async fn open(f: &Fanout, document: &str) -> anyhow::Result<Ws> {
     let url = match f.dialect {
-        Dialect::YWebsocket => format!("{}/{}", f.url.trim_end_matches('/'), f.document),
+        Dialect::YWebsocket => format!("{}/{}", f.url.trim_end_matches('/'), document),
         Dialect::Hocuspocus => f.url.clone(),
     };
     // tungstenite zero-fills its read buffer (128 KiB by default) on every read: a small one keeps that
@@ -142,11 +145,12 @@ async fn open(f: &Fanout) -> anyhow::Result<Ws> {
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true)
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
     if f.dialect == Dialect::Hocuspocus {
-        ws.send(frame(f.dialect, &f.document, |b| {
+        ws.send(frame(f.dialect, document, |b| {
             b.write_var(HOCUSPOCUS_AUTH);
             b.write_var(HOCUSPOCUS_AUTH_TOKEN);
             b.write_string("");
@@ -155,7 +159,7 @@ async fn open(f: &Fanout) -> anyhow::Result<Ws> {
     }
     let empty_sv = yrs::StateVector::default();
     let sv = yrs::updates::encoder::Encode::encode_v1(&empty_sv);
-    ws.send(sync_message(f.dialect, &f.document, SYNC_STEP1, &sv))
+    ws.send(sync_message(f.dialect, document, SYNC_STEP1, &sv))
         .await?;
     for _ in 0..64 {
         let Some(msg) = ws.next().await else {
@@ -169,7 +173,7 @@ async fn open(f: &Fanout) -> anyhow::Result<Ws> {
                 // The server asks for what we have: nothing.
                 ws.send(sync_message(
                     f.dialect,
-                    &f.document,
+                    document,
                     SYNC_STEP2,
                     Update::EMPTY_V1,
                 ))
@@ -280,24 +284,31 @@ async fn receive(
     seen
 }
 
+/// One writer: its document, where it writes, and the send times it records by clock.
+struct Write {
+    dialect: Dialect,
+    document: String,
+    updates: usize,
+    doc: Doc,
+    writers: Arc<Vec<Writer>>,
+    index: usize,
+}
+
 /// Pushes `updates` entries, one transaction and one message each, recording each send time by clock.
 async fn write(
     mut sink: futures_util::stream::SplitSink<Ws, Message>,
-    f: Fanout,
-    doc: Doc,
-    writer: Arc<Vec<Writer>>,
-    index: usize,
+    w: Write,
 ) -> anyhow::Result<()> {
-    let array = doc.get_or_insert_array("a");
-    for i in 0..f.updates {
+    let array = w.doc.get_or_insert_array("a");
+    for i in 0..w.updates {
         let t = now_us();
         let update = {
-            let mut txn = doc.transact_mut();
+            let mut txn = w.doc.transact_mut();
             array.push_back(&mut txn, Any::from(i as f64));
             txn.encode_update_v1()
         };
-        writer[index].sent.sent(i, t);
-        sink.send(sync_message(f.dialect, &f.document, SYNC_UPDATE, &update))
+        w.writers[w.index].sent.sent(i, t);
+        sink.send(sync_message(w.dialect, &w.document, SYNC_UPDATE, &update))
             .await
             .context("sending an update")?;
         if i % 10 == 9 {
@@ -311,57 +322,82 @@ async fn write(
 /// `f.timeout`), and reports deliveries per second over first send .. last receipt, latency, gaps, and
 /// this process's own CPU time (to show the clients were not the bound).
 pub async fn fanout(f: &Fanout) -> anyhow::Result<serde_json::Value> {
-    if f.writers == 0 || f.writers >= f.clients || f.updates == 0 {
-        bail!("need 1 <= writers < clients and updates >= 1");
+    if f.documents == 0 || f.writers == 0 || f.writers >= f.clients || f.updates == 0 {
+        bail!("need documents >= 1, 1 <= writers < clients and updates >= 1");
     }
-    let mut sockets = Vec::with_capacity(f.clients);
-    for start in (0..f.clients).step_by(f.batch.max(1)) {
-        let n = f.batch.max(1).min(f.clients - start);
-        let opened = futures_util::future::join_all((0..n).map(|_| open(f))).await;
+    let names: Vec<String> = (0..f.documents)
+        .map(|d| match f.documents {
+            1 => f.document.clone(),
+            _ => format!("{}-{d}", f.document),
+        })
+        .collect();
+    // (document, client of it) per socket, documents interleaved: a batch of connections spans documents.
+    let plan: Vec<(usize, usize)> = (0..f.clients)
+        .flat_map(|c| (0..f.documents).map(move |d| (d, c)))
+        .collect();
+    let mut sockets = Vec::with_capacity(plan.len());
+    for batch in plan.chunks(f.batch.max(1)) {
+        let opened =
+            futures_util::future::join_all(batch.iter().map(|&(d, _)| open(f, &names[d]))).await;
         for ws in opened {
             sockets.push(ws?);
         }
     }
-    let docs: Vec<Doc> = (0..f.writers).map(|_| Doc::new()).collect();
-    let writers: Arc<Vec<Writer>> = Arc::new(
-        docs.iter()
-            .map(|d| Writer {
-                id: d.client_id(),
-                sent: Tracker::new(f.updates),
-            })
-            .collect(),
-    );
+    let docs: Vec<Vec<Doc>> = (0..f.documents)
+        .map(|_| (0..f.writers).map(|_| Doc::new()).collect())
+        .collect();
+    let writers: Vec<Arc<Vec<Writer>>> = docs
+        .iter()
+        .map(|ds| {
+            Arc::new(
+                ds.iter()
+                    .map(|d| Writer {
+                        id: d.client_id(),
+                        sent: Tracker::new(f.updates),
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
     let done = Arc::new(AtomicU64::new(0));
     let decoded = Arc::new(Decoded::default());
-    let mut readers = Vec::new();
+    let mut drains = Vec::new();
+    let mut receivers = Vec::new();
     let mut sinks = Vec::new();
-    for (i, ws) in sockets.into_iter().enumerate() {
+    for (&(d, c), ws) in plan.iter().zip(sockets) {
         let (sink, stream) = ws.split();
-        if i < f.writers {
-            sinks.push(sink);
-            // A writer's socket is read too (Hocuspocus acknowledges every update), and dropped unread.
-            readers.push(tokio::spawn(drain(stream)));
+        if c < f.writers {
+            sinks.push((d, c, sink));
+            // A writer's socket is read too (Hocuspocus acknowledges every update), and what comes is dropped.
+            drains.push(tokio::spawn(drain(stream)));
         } else {
-            let task = receive(
+            receivers.push(tokio::spawn(receive(
                 stream,
                 f.dialect,
-                writers.clone(),
+                writers[d].clone(),
                 decoded.clone(),
                 f.updates as u32,
                 done.clone(),
-            );
-            readers.push(tokio::spawn(async move { Some(task.await) }));
+            )));
         }
     }
+    let mut docs: Vec<std::vec::IntoIter<Doc>> = docs.into_iter().map(Vec::into_iter).collect();
     let cpu0 = cpu_seconds();
     let started = Instant::now();
-    let writing: Vec<_> = sinks
-        .into_iter()
-        .zip(docs)
-        .enumerate()
-        .map(|(i, (sink, doc))| tokio::spawn(write(sink, f.clone(), doc, writers.clone(), i)))
-        .collect();
-    let receivers = f.clients - f.writers;
+    let mut writing = Vec::new();
+    for (d, c, sink) in sinks {
+        let doc = docs[d].next().context("a writer without its document")?;
+        let w = Write {
+            dialect: f.dialect,
+            document: names[d].clone(),
+            updates: f.updates,
+            doc,
+            writers: writers[d].clone(),
+            index: c,
+        };
+        writing.push(tokio::spawn(write(sink, w)));
+    }
+    let receiving = receivers.len();
     let deadline = tokio::time::Instant::now() + f.timeout;
     let mut write_errors = 0;
     for w in writing {
@@ -371,14 +407,17 @@ pub async fn fanout(f: &Fanout) -> anyhow::Result<serde_json::Value> {
         }
     }
     let mut seen = Vec::new();
-    for r in readers.iter_mut().skip(f.writers) {
-        if let Ok(Ok(Some(s))) = tokio::time::timeout_at(deadline, r).await {
+    for r in receivers.iter_mut() {
+        if let Ok(Ok(s)) = tokio::time::timeout_at(deadline, r).await {
             seen.push(s);
         }
     }
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
-    for r in &readers {
+    for r in &receivers {
+        r.abort();
+    }
+    for r in &drains {
         r.abort();
     }
     let mut hist = histogram();
@@ -389,18 +428,20 @@ pub async fn fanout(f: &Fanout) -> anyhow::Result<serde_json::Value> {
         gaps += s.gaps;
         delivered += s.next.iter().map(|&n| u64::from(n)).sum::<u64>();
     }
-    let expected = (receivers * f.writers * f.updates) as u64;
+    let expected = (receiving * f.writers * f.updates) as u64;
     let (first, last) = writers
         .iter()
+        .flat_map(|ws| ws.iter())
         .filter_map(|w| w.sent.span_us())
         .fold((u64::MAX, 0), |(a, b), (s, l)| (a.min(s), b.max(l)));
     let span_s = last.saturating_sub(first).max(1) as f64 / 1e6;
     let complete =
-        done.load(Ordering::Relaxed) as usize == receivers && write_errors == 0 && gaps == 0;
+        done.load(Ordering::Relaxed) as usize == receiving && write_errors == 0 && gaps == 0;
     Ok(json!({
+        "documents": f.documents,
         "clients": f.clients,
         "writers": f.writers,
-        "updates": f.updates * f.writers,
+        "updates": f.updates * f.writers * f.documents,
         "deliveries_per_s": (delivered as f64 / span_s).round(),
         "p50_ms": hist.value_at_quantile(0.5) as f64 / 1000.0,
         "p99_ms": hist.value_at_quantile(0.99) as f64 / 1000.0,
@@ -411,9 +452,8 @@ pub async fn fanout(f: &Fanout) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
-async fn drain(mut stream: futures_util::stream::SplitStream<Ws>) -> Option<Seen> {
+async fn drain(mut stream: futures_util::stream::SplitStream<Ws>) {
     while let Some(Ok(_)) = stream.next().await {}
-    None
 }
 
 /// This process's user + system CPU seconds (from /proc/self/stat; 0 where there is none).

@@ -106,6 +106,7 @@ async fn yjs_wire_clients_get_every_update_of_every_writer() {
         url: format!("ws://{addr}/yjs"),
         dialect: herald_bench::yjs::Dialect::YWebsocket,
         document: "smoke".into(),
+        documents: 1,
         clients: 30,
         writers: 2,
         updates: 300,

