@@ -88,6 +88,8 @@ struct Seen {
     /// Per writer: the next clock this receiver expects (every clock below it is credited).
     next: Vec<u32>,
     gaps: u64,
+    /// Clock ranges of clients that are not writers of this client's document.
+    misrouted: u64,
     hist: Histogram<u64>,
 }
 
@@ -186,8 +188,8 @@ async fn open(f: &Fanout, document: &str) -> anyhow::Result<Ws> {
     bail!("no sync step 2 within 64 messages")
 }
 
-/// The clock ranges an update inserts, by writer: all a receiver needs of an update.
-type Inserted = Arc<Vec<(usize, Range<u32>)>>;
+/// The clock ranges an update inserts, by client: all a receiver needs of an update.
+type Inserted = Arc<Vec<(ClientID, Range<u32>)>>;
 
 /// An update's bytes as a map key: hashed by its length and ends (cheap for a large merged update),
 /// compared in full.
@@ -213,7 +215,7 @@ impl Decoded {
     /// How many distinct updates are kept; receivers are never that far apart, and the map starts over.
     const KEEP: usize = 4096;
 
-    fn get(&self, payload: Bytes, writers: &[Writer]) -> Option<Inserted> {
+    fn get(&self, payload: Bytes) -> Option<Inserted> {
         let key = Key(payload);
         if let Some(hit) = self.0.lock().get(&key) {
             return Some(hit.clone());
@@ -221,9 +223,7 @@ impl Decoded {
         let update = Update::decode_v1(&key.0).ok()?;
         let mut inserted = Vec::new();
         for (client, ranges) in update.insertions(true).iter() {
-            if let Some(w) = writers.iter().position(|w| w.id == *client) {
-                inserted.extend(ranges.iter().map(|r| (w, r.clone())));
-            }
+            inserted.extend(ranges.iter().map(|r| (*client, r.clone())));
         }
         let inserted = Arc::new(inserted);
         let mut map = self.0.lock();
@@ -247,6 +247,7 @@ async fn receive(
     let mut seen = Seen {
         next: vec![0; writers.len()],
         gaps: 0,
+        misrouted: 0,
         hist: histogram(),
     };
     let complete = |s: &Seen| s.next.iter().all(|&n| n >= updates);
@@ -259,21 +260,26 @@ async fn receive(
             continue;
         };
         let t = now_us();
-        let Some(inserted) = decoded.get(data.slice(payload), &writers) else {
+        let Some(inserted) = decoded.get(data.slice(payload)) else {
             seen.gaps += 1;
             continue;
         };
-        for (w, r) in inserted.iter() {
-            let next = &mut seen.next[*w];
+        for (client, r) in inserted.iter() {
+            let Some(w) = writers.iter().position(|w| w.id == *client) else {
+                // Not written by a writer of this client's document.
+                seen.misrouted += 1;
+                continue;
+            };
+            let next = &mut seen.next[w];
             if r.start > *next {
                 seen.gaps += 1;
                 continue;
             }
             for clock in *next..r.end {
-                if let Some(sent) = writers[*w].sent.sent_at(clock as usize) {
+                if let Some(sent) = writers[w].sent.sent_at(clock as usize) {
                     seen.hist.saturating_record(t.saturating_sub(sent).max(1));
                 }
-                writers[*w].sent.arrived(clock as usize, t);
+                writers[w].sent.arrived(clock as usize, t);
             }
             *next = (*next).max(r.end);
         }
@@ -422,10 +428,12 @@ pub async fn fanout(f: &Fanout) -> anyhow::Result<serde_json::Value> {
     }
     let mut hist = histogram();
     let mut gaps = 0;
+    let mut misrouted = 0;
     let mut delivered: u64 = 0;
     for s in &seen {
         let _ = hist.add(&s.hist);
         gaps += s.gaps;
+        misrouted += s.misrouted;
         delivered += s.next.iter().map(|&n| u64::from(n)).sum::<u64>();
     }
     let expected = (receiving * f.writers * f.updates) as u64;
@@ -435,8 +443,10 @@ pub async fn fanout(f: &Fanout) -> anyhow::Result<serde_json::Value> {
         .filter_map(|w| w.sent.span_us())
         .fold((u64::MAX, 0), |(a, b), (s, l)| (a.min(s), b.max(l)));
     let span_s = last.saturating_sub(first).max(1) as f64 / 1e6;
-    let complete =
-        done.load(Ordering::Relaxed) as usize == receiving && write_errors == 0 && gaps == 0;
+    let complete = done.load(Ordering::Relaxed) as usize == receiving
+        && write_errors == 0
+        && gaps == 0
+        && misrouted == 0;
     Ok(json!({
         "documents": f.documents,
         "clients": f.clients,
@@ -447,6 +457,7 @@ pub async fn fanout(f: &Fanout) -> anyhow::Result<serde_json::Value> {
         "p99_ms": hist.value_at_quantile(0.99) as f64 / 1000.0,
         "lost": expected.saturating_sub(delivered),
         "gaps": gaps,
+        "misrouted": misrouted,
         "complete": complete,
         "client_cpu_share": if wall > 0.0 { cpu / wall } else { 0.0 },
     }))

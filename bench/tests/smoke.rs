@@ -106,8 +106,8 @@ async fn yjs_wire_clients_get_every_update_of_every_writer() {
         url: format!("ws://{addr}/yjs"),
         dialect: herald_bench::yjs::Dialect::YWebsocket,
         document: "smoke".into(),
-        documents: 1,
-        clients: 30,
+        documents: 3,
+        clients: 10,
         writers: 2,
         updates: 300,
         batch: 10,
@@ -118,6 +118,8 @@ async fn yjs_wire_clients_get_every_update_of_every_writer() {
     assert_eq!(r["complete"], true, "{r}");
     assert_eq!(r["lost"], 0, "{r}");
     assert_eq!(r["gaps"], 0, "{r}");
-    assert_eq!(r["updates"], 600, "{r}");
+    assert_eq!(r["misrouted"], 0, "{r}");
+    // 3 documents x 2 writers x 300 updates, each update to the 8 other clients of its document only.
+    assert_eq!(r["updates"], 1800, "{r}");
     assert!(r["deliveries_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
 }
