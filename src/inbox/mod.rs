@@ -395,6 +395,27 @@ impl Patch {
         *self == Patch::default()
     }
 
+    /// Whether this patch can apply to `target` at `now`, checked before any store reads: a snooze must
+    /// end in the future (or be 0, to wake), and an action is taken on items named by id. One rule for
+    /// every store, as for `apply`.
+    pub fn check(&self, target: &Target, now: i64) -> Result<(), InboxError> {
+        if let Some(t) = self.snoozed_until {
+            if t != 0 && t <= now {
+                return Err(invalid(
+                    "invalid_snooze",
+                    "snoozed_until must be in the future (or 0 to wake the item)",
+                ));
+            }
+        }
+        if self.action.is_some() && !matches!(target, Target::Ids(_)) {
+            return Err(invalid(
+                "invalid_change",
+                "an action is taken on items named by id",
+            ));
+        }
+        Ok(())
+    }
+
     /// `item` with this patch applied at `now`: the one rule every store applies, so a change means the
     /// same whichever store keeps the inbox. Setting a state keeps its first time; an action marks the
     /// item read and seen too.
@@ -1034,5 +1055,46 @@ async fn sweeper(inner: Arc<InboxInner>) {
             Err(InboxError::Closed) => return,
             Err(e) => tracing::warn!(error = %e, "inbox: sweep failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(r: Result<(), InboxError>) -> Option<&'static str> {
+        match r {
+            Err(InboxError::Invalid(code, _)) => Some(code),
+            Err(e) => panic!("not a validation error: {e}"),
+            Ok(()) => None,
+        }
+    }
+
+    #[test]
+    fn a_patch_is_checked_the_same_for_every_store() {
+        let now = 1_000_000;
+        let ids = Target::Ids(vec![1]);
+        let all = Target::UpTo {
+            upto: 10,
+            category: None,
+        };
+        let snooze = |t| Patch {
+            snoozed_until: Some(t),
+            ..Patch::default()
+        };
+        assert_eq!(code(snooze(now + 1).check(&ids, now)), None);
+        assert_eq!(code(snooze(0).check(&ids, now)), None, "0 wakes the item");
+        assert_eq!(code(snooze(now).check(&ids, now)), Some("invalid_snooze"));
+        let act = Patch {
+            action: Some("accept".into()),
+            ..Patch::default()
+        };
+        assert_eq!(code(act.check(&ids, now)), None);
+        assert_eq!(code(act.check(&all, now)), Some("invalid_change"));
+        let read = Patch {
+            read: Some(true),
+            ..Patch::default()
+        };
+        assert_eq!(code(read.check(&all, now)), None);
     }
 }

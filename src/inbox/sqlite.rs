@@ -18,9 +18,9 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    invalid, Archived, Changed, Counts, Delivered, InboxError, InboxStore, Item, ListQuery,
-    NewItem, NotifyResult, Page, Patch, PendingEvent, Preferences, StartupCheck, Stats, Status,
-    Tally, Target, MAX_EVENT_ITEMS, MAX_PAGE,
+    Archived, Changed, Counts, Delivered, InboxError, InboxStore, Item, ListQuery, NewItem,
+    NotifyResult, Page, Patch, PendingEvent, Preferences, StartupCheck, Stats, Status, Tally,
+    Target, MAX_EVENT_ITEMS, MAX_PAGE,
 };
 use crate::engine::BoxFuture;
 
@@ -1496,20 +1496,7 @@ impl InboxStore for SqliteInbox {
     ) -> BoxFuture<'_, Result<Changed, InboxError>> {
         Box::pin(self.write(move |ctx, conn| {
             let now = super::now_ms();
-            if let Some(t) = patch.snoozed_until {
-                if t != 0 && t <= now {
-                    return Err(invalid(
-                        "invalid_snooze",
-                        "snoozed_until must be in the future (or 0 to wake the item)",
-                    ));
-                }
-            }
-            if patch.action.is_some() && !matches!(target, Target::Ids(_)) {
-                return Err(invalid(
-                    "invalid_change",
-                    "an action is taken on items named by id",
-                ));
-            }
+            patch.check(&target, now)?;
             let items = select_items(conn, &user, &target)?;
             change_items(ctx, conn, &user, items, &patch, &target, now)
         }))

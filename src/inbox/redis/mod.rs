@@ -55,9 +55,9 @@ use tokio::sync::watch;
 
 use super::sqlite::StoreLimits;
 use super::{
-    invalid, Archived, Changed, Counts, Delivered, InboxError, InboxStore, Item, ItemAction,
-    ListQuery, NewItem, NotifyResult, Page, Patch, PendingEvent, Preferences, StartupCheck, Stats,
-    Status, Tally, Target, MAX_EVENT_ITEMS, MAX_PAGE,
+    Archived, Changed, Counts, Delivered, InboxError, InboxStore, Item, ItemAction, ListQuery,
+    NewItem, NotifyResult, Page, Patch, PendingEvent, Preferences, StartupCheck, Stats, Status,
+    Tally, Target, MAX_EVENT_ITEMS, MAX_PAGE,
 };
 use crate::engine::BoxFuture;
 use crate::hub::Hub;
@@ -1232,20 +1232,7 @@ impl InboxStore for RedisInbox {
     ) -> BoxFuture<'_, Result<Changed, InboxError>> {
         Box::pin(async move {
             let now = super::now_ms();
-            if let Some(t) = patch.snoozed_until {
-                if t != 0 && t <= now {
-                    return Err(invalid(
-                        "invalid_snooze",
-                        "snoozed_until must be in the future (or 0 to wake the item)",
-                    ));
-                }
-            }
-            if patch.action.is_some() && !matches!(target, Target::Ids(_)) {
-                return Err(invalid(
-                    "invalid_change",
-                    "an action is taken on items named by id",
-                ));
-            }
+            patch.check(&target, now)?;
             self.change(&user, &target, &patch, now, &all_items, false)
                 .await
         })
