@@ -58,6 +58,40 @@ pub const MAX_PAGE: usize = 200;
 /// the new counts), so that an event stays far below the message size limit.
 pub const MAX_EVENT_ITEMS: usize = 200;
 
+/// An event's kind and payload, as every store writes it.
+pub(crate) type EventBody = (&'static str, serde_json::Map<String, serde_json::Value>);
+
+/// The event of a change that set `patch` on `changed` (their new states): `updated` listing each item's
+/// state, or past `MAX_EVENT_ITEMS` a `bulk` event that names the change instead (target, what was set,
+/// how many), so an event stays small. One shape for every store.
+pub(crate) fn updated_event(changed: &[Item], target: &Target, patch: &Patch) -> EventBody {
+    let mut payload = serde_json::Map::new();
+    if changed.len() <= MAX_EVENT_ITEMS {
+        let states: Vec<_> = changed.iter().map(Item::state).collect();
+        payload.insert("items".into(), serde_json::json!(states));
+        ("updated", payload)
+    } else {
+        payload.insert("target".into(), serde_json::json!(target));
+        payload.insert("set".into(), serde_json::json!(patch));
+        payload.insert("changed".into(), serde_json::json!(changed.len()));
+        ("bulk", payload)
+    }
+}
+
+/// The event of a removal of the items `ids`: `removed` listing them, or past `MAX_EVENT_ITEMS` a `bulk`
+/// event naming the target and how many went.
+pub(crate) fn removed_event(ids: &[i64], target: &Target) -> EventBody {
+    let mut payload = serde_json::Map::new();
+    if ids.len() <= MAX_EVENT_ITEMS {
+        payload.insert("ids".into(), serde_json::json!(ids));
+        ("removed", payload)
+    } else {
+        payload.insert("target".into(), serde_json::json!(target));
+        payload.insert("removed".into(), serde_json::json!(ids.len()));
+        ("bulk", payload)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum InboxError {
     #[error("{1}")]

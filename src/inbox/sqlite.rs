@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     Archived, Changed, Counts, Delivered, InboxError, InboxStore, Item, ListQuery, NewItem,
     NotifyResult, Page, Patch, PendingEvent, Preferences, StartupCheck, Stats, Status, Tally,
-    Target, MAX_EVENT_ITEMS, MAX_PAGE,
+    Target, MAX_PAGE,
 };
 use crate::engine::BoxFuture;
 
@@ -674,19 +674,7 @@ fn change_items(
             event: None,
         });
     }
-    let mut payload = serde_json::Map::new();
-    let kind = if changed.len() <= MAX_EVENT_ITEMS {
-        payload.insert(
-            "items".into(),
-            json!(changed.iter().map(Item::state).collect::<Vec<_>>()),
-        );
-        "updated"
-    } else {
-        payload.insert("target".into(), json!(target));
-        payload.insert("set".into(), json!(patch));
-        payload.insert("changed".into(), json!(changed.len()));
-        "bulk"
-    };
+    let (kind, payload) = super::updated_event(&changed, target, patch);
     let (event, version, counts) = emit(ctx, conn, user, kind, payload)?;
     Ok(Changed {
         changed: changed.len(),
@@ -718,18 +706,8 @@ fn remove_items(
             event: None,
         });
     }
-    let mut payload = serde_json::Map::new();
-    let kind = if items.len() <= MAX_EVENT_ITEMS {
-        payload.insert(
-            "ids".into(),
-            json!(items.iter().map(|i| i.id).collect::<Vec<_>>()),
-        );
-        "removed"
-    } else {
-        payload.insert("target".into(), json!(target));
-        payload.insert("removed".into(), json!(items.len()));
-        "bulk"
-    };
+    let ids: Vec<i64> = items.iter().map(|i| i.id).collect();
+    let (kind, payload) = super::removed_event(&ids, target);
     let (event, version, counts) = emit(ctx, conn, user, kind, payload)?;
     Ok(Changed {
         changed: items.len(),

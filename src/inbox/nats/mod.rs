@@ -48,7 +48,7 @@ use super::sqlite::StoreLimits;
 use super::{
     Archived, Changed, Counts, Delivered, InboxError, InboxStore, Item, ListQuery, NewItem,
     NotifyResult, Page, Patch, PendingEvent, Preferences, StartupCheck, Stats, Status, Target,
-    MAX_EVENT_ITEMS, MAX_PAGE,
+    MAX_PAGE,
 };
 use crate::engine::nats::codec::{token, untoken};
 use crate::engine::BoxFuture;
@@ -499,19 +499,7 @@ impl NatsInbox {
                 event: None,
             }));
         }
-        let mut payload = serde_json::Map::new();
-        let kind = if changed.len() <= MAX_EVENT_ITEMS {
-            payload.insert(
-                "items".into(),
-                json!(changed.iter().map(Item::state).collect::<Vec<_>>()),
-            );
-            "updated"
-        } else {
-            payload.insert("target".into(), json!(target));
-            payload.insert("set".into(), json!(patch));
-            payload.insert("changed".into(), json!(changed.len()));
-            "bulk"
-        };
+        let (kind, payload) = super::updated_event(&changed, target, patch);
         head.push_event(&self.epoch, user, kind, payload)?;
         match self.commit(user, &head, rev).await? {
             Committed::At(seq) => Ok(Some(Changed {
@@ -577,15 +565,7 @@ impl NatsInbox {
             }
         }
         head.items = kept;
-        let mut payload = serde_json::Map::new();
-        let kind = if ids.len() <= MAX_EVENT_ITEMS {
-            payload.insert("ids".into(), json!(ids));
-            "removed"
-        } else {
-            payload.insert("target".into(), json!(target));
-            payload.insert("removed".into(), json!(ids.len()));
-            "bulk"
-        };
+        let (kind, payload) = super::removed_event(&ids, target);
         head.push_event(&self.epoch, user, kind, payload)?;
         match self.commit(user, &head, rev).await? {
             Committed::At(seq) => {

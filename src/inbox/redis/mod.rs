@@ -57,7 +57,7 @@ use super::sqlite::StoreLimits;
 use super::{
     Archived, Changed, Counts, Delivered, InboxError, InboxStore, Item, ItemAction, ListQuery,
     NewItem, NotifyResult, Page, Patch, PendingEvent, Preferences, StartupCheck, Stats, Status,
-    Tally, Target, MAX_EVENT_ITEMS, MAX_PAGE,
+    Tally, Target, MAX_PAGE,
 };
 use crate::engine::BoxFuture;
 use crate::hub::Hub;
@@ -628,19 +628,7 @@ impl RedisInbox {
                 event: None,
             }));
         }
-        let mut payload = serde_json::Map::new();
-        let kind = if changed.len() <= MAX_EVENT_ITEMS {
-            payload.insert(
-                "items".into(),
-                json!(changed.iter().map(Item::state).collect::<Vec<_>>()),
-            );
-            "updated"
-        } else {
-            payload.insert("target".into(), json!(target));
-            payload.insert("set".into(), json!(patch));
-            payload.insert("changed".into(), json!(changed.len()));
-            "bulk"
-        };
+        let (kind, payload) = super::updated_event(&changed, target, patch);
         let version = snap.version + 1;
         c.event(&self.epoch, user, version, kind, payload);
         Ok(self.commit(c).await?.map(|(event, counts)| Changed {
@@ -694,18 +682,8 @@ impl RedisInbox {
         for it in &items {
             c.remove(user, it);
         }
-        let mut payload = serde_json::Map::new();
-        let kind = if items.len() <= MAX_EVENT_ITEMS {
-            payload.insert(
-                "ids".into(),
-                json!(items.iter().map(|i| i.id).collect::<Vec<_>>()),
-            );
-            "removed"
-        } else {
-            payload.insert("target".into(), json!(target));
-            payload.insert("removed".into(), json!(items.len()));
-            "bulk"
-        };
+        let ids: Vec<i64> = items.iter().map(|i| i.id).collect();
+        let (kind, payload) = super::removed_event(&ids, target);
         let version = snap.version + 1;
         c.event(&self.epoch, user, version, kind, payload);
         Ok(self.commit(c).await?.map(|(event, counts)| Changed {
