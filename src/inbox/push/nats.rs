@@ -38,7 +38,7 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::vapid::{parse_pem, read_key, to_pem, write_new};
+use super::vapid;
 use super::{Due, PushError, PushJob, PushStore, Recorded, Subscription, Vapid};
 use crate::engine::nats::codec::token;
 use crate::engine::BoxFuture;
@@ -576,54 +576,32 @@ fn pending_key(key: &str, endpoint: &str) -> String {
     format!("p.{}", token(&format!("{key}\n{endpoint}")))
 }
 
-/// The VAPID key every node of the cluster signs with, kept in NATS and copied to `path` (see the module
-/// notes). A node whose file holds another key is refused.
+/// The VAPID key every node of the cluster signs with, kept in NATS and copied to `path` (see the
+/// module notes and `vapid::shared_vapid`).
 pub async fn shared_vapid(store: &NatsPushStore, path: &Path) -> Result<Vapid, PushError> {
-    let name = store.vapid_key_name();
-    let local = read_key(path)?;
-    let held = match store.stored_vapid().await? {
-        Some(pem) => pem,
-        None => {
-            let mine = match &local {
-                Some(k) => k.clone(),
-                None => p256::SecretKey::random(&mut p256::elliptic_curve::rand_core::OsRng),
-            };
-            let held = store.offer_vapid(&to_pem(&mine)?).await?;
-            tracing::info!(key = %name, "inbox push: the cluster's VAPID key is in NATS");
-            held
-        }
-    };
-    let cluster = parse_pem(&held).map_err(|e| {
-        PushError::Key(format!(
-            "the VAPID key in NATS ({name}) is not a P-256 private key in PEM: {e}"
-        ))
-    })?;
-    match local {
-        Some(k) if k.public_key() != cluster.public_key() => {
-            return Err(PushError::Key(format!(
-                "{} holds another VAPID key than the cluster's in NATS ({name}); every node must sign \
-                 with the same key. Remove {} to have this node take the cluster's key (docs/USAGE.md, \
-                 \"Web Push set-up\")",
-                path.display(),
-                path.display()
-            )));
-        }
-        Some(_) => {}
-        None => {
-            write_new(path, &cluster)?;
-            tracing::info!(
-                path = %path.display(),
-                key = %name,
-                "inbox push: copied the cluster's VAPID key from NATS"
-            );
-        }
+    vapid::shared_vapid(store, path).await
+}
+
+impl vapid::ClusterKey for NatsPushStore {
+    const BACKEND: &'static str = "NATS";
+
+    fn key_name(&self) -> String {
+        self.vapid_key_name()
     }
-    Vapid::from_key(&cluster)
+
+    async fn stored(&self) -> Result<Option<String>, PushError> {
+        self.stored_vapid().await
+    }
+
+    async fn offer(&self, pem: &str) -> Result<String, PushError> {
+        self.offer_vapid(pem).await
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use super::vapid::{read_key, write_new};
 
     fn url() -> String {
         std::env::var("HERALD_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())

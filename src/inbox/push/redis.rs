@@ -39,7 +39,7 @@ use ::redis::aio::ConnectionManager;
 use ::redis::Value;
 use serde::{Deserialize, Serialize};
 
-use super::vapid::{parse_pem, read_key, to_pem, write_new};
+use super::vapid;
 use super::{Due, PushError, PushJob, PushStore, Recorded, Subscription, Vapid};
 use crate::engine::BoxFuture;
 use crate::inbox::redis::redact;
@@ -532,61 +532,32 @@ impl PushStore for RedisPushStore {
     }
 }
 
-/// The VAPID key every node of the cluster signs with, kept in Redis and copied to `path` (see the module
-/// notes). A node whose file holds another key is refused: its subscriptions and the cluster's cannot
-/// both be served, and which key wins is the operator's choice, not the start order's.
+/// The VAPID key every node of the cluster signs with, kept in Redis and copied to `path` (see the
+/// module notes and `vapid::shared_vapid`).
 pub async fn shared_vapid(store: &RedisPushStore, path: &Path) -> Result<Vapid, PushError> {
-    let name = store.vapid_key_name();
-    let local = read_key(path)?;
-    let held = match store.stored_vapid().await? {
-        Some(pem) => pem,
-        None => {
-            let mine = match &local {
-                Some(k) => k.clone(),
-                None => p256::SecretKey::random(&mut p256::elliptic_curve::rand_core::OsRng),
-            };
-            let held = store.offer_vapid(&to_pem(&mine)?).await?;
-            tracing::info!(
-                key = %name,
-                "inbox push: the cluster's VAPID key is in Redis"
-            );
-            held
-        }
-    };
-    let cluster = parse_pem(&held).map_err(|e| {
-        PushError::Key(format!(
-            "the VAPID key in Redis ({name}) is not a P-256 private key in PEM: {e}"
-        ))
-    })?;
-    match local {
-        Some(k) if k.public_key() != cluster.public_key() => {
-            return Err(PushError::Key(format!(
-                "{} holds another VAPID key than the cluster's in Redis ({name}); every node must sign \
-                 with the same key, or push services refuse the pushes of browsers that subscribed \
-                 through another node. Remove {} to have this node take the cluster's key, or, to make \
-                 this file's key the cluster's, stop every node, delete {name} in Redis and the key file \
-                 of every other node, and start this node first (subscriptions made with the old key \
-                 stop working: docs/USAGE.md, \"Web Push set-up\")",
-                path.display(),
-                path.display()
-            )));
-        }
-        Some(_) => {}
-        None => {
-            write_new(path, &cluster)?;
-            tracing::info!(
-                path = %path.display(),
-                key = %name,
-                "inbox push: copied the cluster's VAPID key from Redis"
-            );
-        }
+    vapid::shared_vapid(store, path).await
+}
+
+impl vapid::ClusterKey for RedisPushStore {
+    const BACKEND: &'static str = "Redis";
+
+    fn key_name(&self) -> String {
+        self.vapid_key_name()
     }
-    Vapid::from_key(&cluster)
+
+    async fn stored(&self) -> Result<Option<String>, PushError> {
+        self.stored_vapid().await
+    }
+
+    async fn offer(&self, pem: &str) -> Result<String, PushError> {
+        self.offer_vapid(pem).await
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use super::vapid::read_key;
 
     fn url() -> String {
         std::env::var("HERALD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())

@@ -92,6 +92,73 @@ impl Vapid {
     }
 }
 
+/// Where a cluster keeps the VAPID key every node signs with (Redis, NATS): browsers bind a subscription
+/// to the public key, so every node must sign with the same one.
+pub(super) trait ClusterKey {
+    /// The backend, as messages name it ("Redis", "NATS").
+    const BACKEND: &'static str;
+    /// The key's name in the backend, for messages.
+    fn key_name(&self) -> String;
+    /// The cluster's key (PEM), if one is stored.
+    async fn stored(&self) -> Result<Option<String>, PushError>;
+    /// Stores `pem` unless a key is there already, and returns the key held afterwards (this one or the
+    /// one another node stored first).
+    async fn offer(&self, pem: &str) -> Result<String, PushError>;
+}
+
+/// The VAPID key every node of the cluster signs with, kept in `store` and copied to `path`. The first
+/// node stores its file's key (or a new one); the others take it. A node whose file holds another key is
+/// refused: its subscriptions and the cluster's cannot both be served, and which key wins is the
+/// operator's choice, not the start order's.
+pub(super) async fn shared_vapid(store: &impl ClusterKey, path: &Path) -> Result<Vapid, PushError> {
+    fn backend<S: ClusterKey>(_: &S) -> &'static str {
+        S::BACKEND
+    }
+    let (backend, name) = (backend(store), store.key_name());
+    let local = read_key(path)?;
+    let held = match store.stored().await? {
+        Some(pem) => pem,
+        None => {
+            let mine = match &local {
+                Some(k) => k.clone(),
+                None => p256::SecretKey::random(&mut p256::elliptic_curve::rand_core::OsRng),
+            };
+            let held = store.offer(&to_pem(&mine)?).await?;
+            tracing::info!(key = %name, "inbox push: the cluster's VAPID key is in {backend}");
+            held
+        }
+    };
+    let cluster = parse_pem(&held).map_err(|e| {
+        PushError::Key(format!(
+            "the VAPID key in {backend} ({name}) is not a P-256 private key in PEM: {e}"
+        ))
+    })?;
+    match local {
+        Some(k) if k.public_key() != cluster.public_key() => {
+            return Err(PushError::Key(format!(
+                "{} holds another VAPID key than the cluster's in {backend} ({name}); every node must \
+                 sign with the same key, or push services refuse the pushes of browsers that subscribed \
+                 through another node. Remove {} to have this node take the cluster's key, or, to make \
+                 this file's key the cluster's, stop every node, delete {name} in {backend} and the key \
+                 file of every other node, and start this node first (subscriptions made with the old \
+                 key stop working: docs/USAGE.md, \"Web Push set-up\")",
+                path.display(),
+                path.display()
+            )));
+        }
+        Some(_) => {}
+        None => {
+            write_new(path, &cluster)?;
+            tracing::info!(
+                path = %path.display(),
+                key = %name,
+                "inbox push: copied the cluster's VAPID key from {backend}"
+            );
+        }
+    }
+    Vapid::from_key(&cluster)
+}
+
 /// The key at `path`, `None` when there is no file (a file that is not a key is an error naming it).
 pub(super) fn read_key(path: &Path) -> Result<Option<p256::SecretKey>, PushError> {
     match std::fs::read_to_string(path) {
