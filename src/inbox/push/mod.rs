@@ -654,7 +654,7 @@ pub async fn attach_redis(
         );
     }
     let key_path = config.vapid_key_path();
-    let vapid = redis::shared_vapid(&store, &key_path)
+    let vapid = vapid::shared_vapid(&store, &key_path)
         .await
         .map_err(|e| match e {
             PushError::Key(_) => ConfigError::Invalid(format!("inbox.push.vapid_key: {e}")),
@@ -688,7 +688,7 @@ pub async fn attach_nats(
     .await
     .map_err(|e| ConfigError::Invalid(format!("cannot open the push subscriptions: {e}")))?;
     let key_path = config.vapid_key_path();
-    let vapid = nats::shared_vapid(&store, &key_path)
+    let vapid = vapid::shared_vapid(&store, &key_path)
         .await
         .map_err(|e| match e {
             PushError::Key(_) => ConfigError::Invalid(format!("inbox.push.vapid_key: {e}")),

@@ -10,7 +10,7 @@
 //!   old user's list; a reader lists only the endpoints whose owner is the user, so a crash between the
 //!   steps can leave a stale line in a list but never shows it, and the next write of that list drops it.
 //!   Every list write is conditional on the revision read (retried on a conflict).
-//! - **One VAPID key for the cluster** ([`shared_vapid`]), as on Redis: the first node creates `vapid`
+//! - **One VAPID key for the cluster** ([`shared_vapid`](super::vapid::shared_vapid)), as on Redis: the first node creates `vapid`
 //!   (a conditional create, so two first nodes agree on one); the others copy it to their key file, and a
 //!   file that differs stops the start.
 //!
@@ -28,7 +28,6 @@
 //! `<stem>-push-due` (file storage): `p.<token>`.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -39,7 +38,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::vapid;
-use super::{Due, PushError, PushJob, PushStore, Recorded, Subscription, Vapid};
+use super::{Due, PushError, PushJob, PushStore, Recorded, Subscription};
 use crate::engine::nats::codec::token;
 use crate::engine::BoxFuture;
 use crate::inbox::now_ms;
@@ -307,20 +306,29 @@ impl NatsPushStore {
             ))),
         }
     }
+}
 
-    async fn stored_vapid(&self) -> Result<Option<String>, PushError> {
+/// The cluster's VAPID key lives in NATS (see the module notes and `vapid::shared_vapid`).
+impl vapid::ClusterKey for NatsPushStore {
+    const BACKEND: &'static str = "NATS";
+
+    fn key_name(&self) -> String {
+        self.vapid_key_name()
+    }
+
+    async fn stored(&self) -> Result<Option<String>, PushError> {
         let v = self.bounded(self.kv.get("vapid")).await?;
         Ok(v.and_then(|b| String::from_utf8(b.to_vec()).ok()))
     }
 
     /// Stores `pem` as the cluster's key unless one is there; returns the one that is.
-    async fn offer_vapid(&self, pem: &str) -> Result<String, PushError> {
+    async fn offer(&self, pem: &str) -> Result<String, PushError> {
         let _ = tokio::time::timeout(
             self.op_timeout,
             self.kv.create("vapid", Bytes::from(pem.to_string())),
         )
         .await;
-        self.stored_vapid()
+        self.stored()
             .await?
             .ok_or_else(|| storage(format!("{} was not kept", self.vapid_key_name())))
     }
@@ -576,32 +584,10 @@ fn pending_key(key: &str, endpoint: &str) -> String {
     format!("p.{}", token(&format!("{key}\n{endpoint}")))
 }
 
-/// The VAPID key every node of the cluster signs with, kept in NATS and copied to `path` (see the
-/// module notes and `vapid::shared_vapid`).
-pub async fn shared_vapid(store: &NatsPushStore, path: &Path) -> Result<Vapid, PushError> {
-    vapid::shared_vapid(store, path).await
-}
-
-impl vapid::ClusterKey for NatsPushStore {
-    const BACKEND: &'static str = "NATS";
-
-    fn key_name(&self) -> String {
-        self.vapid_key_name()
-    }
-
-    async fn stored(&self) -> Result<Option<String>, PushError> {
-        self.stored_vapid().await
-    }
-
-    async fn offer(&self, pem: &str) -> Result<String, PushError> {
-        self.offer_vapid(pem).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::vapid::{read_key, shared_vapid, write_new};
     use super::*;
-    use super::vapid::{read_key, write_new};
 
     fn url() -> String {
         std::env::var("HERALD_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())

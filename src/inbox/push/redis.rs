@@ -9,7 +9,7 @@
 //!   sees an endpoint listed by a user who no longer holds it.
 //! - **Oldest first is registration order,** from a counter, not the clock: nodes' clocks differ, and the
 //!   cap must remove the same subscriptions whichever node took the registration.
-//! - **One VAPID key for the cluster** ([`shared_vapid`]): browsers bind a subscription to the public
+//! - **One VAPID key for the cluster** ([`shared_vapid`](super::vapid::shared_vapid)): browsers bind a subscription to the public
 //!   key, so a node signing with another key would be refused by every push service. The first node
 //!   stores its key in Redis (`SET NX`, so two first nodes agree on one); the others copy it to their key
 //!   file, which keeps a node able to start with the key it had, and a file that differs from Redis stops
@@ -32,7 +32,6 @@
 //! were and a removal cheap.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::Duration;
 
 use ::redis::aio::ConnectionManager;
@@ -40,7 +39,7 @@ use ::redis::Value;
 use serde::{Deserialize, Serialize};
 
 use super::vapid;
-use super::{Due, PushError, PushJob, PushStore, Recorded, Subscription, Vapid};
+use super::{Due, PushError, PushJob, PushStore, Recorded, Subscription};
 use crate::engine::BoxFuture;
 use crate::inbox::redis::redact;
 
@@ -303,9 +302,18 @@ impl RedisPushStore {
         self.bounded(cmd.query_async::<Option<String>>(&mut conn))
             .await
     }
+}
+
+/// The cluster's VAPID key lives in Redis (see the module notes and `vapid::shared_vapid`).
+impl vapid::ClusterKey for RedisPushStore {
+    const BACKEND: &'static str = "Redis";
+
+    fn key_name(&self) -> String {
+        self.vapid_key_name()
+    }
 
     /// The cluster's key as Redis holds it, `None` when no node stored one yet.
-    async fn stored_vapid(&self) -> Result<Option<String>, PushError> {
+    async fn stored(&self) -> Result<Option<String>, PushError> {
         let mut conn = self.conn.clone();
         let cmd = ::redis::cmd("GET").arg(self.vapid_key_name()).to_owned();
         self.bounded(cmd.query_async::<Option<String>>(&mut conn))
@@ -313,7 +321,7 @@ impl RedisPushStore {
     }
 
     /// Stores `pem` unless a key is there; returns the key Redis holds afterwards (ours or the winner's).
-    async fn offer_vapid(&self, pem: &str) -> Result<String, PushError> {
+    async fn offer(&self, pem: &str) -> Result<String, PushError> {
         let mut conn = self.conn.clone();
         let mut pipe = ::redis::pipe();
         pipe.cmd("SET")
@@ -532,32 +540,10 @@ impl PushStore for RedisPushStore {
     }
 }
 
-/// The VAPID key every node of the cluster signs with, kept in Redis and copied to `path` (see the
-/// module notes and `vapid::shared_vapid`).
-pub async fn shared_vapid(store: &RedisPushStore, path: &Path) -> Result<Vapid, PushError> {
-    vapid::shared_vapid(store, path).await
-}
-
-impl vapid::ClusterKey for RedisPushStore {
-    const BACKEND: &'static str = "Redis";
-
-    fn key_name(&self) -> String {
-        self.vapid_key_name()
-    }
-
-    async fn stored(&self) -> Result<Option<String>, PushError> {
-        self.stored_vapid().await
-    }
-
-    async fn offer(&self, pem: &str) -> Result<String, PushError> {
-        self.offer_vapid(pem).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::vapid::{read_key, shared_vapid, Vapid};
     use super::*;
-    use super::vapid::read_key;
 
     fn url() -> String {
         std::env::var("HERALD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
