@@ -58,6 +58,49 @@ pub const MAX_PAGE: usize = 200;
 /// the new counts), so that an event stays far below the message size limit.
 pub const MAX_EVENT_ITEMS: usize = 200;
 
+/// How a store built on optimistic concurrency (Redis, NATS) retries a change that met a concurrent
+/// change of the same inbox: the change is read, computed and committed again, after a short jittered,
+/// growing wait, at most `attempts` times; then the caller gets a 503 to retry.
+pub(crate) struct Contention {
+    pub attempts: u32,
+    /// The wait's unit: attempt `n` waits up to `(n + 1) * 256 * step`.
+    pub step: Duration,
+}
+
+impl Contention {
+    /// Waits before the attempt after `attempt` (jittered, so racing writers spread out).
+    pub async fn back_off(&self, attempt: u32) {
+        let r = u32::from(uuid::Uuid::new_v4().as_bytes()[0]);
+        tokio::time::sleep(self.step * ((attempt.min(20) + 1) * (r + 1))).await;
+    }
+
+    /// The error once every attempt met a concurrent change.
+    pub fn exhausted(&self, what: &str) -> InboxError {
+        InboxError::Storage(format!(
+            "{what}: the inbox kept changing under {} attempts; try again",
+            self.attempts
+        ))
+    }
+
+    /// Runs `attempt` until it commits (`Some`), backing off after each `None` (a concurrent change won).
+    pub async fn run<T, F>(
+        &self,
+        what: &str,
+        mut attempt: impl FnMut() -> F,
+    ) -> Result<T, InboxError>
+    where
+        F: std::future::Future<Output = Result<Option<T>, InboxError>>,
+    {
+        for n in 0..self.attempts {
+            if let Some(done) = attempt().await? {
+                return Ok(done);
+            }
+            self.back_off(n).await;
+        }
+        Err(self.exhausted(what))
+    }
+}
+
 /// An event's kind and payload, as every store writes it.
 pub(crate) type EventBody = (&'static str, serde_json::Map<String, serde_json::Value>);
 

@@ -57,6 +57,11 @@ use head::{Body, Content, Head, State};
 
 /// Attempts of one change against concurrent changes of the same inbox.
 const ATTEMPTS: u32 = 100;
+/// Retries of a change that met a concurrent one (see `Contention`).
+const CONTENTION: super::Contention = super::Contention {
+    attempts: ATTEMPTS,
+    step: Duration::from_micros(8),
+};
 /// Writes sent before their acknowledgements are awaited (the client bounds what is in flight).
 const PIPELINE: usize = 256;
 /// Reads of heads or bodies in flight at once for one request.
@@ -410,18 +415,6 @@ impl NatsInbox {
         }
     }
 
-    async fn back_off(attempt: u32) {
-        let r = u64::from(uuid::Uuid::new_v4().as_bytes()[0]);
-        let micros = (u64::from(attempt.min(20)) + 1) * (r + 1) * 8;
-        tokio::time::sleep(Duration::from_micros(micros)).await;
-    }
-
-    fn contended(what: &str) -> InboxError {
-        InboxError::Storage(format!(
-            "{what}: the inbox kept changing under {ATTEMPTS} attempts; try again"
-        ))
-    }
-
     /// The states `target` names in `head`; an id not there is NotFound unless `ignore_missing`.
     fn targeted(
         head: &Head,
@@ -521,16 +514,11 @@ impl NatsInbox {
         keep: &(dyn Fn(&Item) -> bool + Sync),
         ignore_missing: bool,
     ) -> Result<Changed, InboxError> {
-        for attempt in 0..ATTEMPTS {
-            if let Some(c) = self
-                .try_change(user, target, patch, now, keep, ignore_missing)
-                .await?
-            {
-                return Ok(c);
-            }
-            Self::back_off(attempt).await;
-        }
-        Err(Self::contended("change"))
+        CONTENTION
+            .run("change", || {
+                self.try_change(user, target, patch, now, keep, ignore_missing)
+            })
+            .await
     }
 
     async fn try_remove(
@@ -589,13 +577,11 @@ impl NatsInbox {
         keep: &(dyn Fn(&Item) -> bool + Sync),
         ignore_missing: bool,
     ) -> Result<Changed, InboxError> {
-        for attempt in 0..ATTEMPTS {
-            if let Some(c) = self.try_remove(user, target, keep, ignore_missing).await? {
-                return Ok(c);
-            }
-            Self::back_off(attempt).await;
-        }
-        Err(Self::contended("remove"))
+        CONTENTION
+            .run("remove", || {
+                self.try_remove(user, target, keep, ignore_missing)
+            })
+            .await
     }
 
     /// Writes one body per user (pipelined); their sequences are the new items' ids.
@@ -926,9 +912,9 @@ impl InboxStore for NatsInbox {
                     });
                 }
                 todo = retry;
-                Self::back_off(attempt).await;
+                CONTENTION.back_off(attempt).await;
             }
-            Err(Self::contended("notify"))
+            Err(CONTENTION.exhausted("notify"))
         })
     }
 
@@ -1046,9 +1032,9 @@ impl InboxStore for NatsInbox {
                         event: Some(seq as i64),
                     });
                 }
-                Self::back_off(attempt).await;
+                CONTENTION.back_off(attempt).await;
             }
-            Err(Self::contended("preferences"))
+            Err(CONTENTION.exhausted("preferences"))
         })
     }
 

@@ -360,10 +360,10 @@ impl NatsInbox {
             }
             match self.commit(user, &head, rev).await? {
                 Committed::At(seq) => return Ok(seq),
-                Committed::Conflict => Self::back_off(attempt).await,
+                Committed::Conflict => super::CONTENTION.back_off(attempt).await,
             }
         }
-        Err(Self::contended("clear published events"))
+        Err(super::CONTENTION.exhausted("clear published events"))
     }
 
     /// Users whose inbox has something due at `now` (read from every head once after taking the lease).

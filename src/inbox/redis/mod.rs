@@ -72,6 +72,11 @@ pub const LEASE: Duration = Duration::from_secs(5);
 pub const BATCH: usize = 64;
 /// Attempts of one change against concurrent changes of the same inboxes.
 const ATTEMPTS: u32 = 200;
+/// Retries of a change that met a concurrent one (see `Contention`).
+const CONTENTION: super::Contention = super::Contention {
+    attempts: ATTEMPTS,
+    step: Duration::from_micros(4),
+};
 /// How long `pending` waits for news (a commit, a drained batch) before answering empty.
 const IDLE_WAIT: Duration = Duration::from_millis(900);
 /// Most items one sweep handles per kind.
@@ -583,19 +588,6 @@ impl RedisInbox {
         })
     }
 
-    /// Waits a little (jittered, growing) before another attempt of a change that met a concurrent one.
-    async fn back_off(attempt: u32) {
-        let r = u64::from(uuid::Uuid::new_v4().as_bytes()[0]);
-        let micros = (u64::from(attempt.min(20)) + 1) * (r + 1) * 4;
-        tokio::time::sleep(Duration::from_micros(micros)).await;
-    }
-
-    fn contended(what: &str) -> InboxError {
-        InboxError::Storage(format!(
-            "{what}: the inbox kept changing under {ATTEMPTS} attempts; try again"
-        ))
-    }
-
     /// One attempt of a change of states; `keep` picks which snapshot items it applies to.
     async fn try_change(
         &self,
@@ -648,16 +640,11 @@ impl RedisInbox {
         keep: &(dyn Fn(&Item) -> bool + Sync),
         ignore_missing: bool,
     ) -> Result<Changed, InboxError> {
-        for attempt in 0..ATTEMPTS {
-            if let Some(c) = self
-                .try_change(user, target, patch, now, keep, ignore_missing)
-                .await?
-            {
-                return Ok(c);
-            }
-            Self::back_off(attempt).await;
-        }
-        Err(Self::contended("change"))
+        CONTENTION
+            .run("change", || {
+                self.try_change(user, target, patch, now, keep, ignore_missing)
+            })
+            .await
     }
 
     async fn try_remove(
@@ -701,13 +688,11 @@ impl RedisInbox {
         keep: &(dyn Fn(&Item) -> bool + Sync),
         ignore_missing: bool,
     ) -> Result<Changed, InboxError> {
-        for attempt in 0..ATTEMPTS {
-            if let Some(c) = self.try_remove(user, target, keep, ignore_missing).await? {
-                return Ok(c);
-            }
-            Self::back_off(attempt).await;
-        }
-        Err(Self::contended("remove"))
+        CONTENTION
+            .run("remove", || {
+                self.try_remove(user, target, keep, ignore_missing)
+            })
+            .await
     }
 
     async fn try_notify(
@@ -1146,9 +1131,9 @@ impl InboxStore for RedisInbox {
                 {
                     return Ok(r);
                 }
-                Self::back_off(attempt).await;
+                CONTENTION.back_off(attempt).await;
             }
-            Err(Self::contended("notify"))
+            Err(CONTENTION.exhausted("notify"))
         })
     }
 
@@ -1255,9 +1240,9 @@ impl InboxStore for RedisInbox {
                         event,
                     });
                 }
-                Self::back_off(attempt).await;
+                CONTENTION.back_off(attempt).await;
             }
-            Err(Self::contended("preferences"))
+            Err(CONTENTION.exhausted("preferences"))
         })
     }
 
