@@ -586,6 +586,16 @@ impl Hub {
                 max,
             });
         }
+        // And whatever the channel, no more than the engine stores in one record (NATS: its
+        // `max_payload`): refused here, alone, rather than failing the batch it would join.
+        if let Some(max) = self.engine().max_record_data() {
+            if p.data.len() > max {
+                return Err(HubError::MessageTooLarge {
+                    size: p.data.len(),
+                    max,
+                });
+            }
+        }
         let id = match p.id {
             Some(id) if id.starts_with('#') => {
                 return Err(HubError::InvalidId("an id must not start with '#'".into()))

@@ -33,6 +33,14 @@ pub trait Engine: Send + Sync + 'static {
     /// that is per engine).
     fn append(&self, batch: Vec<Record>) -> BoxFuture<'_, Result<Vec<Record>, LogError>>;
 
+    /// The most `data` one record may carry on this engine, when the engine has a limit of its own (NATS:
+    /// the server's `max_payload` less room for the record's envelope); `None`: no limit below Herald's own.
+    /// The hub refuses a larger publication before it joins a batch, reserved channels (documents)
+    /// included, so a batch shared by several publishers never fails for one of them.
+    fn max_record_data(&self) -> Option<usize> {
+        None
+    }
+
     /// Sends a publication kept out of history (`seq == 0`) to every node's feed. Only called on a cluster
     /// engine; a local engine's hub dispatches it itself.
     fn broadcast(&self, record: Record) -> BoxFuture<'_, Result<(), LogError>> {

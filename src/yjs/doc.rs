@@ -73,7 +73,7 @@ pub enum DocError {
     Log(#[from] LogError),
     #[error("the update is corrupt: {0}")]
     Corrupt(String),
-    #[error("the update ({size} bytes) is larger than yjs.max_update_size ({max})")]
+    #[error("the update ({size} bytes) is larger than max_update_size ({max})")]
     UpdateTooLarge { size: usize, max: usize },
     #[error("the document would exceed yjs.max_document_size ({0} bytes)")]
     DocumentFull(usize),
@@ -252,6 +252,9 @@ struct DocState {
     /// Updates stored since the last snapshot.
     since_snapshot: u64,
     compacting: bool,
+    /// `since_snapshot` when the last compaction failed: the next is tried `compact_after` updates
+    /// later, not every second (a state too large for the engine stays too large).
+    compact_failed_at: Option<u64>,
     /// No connection since then.
     idle_since: Option<Instant>,
     /// An update was applied since the newest point-in-time snapshot this node knows of.
@@ -442,7 +445,21 @@ fn compact_backlog(frames: impl Iterator<Item = Frame>, doc: &yrs::Doc) -> Vec<F
 }
 
 impl Docs {
-    pub fn new(hub: Hub, cfg: YjsConfig) -> Arc<Docs> {
+    pub fn new(hub: Hub, mut cfg: YjsConfig) -> Arc<Docs> {
+        // An update is stored as one record: no larger than the engine takes (NATS: its max_payload), or
+        // a client would be told the engine failed where it sent too much.
+        if let Some(max) = hub.engine().max_record_data() {
+            if cfg.max_update_size > max {
+                tracing::warn!(
+                    configured = cfg.max_update_size,
+                    engine = max,
+                    "yjs.max_update_size is larger than the engine stores in one record: updates are \
+                     limited to the engine's size (and a document whose merged state is larger is not \
+                     compacted)"
+                );
+                cfg.max_update_size = max;
+            }
+        }
         Arc::new(Docs {
             hub,
             cfg,
@@ -494,6 +511,7 @@ impl Docs {
                             applied: 0,
                             stored_bytes: 0,
                             since_snapshot: 0,
+                            compact_failed_at: None,
                             compacting: false,
                             idle_since: Some(Instant::now()),
                             snap_dirty: false,
@@ -877,8 +895,12 @@ impl Docs {
                 let (changed, compact, idle, snapshot) = {
                     let mut st = d.state.lock();
                     let changed = std::mem::take(&mut st.changed);
-                    let compact =
-                        !st.compacting && st.since_snapshot >= self.cfg.compact_after.max(1);
+                    let every = self.cfg.compact_after.max(1);
+                    let compact = !st.compacting
+                        && st.since_snapshot >= every
+                        && st
+                            .compact_failed_at
+                            .is_none_or(|f| st.since_snapshot >= f.saturating_add(every));
                     let idle = st
                         .idle_since
                         .is_some_and(|t| t.elapsed() >= self.cfg.idle_unload);
@@ -950,11 +972,22 @@ impl Docs {
             Ok::<u64, DocError>(trimmed)
         }
         .await;
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        metrics::counter!("herald_yjs_compactions_total", "result" => outcome).increment(1);
+        let mut st = doc.state.lock();
         match result {
             Ok(n) => tracing::debug!(doc = %doc.name, upto, trimmed = n, "document compacted"),
-            Err(e) => tracing::warn!(doc = %doc.name, error = %e, "compaction failed"),
+            Err(e) => {
+                tracing::warn!(
+                    doc = %doc.name,
+                    error = %e,
+                    retry_after_updates = self.cfg.compact_after.max(1),
+                    "compaction failed; the document's updates are kept"
+                );
+                st.compact_failed_at = Some(st.since_snapshot);
+            }
         }
-        doc.state.lock().compacting = false;
+        st.compacting = false;
     }
 
     /// A snapshot of the background work: failures are logged, and the document stays due for one.
@@ -1209,6 +1242,7 @@ impl Loaded {
                     if kind == Some(KIND_SNAPSHOT) {
                         st.stored_bytes = r.data.len();
                         st.since_snapshot = 0;
+                        st.compact_failed_at = None;
                     } else {
                         st.stored_bytes += r.data.len();
                         st.since_snapshot += 1;

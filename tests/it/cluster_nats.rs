@@ -21,6 +21,8 @@ pub(crate) struct Nats {
     child: Option<std::process::Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// A configuration file passed with `-c` (settings the command line has no flag for).
+    conf: Option<std::path::PathBuf>,
 }
 
 fn nats_bin() -> &'static str {
@@ -48,6 +50,22 @@ impl Nats {
             child: None,
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
+            conf: None,
+        };
+        n.run();
+        n
+    }
+
+    /// A server whose `max_payload` (the largest message it takes) is `bytes`.
+    pub(crate) fn start_with_max_payload(bytes: usize) -> Nats {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("nats.conf");
+        std::fs::write(&conf, format!("max_payload: {bytes}\n")).unwrap();
+        let mut n = Nats {
+            child: None,
+            port: free_port(),
+            dir,
+            conf: Some(conf),
         };
         n.run();
         n
@@ -59,7 +77,11 @@ impl Nats {
 
     /// Starts the server (again) on the same port and store.
     fn run(&mut self) {
-        let child = std::process::Command::new(nats_bin())
+        let mut cmd = std::process::Command::new(nats_bin());
+        if let Some(conf) = &self.conf {
+            cmd.arg("-c").arg(conf);
+        }
+        let child = cmd
             .args([
                 "-js",
                 "-a",

@@ -1137,6 +1137,104 @@ async fn documents_are_shared_by_the_nodes_of_a_nats_cluster() {
     compaction_trims_the_updates(&n1).await;
 }
 
+/// On NATS nothing larger than the server's `max_payload` can be stored, and Herald says so by the size
+/// limits, not as an engine failure: an update over it closes its connection with 1009 (the document and
+/// the other clients untouched), a publish over it is refused with 413 even where
+/// `limits.max_message_size` allows more, and a document whose merged state is over it is not compacted
+/// (its updates are kept, tried again only `compact_after` updates later) and still loads whole.
+#[tokio::test]
+async fn a_nats_max_payload_bounds_updates_publishes_and_compaction() {
+    // 64 KiB: what Herald leaves for data is 56 KiB (8 KiB for a record's envelope).
+    let nats = crate::cluster_nats::Nats::start_with_max_payload(64 * 1024);
+    let url = format!("{:?}", nats.url());
+    let prefix = format!("\"yjs{}\"", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut o = with_api(&[
+        ("engine.kind", "\"nats\""),
+        ("yjs.compact_after", "3"),
+        ("limits.max_message_size", "1048576"),
+        ("auth.allow_anonymous", "true"),
+    ]);
+    o.push(("engine.url", url));
+    o.push(("engine.prefix", prefix));
+    let o: Vec<(&str, &str)> = o.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s = TestServer::start(&o).await;
+    let w = doc_token(&[], &["*"]);
+
+    // Four 20 KiB updates: each fits, their merged state (80 KiB) does not.
+    let mut a = Client::synced(&s, "big", Some(&w)).await;
+    let mut want = String::new();
+    for c in ["a", "b", "c", "d"] {
+        a.insert(want.len() as u32, &c.repeat(20 * 1024)).await;
+        want.push_str(&c.repeat(20 * 1024));
+        stored(&s, "big", &want).await;
+    }
+    let mut watcher = Client::synced(&s, "big", Some(&w)).await;
+    assert_eq!(watcher.text(), want);
+
+    // One update over the limit: refused by size, stored nowhere, the others unaffected.
+    let mut big = Client::synced(&s, "big", Some(&w)).await;
+    big.insert(0, &"x".repeat(60 * 1024)).await;
+    let (code, reason) = big.closed().await;
+    assert_eq!(code, herald::yjs::CLOSE_TOO_BIG, "{reason}");
+    assert!(reason.contains("max_update_size"), "{reason}");
+    a.insert(want.len() as u32, "!").await;
+    want.push('!');
+    stored(&s, "big", &want).await;
+    watcher.until(|c| c.text() == want).await.unwrap();
+
+    // Compaction was due (5 updates >= 3) and could not store the merged state: every update is kept,
+    // no snapshot. (The failure counter is global to this test process; only this test fails one.)
+    let failed = "herald_yjs_compactions_total{result=\"failed\"}";
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metric(&s, failed).await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no compaction was tried"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Not tried again before `compact_after` more updates: a bounded window of three of the document
+    // loop's one-second ticks, in which an unchecked retry would fail three more times.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    assert_eq!(metric(&s, failed).await, 1.0);
+    let records = s
+        .hub
+        .engine()
+        .read_channel("$yjs:big".into(), 0, u64::MAX, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        records.len(),
+        5,
+        "{:?}",
+        records
+            .iter()
+            .map(|r| r.event_type.clone())
+            .collect::<Vec<_>>()
+    );
+    assert!(records
+        .iter()
+        .all(|r| r.event_type.as_deref() != Some("snapshot")));
+
+    // A publish over the engine's limit, under limits.max_message_size: 413, not a storage failure.
+    let resp = s
+        .publish_raw(
+            &[("topic", "news"), ("data", &"y".repeat(60 * 1024))],
+            &publisher_token(),
+        )
+        .await;
+    assert_eq!(resp.status(), 413);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "message_too_large", "{body}");
+    s.publish(&[("topic", "news"), ("data", "small")]).await;
+
+    // Unloaded and loaded again: the document is whole.
+    drop((a, watcher, big));
+    let s = s.restart(&o).await;
+    let fresh = Client::synced(&s, "big", Some(&w)).await;
+    assert_eq!(fresh.text(), want);
+}
+
 /// The sum of a metric's series whose name and labels start with `prefix` (the recorder is global to
 /// this process, so tests compare before and after).
 async fn metric(s: &TestServer, prefix: &str) -> f64 {

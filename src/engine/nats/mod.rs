@@ -67,6 +67,8 @@ pub(crate) struct Shared {
     names: Names,
     url: String,
     op_timeout: Duration,
+    /// The server's `max_payload`: no message (record) may be larger.
+    max_payload: usize,
     /// The epoch of the stream as last seen (it changes only if the stream is recreated).
     epoch: RwLock<String>,
     /// The stream's creation time (unix nanoseconds) the epoch was derived from.
@@ -98,6 +100,10 @@ pub(crate) fn backoff(attempt: usize) -> Duration {
     let ms = 50u64.saturating_mul(1u64 << attempt.min(6) as u32);
     Duration::from_millis(ms.min(2_000))
 }
+
+/// Room kept under `max_payload` for a record's envelope (its id, topics, tags and type, as JSON): what
+/// `max_record_data` leaves for the data.
+const RECORD_ENVELOPE: usize = 8 * 1024;
 
 pub(crate) fn storage(e: impl std::fmt::Display) -> LogError {
     LogError::Storage(format!("nats: {e}"))
@@ -236,7 +242,9 @@ impl NatsEngine {
             last_seq = info.state.last_sequence,
             "nats: log stream ready"
         );
+        let max_payload = client.server_info().max_payload;
         let shared = Arc::new(Shared {
+            max_payload,
             client,
             js,
             url: o.url.clone(),
@@ -375,6 +383,18 @@ impl Shared {
         }
     }
 
+    /// Whether the server takes a message of this size (its `max_payload`).
+    fn fits(&self, payload: &[u8]) -> Result<(), LogError> {
+        if payload.len() > self.max_payload {
+            return Err(LogError::Storage(format!(
+                "nats: a record of {} bytes is larger than the server's max_payload ({} bytes)",
+                payload.len(),
+                self.max_payload
+            )));
+        }
+        Ok(())
+    }
+
     fn note(&self, error: Option<&LogError>) {
         match error {
             None => self.writes_ok.store(true, Ordering::Release),
@@ -390,15 +410,24 @@ impl Shared {
         // publish that failed must not be stored later behind the publisher's back.
         self.connected()?;
         let epoch = self.epoch();
+        // Every record is encoded and measured before any is sent: one the server would refuse must not
+        // fail the batch halfway, after the records before it were stored (the hub refuses such records
+        // by `max_record_data`; this is the last guard).
+        let mut payloads = Vec::with_capacity(batch.len());
+        for r in &batch {
+            let payload = codec::encode(r)?;
+            self.fits(&payload)?;
+            payloads.push(payload);
+        }
         let mut acks = Vec::with_capacity(batch.len());
         // Pipelined: every record is sent before the first acknowledgement is awaited; the server stores
         // them in this order (one connection), so their seqs ascend in batch order.
-        for r in &batch {
+        for (r, payload) in batch.iter().zip(payloads) {
             let subject = self.names.record_subject(r);
             let ack = within(
                 self.op_timeout,
                 "publish",
-                self.js.publish(subject, codec::encode(r)?),
+                self.js.publish(subject, payload),
             )
             .await?;
             acks.push(ack);
@@ -628,6 +657,7 @@ impl Engine for NatsEngine {
     fn broadcast(&self, record: Record) -> BoxFuture<'_, Result<(), LogError>> {
         Box::pin(async move {
             let payload = codec::encode(&record)?;
+            self.shared.fits(&payload)?;
             self.shared
                 .send_core(self.shared.names.broadcast.clone(), payload)
                 .await
@@ -636,6 +666,10 @@ impl Engine for NatsEngine {
 
     fn presence(&self) -> Option<Arc<dyn crate::presence::PresenceStore>> {
         Some(self.presence.clone())
+    }
+
+    fn max_record_data(&self) -> Option<usize> {
+        Some(self.shared.max_payload.saturating_sub(RECORD_ENVELOPE))
     }
 
     fn announce(&self, channel: &str, info: &ClientInfo, joined: bool) {
