@@ -343,10 +343,15 @@ pub async fn fanout(f: &Fanout) -> anyhow::Result<serde_json::Value> {
         .collect();
     let mut sockets = Vec::with_capacity(plan.len());
     for batch in plan.chunks(f.batch.max(1)) {
-        let opened =
-            futures_util::future::join_all(batch.iter().map(|&(d, _)| open(f, &names[d]))).await;
+        // Each client's connection and handshake is bounded by the run's own limit.
+        let opened = futures_util::future::join_all(
+            batch
+                .iter()
+                .map(|&(d, _)| tokio::time::timeout(f.timeout, open(f, &names[d]))),
+        )
+        .await;
         for ws in opened {
-            sockets.push(ws?);
+            sockets.push(ws.context("a client's handshake took longer than --timeout")??);
         }
     }
     let docs: Vec<Vec<Doc>> = (0..f.documents)
