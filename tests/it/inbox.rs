@@ -1350,10 +1350,12 @@ async fn an_audience_of_every_inbox_and_its_retry(store: Store) {
         json!({"created": 3, "duplicate": 0, "muted": 1}),
         "in commits of two users"
     );
-    let (_, again) = backend(&s.url, "notify", body).await;
+    let (status, again) = backend(&s.url, "notify", body).await;
+    assert_eq!(status, 200, "{again}");
     assert_eq!(
         again["result"]["audience"],
-        json!({"created": 0, "duplicate": 3, "muted": 1})
+        json!({"created": 0, "duplicate": 3, "muted": 1}),
+        "{again}"
     );
     for u in ["ann", "ben", "cat"] {
         assert_eq!(counts(&s.url, u).await["total"], 2, "{u}");

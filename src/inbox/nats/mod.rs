@@ -702,8 +702,27 @@ impl NatsInbox {
         Ok(retry)
     }
 
-    /// Every head (the last value of each `h.` key), with its user; `values` false reads keys only.
+    /// Every head (the last value of each `h.` key), with its user; `values` false reads keys only. The
+    /// scan only reads, so one that failed (a consumer that timed out or was reset under load) is run again,
+    /// a few times, before an audience notify or a recount fails for it.
     async fn scan(&self, values: bool) -> Result<Vec<(String, Option<Head>, u64)>, InboxError> {
+        const SCANS: u32 = 3;
+        let mut tried = 1;
+        loop {
+            match self.scan_once(values).await {
+                Err(InboxError::Storage(e)) if tried < SCANS => {
+                    tracing::warn!(error = %e, attempt = tried, "inbox: scanning the inboxes failed; again");
+                    tried += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn scan_once(
+        &self,
+        values: bool,
+    ) -> Result<Vec<(String, Option<Head>, u64)>, InboxError> {
         let consumer = self
             .within(
                 "scan the inboxes",
