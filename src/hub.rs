@@ -268,6 +268,11 @@ pub struct SubscribeSpec {
     pub join_leave: bool,
     /// The connection this subscription belongs to (see [`ConnectionGuard::meta`]), for listings.
     pub conn: Option<Arc<ConnMeta>>,
+    /// An operator watching (the console's tail): delivered to like any subscription, but not a reader of
+    /// the channel. It is kept with the wildcard subscriptions whatever its selectors, so it is not
+    /// counted as a channel's subscriber, does not make a user look connected (an inbox push is not
+    /// skipped for it), and is marked in listings so the faces leave it out.
+    pub observer: bool,
 }
 
 /// A live subscriber as the registry and the fan-out see it.
@@ -290,6 +295,7 @@ impl SubscribeSpec {
             payload: None,
             join_leave: false,
             conn: None,
+            observer: false,
         }
     }
 
@@ -334,7 +340,10 @@ fn subscribers_channel(channel: &str) -> String {
 
 impl Registry {
     fn insert(&mut self, sub: Arc<Sub>) {
-        let exact: Option<Vec<&str>> = sub.spec.selectors.iter().map(Selector::exact).collect();
+        let exact: Option<Vec<&str>> = match sub.spec.observer {
+            true => None,
+            false => sub.spec.selectors.iter().map(Selector::exact).collect(),
+        };
         match exact {
             Some(topics) => {
                 for t in topics {
@@ -483,6 +492,8 @@ pub struct SubscriptionInfo {
     pub payload: Option<serde_json::Value>,
     /// The subscriber's connection, when its transport said (see [`SubscribeSpec::conn`]).
     pub conn: Option<Arc<ConnMeta>>,
+    /// An operator's tail (see [`SubscribeSpec::observer`]): not listed to clients.
+    pub observer: bool,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -795,6 +806,7 @@ impl Hub {
                     .collect(),
                 payload: s.spec.payload.as_deref().cloned(),
                 conn: s.spec.conn.clone(),
+                observer: s.spec.observer,
             })
             .collect();
         out.sort_by_key(|s| s.id);

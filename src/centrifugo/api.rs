@@ -434,7 +434,7 @@ async fn dispatch(st: &AppState, method: &str, p: Value) -> Result<Value, Refusa
                 "num_clients": clients,
                 "num_users": users,
                 "num_channels": st.hub.channels().len(),
-                "num_subs": st.hub.subscriptions().len(),
+                "num_subs": st.hub.subscriptions().iter().filter(|s| !s.observer).count(),
                 "uptime": STARTED.get().map(|s| s.elapsed().as_secs()).unwrap_or(0),
             }]}))
         }

@@ -894,6 +894,7 @@ impl Conn {
             payload: None,
             join_leave: ns.join_leave && (asked || ns.force_push_join_leave),
             conn: Some(self.guard.meta().clone()),
+            observer: false,
         };
         let sub = self
             .st

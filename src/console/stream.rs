@@ -189,6 +189,9 @@ pub async fn tail(
         format!("urn:herald:console:{}", uuid::Uuid::new_v4()),
     );
     spec.payload = Some(Box::new(Value::String("console tail".into())));
+    // An operator watching, not a reader: not counted, not listed to clients, never taken for the user
+    // of an inbox channel being connected.
+    spec.observer = true;
     let (outbox, rx) = st.hub.outbox(kill.map(|k| k.0 .0.clone()));
     let sub = st.hub.subscribe(spec, &outbox)?;
     drop(outbox);

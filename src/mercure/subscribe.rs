@@ -81,6 +81,7 @@ pub async fn subscribe(
         payload: payload.clone().map(Box::new),
         join_leave: false,
         conn: Some(guard.meta().clone()),
+        observer: false,
     };
     let (outbox, rx) = st.hub.outbox(kill.map(|k| k.0 .0.clone()));
     let sub = st.hub.subscribe(spec, &outbox)?;

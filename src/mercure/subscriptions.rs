@@ -132,7 +132,8 @@ fn authorize(
 
 fn collect(st: &AppState, who: &Identity, filter: impl Fn(&str, &str) -> bool) -> Vec<Value> {
     let mut out = Vec::new();
-    for s in st.hub.subscriptions() {
+    // An operator's tail is not a subscription of the hub's clients: not listed.
+    for s in st.hub.subscriptions().into_iter().filter(|s| !s.observer) {
         for t in &s.selectors {
             if filter(t, &s.subscriber) && st.access.check_read(who, t, None).is_ok() {
                 out.push(document(t, &s.subscriber, true, &s.payload));

@@ -420,3 +420,62 @@ async fn connections_are_listed_and_a_disconnect_reaches_the_websocket_client() 
         "{v}"
     );
 }
+
+/// The tail is an operator watching, not a reader of the channel: it gets what is published, but no face
+/// counts or lists it (Centrifugo `channels` and `info`, the Mercure subscriptions API), so it neither
+/// shows an admin to the channel's clients nor makes a channel look read (an inbox's user look connected,
+/// which would hold back their push notifications).
+#[tokio::test]
+async fn the_tail_is_neither_counted_nor_listed_as_a_subscriber() {
+    let key = format!("{:?}", wsclient::API_KEY);
+    let s = TestServer::start(&[
+        ("auth.allow_anonymous", "true"),
+        ("mercure.subscriptions", "true"),
+        ("centrifugo.api_key", &key),
+    ])
+    .await;
+    let mut tail = Sse::get(&api(&s, "tail?topic=room")).await;
+    assert_eq!(tail.status, 200);
+    assert!(
+        tail.next_any().await.unwrap().comment,
+        "the opening comment"
+    );
+    wait_subscriptions(&s, 1).await;
+    s.publish(&[("topic", "room"), ("data", "hello")]).await;
+    assert_eq!(next_json(&mut tail).await["data"], "hello");
+
+    let watcher = token(
+        &[],
+        &[
+            "/.well-known/mercure/subscriptions{/topic}{/subscriber}",
+            "*",
+        ],
+        Some(600),
+    );
+    let listed = || async {
+        let (status, list) = get_json(
+            reqwest::Client::new()
+                .get(format!("{}/.well-known/mercure/subscriptions", s.url))
+                .bearer_auth(&watcher),
+        )
+        .await;
+        assert_eq!(status, 200, "{list}");
+        list["subscriptions"].as_array().unwrap().clone()
+    };
+    let channels = wsclient::api(&s, "channels", json!({})).await;
+    assert!(channels["channels"].get("room").is_none(), "{channels}");
+    let info = wsclient::api(&s, "info", json!({})).await;
+    assert_eq!(info["nodes"][0]["num_subs"], 0, "{info}");
+    assert_eq!(listed().await, Vec::<Value>::new());
+
+    // A client reading the same channel is counted and listed.
+    let _reader = Sse::get(&subscribe_url(&s.url, &["room"], &[])).await;
+    wait_subscriptions(&s, 2).await;
+    let channels = wsclient::api(&s, "channels", json!({})).await;
+    assert_eq!(channels["channels"]["room"]["num_clients"], 1, "{channels}");
+    let info = wsclient::api(&s, "info", json!({})).await;
+    assert_eq!(info["nodes"][0]["num_subs"], 1, "{info}");
+    let list = listed().await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["topic"], "room");
+}
