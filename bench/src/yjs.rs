@@ -472,15 +472,7 @@ async fn drain(mut stream: futures_util::stream::SplitStream<Ws>) {
     while let Some(Ok(_)) = stream.next().await {}
 }
 
-/// This process's user + system CPU seconds (from /proc/self/stat; 0 where there is none).
+/// This process's user + system CPU seconds (0 where /proc has none).
 fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    let Some((_, rest)) = stat.rsplit_once(") ") else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split(' ').collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    crate::rss::cpu_ticks(std::process::id()).unwrap_or(0) as f64 / 100.0
 }
